@@ -1,0 +1,69 @@
+"""create_app(settings): the only place that wires the layers together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flask import Flask, jsonify
+from flask.typing import ResponseReturnValue
+
+from cds_service.context.builder import ClientFactory, default_client_factory
+from cds_service.knowledge import Knowledge, default_knowledge, load_knowledge
+from cds_service.logging_setup import configure_logging, install_request_logging
+from cds_service.pipeline import HookPipeline
+from cds_service.protocol.blueprint import PIPELINE_EXTENSION, bp
+from cds_service.protocol.errors import register_error_handlers
+from cds_service.settings import Settings
+
+ReadinessCheck = Callable[[], str | None]  # None = ready, else what is wrong
+READINESS_EXTENSION = "cds_readiness_checks"
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    knowledge: Knowledge | None = None,
+    client_factory: ClientFactory | None = None,
+) -> Flask:
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    if knowledge is None:
+        # A malformed knowledge file stops start-up here, with its name and entry.
+        knowledge = load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False  # keep the spec's field order readable
+    app.extensions["cds_settings"] = settings
+    app.extensions["cds_knowledge"] = knowledge
+    app.extensions[PIPELINE_EXTENSION] = HookPipeline(
+        knowledge, client_factory or default_client_factory(settings)
+    )
+    checks: dict[str, ReadinessCheck] = {"knowledge": lambda: None if knowledge.version else "not loaded"}
+    app.extensions[READINESS_EXTENSION] = checks
+
+    register_error_handlers(app)
+    install_request_logging(app)
+    app.register_blueprint(bp)
+
+    @app.get("/healthz")
+    def healthz() -> ResponseReturnValue:
+        return jsonify({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> ResponseReturnValue:
+        results = {}
+        for name, check in app.extensions[READINESS_EXTENSION].items():
+            try:
+                results[name] = check() or "ok"
+            except Exception as exc:  # a readiness probe reports, it never raises
+                results[name] = f"failed: {type(exc).__name__}"
+        ready = all(value == "ok" for value in results.values())
+        body = {"status": "ready" if ready else "not-ready", "checks": results,
+                "knowledgeVersion": knowledge.version}
+        return jsonify(body), 200 if ready else 503
+
+    return app

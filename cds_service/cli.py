@@ -1,0 +1,158 @@
+"""``cds-service``: serve, fixture-server, evaluate, knowledge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cds_service.settings import Settings, SettingsError
+
+EXIT_INVALID = 2
+EXIT_DATA_UNAVAILABLE = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"cds-service: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    return int(args.handler(args, settings) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cds-service",
+        description="magnesium-cds: a CDS Hooks 2.0 service for magnesium safety.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the CDS service under gunicorn (foreground)")
+    serve.add_argument("--host", help="interface to bind (CDS_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (CDS_PORT)")
+    serve.add_argument("--workers", type=int, help="gunicorn workers (CDS_WORKERS)")
+    serve.add_argument("--threads", type=int, help="threads per worker (CDS_THREADS)")
+    serve.set_defaults(handler=_serve)
+
+    fixture = commands.add_parser("fixture-server", help="run the local fixture FHIR server (foreground)")
+    fixture.add_argument("--host", help="interface to bind (CDS_FIXTURE_SERVER_HOST)")
+    fixture.add_argument("--port", type=int, help="port to listen on (CDS_FIXTURE_SERVER_PORT)")
+    fixture.set_defaults(handler=_fixture_server)
+
+    demo = commands.add_parser(
+        "demo", help="run the fixture FHIR server and the CDS service together (foreground)"
+    )
+    demo.set_defaults(handler=_demo)
+
+    evaluate = commands.add_parser("evaluate", help="print the cards a hook request file would get")
+    evaluate.add_argument("request", type=Path, help="a CDS Hooks request JSON file")
+    evaluate.add_argument("--fhir-server", help="FHIR base URL to fetch what is not prefetched")
+    evaluate.add_argument("--service", help="service id (default: the service for the request's hook)")
+    evaluate.set_defaults(handler=_evaluate)
+
+    knowledge = commands.add_parser("knowledge", help="list the loaded rules, value sets and versions")
+    knowledge.set_defaults(handler=_knowledge)
+    return parser
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from cds_service.server import run_gunicorn
+
+    settings = settings.with_overrides(
+        host=args.host, port=args.port, workers=args.workers, threads=args.threads
+    )
+    run_gunicorn(settings)
+    return 0
+
+
+def _fixture_server(args: argparse.Namespace, settings: Settings) -> int:
+    from cds_service.fixture_server import run_fixture_server
+
+    run_fixture_server(
+        settings, args.host or settings.fixture_server_host, args.port or settings.fixture_server_port
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    import threading
+
+    from cds_service.fixture_server import run_fixture_server
+    from cds_service.server import run_gunicorn
+
+    fixture_url = f"http://{settings.fixture_server_host}:{settings.fixture_server_port}"
+    threading.Thread(
+        target=run_fixture_server,
+        args=(settings, settings.fixture_server_host, settings.fixture_server_port),
+        name="fixture-fhir-server",
+        daemon=True,
+    ).start()
+    print(
+        f"CDS service:        http://{settings.host}:{settings.port}/cds-services\n"
+        f"Fixture FHIR server: {fixture_url} (patients: see fixtures/README.md)",
+        file=sys.stderr,
+        flush=True,
+    )
+    run_gunicorn(settings)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from cds_service.context.builder import DataUnavailable, default_client_factory
+    from cds_service.knowledge import default_knowledge, load_knowledge
+    from cds_service.pipeline import HookPipeline
+    from cds_service.protocol.hook_request import HookRequest
+    from cds_service.protocol.services import SERVICES, SERVICES_BY_ID
+    from cds_service.protocol.validation import schema_problems
+
+    try:
+        body: Any = json.loads(args.request.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        print(f"cds-service: cannot read {args.request}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if isinstance(body, dict) and args.fhir_server:
+        body["fhirServer"] = args.fhir_server
+    problems = schema_problems(body, "hook-request.schema.json")
+    if problems:
+        for item in problems:
+            print(f"invalid request: {item['path']}: {item['message']}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.service:
+        service = SERVICES_BY_ID.get(args.service)
+        if service is None:
+            print(f"cds-service: unknown service {args.service!r}", file=sys.stderr)
+            return EXIT_INVALID
+    else:
+        service = next((s for s in SERVICES if s.hook == body["hook"]), None)
+        if service is None:
+            print(f"cds-service: no service answers the {body['hook']!r} hook", file=sys.stderr)
+            return EXIT_INVALID
+    knowledge = load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
+    pipeline = HookPipeline(knowledge, default_client_factory(settings))
+    try:
+        result = pipeline.run(service, HookRequest.from_json(body))
+    except DataUnavailable as exc:
+        for missing in exc.missing:
+            print(f"required data unavailable: {missing.key}: {missing.reason}", file=sys.stderr)
+        return EXIT_DATA_UNAVAILABLE
+    json.dump(result.response, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _knowledge(args: argparse.Namespace, settings: Settings) -> int:
+    from cds_service.knowledge import default_knowledge, load_knowledge
+
+    knowledge = load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
+    print(knowledge.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

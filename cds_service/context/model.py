@@ -1,0 +1,155 @@
+"""PatientContext: the plain, typed facts the rules read.
+
+No FHIR models and no JSON leave the context layer: every fact here is a small frozen
+dataclass that remembers which resource it came from (``SourceRef``), so that a card can
+name the exact resource that triggered it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+
+@dataclass(frozen=True)
+class Coding:
+    system: str  # canonical URI, e.g. "http://www.nlm.nih.gov/research/umls/rxnorm"
+    code: str
+    display: str = ""
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where a fact came from: ``Condition/123`` plus how it reached us."""
+
+    resource_type: str
+    resource_id: str
+    # "prefetch:<key>", "fhir:<key>" (fetched from fhirServer) or "context:<key>".
+    origin: str
+
+    @property
+    def reference(self) -> str:
+        return f"{self.resource_type}/{self.resource_id}" if self.resource_id else self.resource_type
+
+
+@dataclass(frozen=True)
+class Quantity:
+    value: float
+    unit: str = ""  # UCUM code when known, else the text unit
+
+
+@dataclass(frozen=True)
+class PatientInfo:
+    id: str
+    birth_date: date | None = None
+    sex: str | None = None  # FHIR administrative gender
+    source: SourceRef | None = None
+
+    def age_on(self, today: date) -> int | None:
+        if self.birth_date is None:
+            return None
+        years = today.year - self.birth_date.year
+        if (today.month, today.day) < (self.birth_date.month, self.birth_date.day):
+            years -= 1
+        return years
+
+
+@dataclass(frozen=True)
+class Condition:
+    codings: tuple[Coding, ...]
+    text: str
+    clinical_status: str | None  # active | recurrence | relapse | inactive | remission | resolved
+    verification_status: str | None  # unconfirmed | provisional | differential | confirmed | ...
+    onset: datetime | None
+    source: SourceRef
+
+    @property
+    def display(self) -> str:
+        return self.text or next((c.display for c in self.codings if c.display), "") or (
+            self.codings[0].code if self.codings else "condition"
+        )
+
+
+@dataclass(frozen=True)
+class Dose:
+    """One dosage instruction, as far as the data allow."""
+
+    quantity: Quantity | None = None  # amount per administration
+    frequency_per_day: float | None = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Medication:
+    """A medication order, statement, or draft order of the hook."""
+
+    codings: tuple[Coding, ...]
+    text: str
+    status: str | None
+    intent: str | None
+    route: tuple[Coding, ...]
+    route_text: str
+    doses: tuple[Dose, ...]
+    # Strength of the product when it is known from the resource (e.g. contained Medication).
+    is_draft: bool  # a draft order of this hook invocation
+    kind: str  # "MedicationRequest" | "MedicationStatement" | "MedicationOrder"
+    authored: datetime | None
+    source: SourceRef
+    # Ingredient codings of a contained/referenced Medication resource, when present.
+    ingredient_codings: tuple[Coding, ...] = ()
+    dispense_quantity: Quantity | None = None
+
+    @property
+    def display(self) -> str:
+        return self.text or next((c.display for c in self.codings if c.display), "") or (
+            self.codings[0].code if self.codings else "medication"
+        )
+
+    @property
+    def all_codings(self) -> tuple[Coding, ...]:
+        return self.codings + self.ingredient_codings
+
+
+@dataclass(frozen=True)
+class ReferenceRange:
+    low: Quantity | None = None
+    high: Quantity | None = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Lab:
+    codings: tuple[Coding, ...]
+    text: str
+    value: Quantity | None
+    effective: datetime | None
+    status: str | None
+    reference_ranges: tuple[ReferenceRange, ...]
+    interpretation: tuple[Coding, ...]
+    source: SourceRef
+
+    @property
+    def display(self) -> str:
+        return self.text or next((c.display for c in self.codings if c.display), "") or (
+            self.codings[0].code if self.codings else "observation"
+        )
+
+
+@dataclass(frozen=True)
+class DataIssue:
+    """Something in the input that could not be used, reported back to the client."""
+
+    where: str  # e.g. "prefetch.conditions.entry[3]" or "context.draftOrders"
+    problem: str
+
+
+@dataclass(frozen=True)
+class PatientContext:
+    patient: PatientInfo
+    conditions: tuple[Condition, ...] = ()
+    medications: tuple[Medication, ...] = ()  # active orders and statements on file
+    draft_orders: tuple[Medication, ...] = ()  # this hook's draft orders
+    labs: tuple[Lab, ...] = ()
+    issues: tuple[DataIssue, ...] = field(default=(), compare=False)
+    # FHIR version the client spoke: "R4", "STU3" or "DSTU2".
+    fhir_version: str = "R4"

@@ -1,0 +1,396 @@
+"""Lenient FHIR JSON → PatientContext facts, for R4, STU3 and DSTU2 shapes alike.
+
+Real clients send slightly off-spec JSON (the public sandbox's Bundle without ``type``, single
+objects where arrays belong, DSTU2 ``MedicationOrder``, plain-string statuses). Extraction
+therefore reads the raw JSON defensively and never raises: what cannot be used becomes a
+``DataIssue`` the response reports. Draft orders, the resources a suggestion may modify, are
+additionally checked against the fhir.resources model of their FHIR version.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from datetime import UTC, date, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from cds_service.context.model import (
+    Coding,
+    Condition,
+    DataIssue,
+    Dose,
+    Lab,
+    Medication,
+    PatientInfo,
+    Quantity,
+    ReferenceRange,
+    SourceRef,
+)
+
+MEDICATION_TYPES = frozenset({"MedicationRequest", "MedicationStatement", "MedicationOrder"})
+_PERIOD_PER_DAY = {"s": 86400.0, "min": 1440.0, "h": 24.0, "d": 1.0, "wk": 1 / 7, "mo": 1 / 30, "a": 1 / 365}
+_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+
+def as_list(value: Any) -> list[Any]:
+    """FHIR arrays, tolerating a single object (or nothing) where an array belongs."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def codings_of(concept: Any) -> tuple[Coding, ...]:
+    """Codings of a CodeableConcept (or a list of them, or a bare code string)."""
+    out: list[Coding] = []
+    for item in as_list(concept):
+        if isinstance(item, str) and item.strip():
+            out.append(Coding("", item.strip()))
+            continue
+        if not isinstance(item, dict):
+            continue
+        for coding in as_list(item.get("coding")):
+            if isinstance(coding, dict):
+                code = coding.get("code")
+                if isinstance(code, str | int) and str(code).strip():
+                    out.append(Coding(_text(coding.get("system")), str(code).strip(), _text(coding.get("display"))))
+    return tuple(out)
+
+
+def concept_text(concept: Any) -> str:
+    for item in as_list(concept):
+        if isinstance(item, dict) and _text(item.get("text")):
+            return _text(item.get("text"))
+    return ""
+
+
+def status_code(value: Any) -> str | None:
+    """A status that is a code (STU3/DSTU2) or a CodeableConcept (R4)."""
+    if isinstance(value, str):
+        return value.strip().lower() or None
+    codes = codings_of(value)
+    return codes[0].code.lower() if codes else None
+
+
+def parse_datetime(value: Any) -> datetime | None:
+    """FHIR date / dateTime / instant, partial dates allowed; naive values are taken as UTC."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        if "T" in value:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except ValueError:
+        pass
+    match = _DATE.match(value)
+    if not match:
+        return None
+    year, month, day = match.group(1), match.group(2) or "1", match.group(3) or "1"
+    try:
+        return datetime(int(year), int(month), int(day), tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def parse_date(value: Any) -> date | None:
+    parsed = parse_datetime(value)
+    return parsed.date() if parsed else None
+
+
+def quantity_of(value: Any) -> Quantity | None:
+    if not isinstance(value, dict):
+        return None
+    number = value.get("value")
+    if isinstance(number, bool) or not isinstance(number, int | float | str):
+        return None
+    try:
+        amount = float(number)
+    except ValueError:
+        return None
+    unit = _text(value.get("code")) or _text(value.get("unit"))
+    return Quantity(amount, unit)
+
+
+def reference_id(reference: Any) -> str | None:
+    """``{"reference": "Patient/123"}`` (or a bare string) → ``"123"``."""
+    ref = reference.get("reference") if isinstance(reference, dict) else reference
+    if not isinstance(ref, str) or not ref:
+        return None
+    return ref.rstrip("/").split("/")[-1] if "/" in ref else ref
+
+
+def subject_id(resource: dict[str, Any]) -> str | None:
+    """The patient a resource is about: R4/STU3 ``subject``, DSTU2 ``patient``."""
+    for key in ("subject", "patient"):
+        if key in resource:
+            return reference_id(resource.get(key))
+    return None
+
+
+def iter_resources(value: Any, where: str) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """Resources in a prefetch/fetch value or a context Bundle, with their location.
+
+    Yields ``(location, resource, problem)``: a Bundle's entries (with or without
+    ``Bundle.type``), a lone resource, or a list of either. OperationOutcome entries that a
+    server adds to a searchset (``search.mode: outcome``) are skipped silently.
+    """
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from iter_resources(item, f"{where}[{index}]")
+        return
+    if not isinstance(value, dict):
+        yield where, None, "is not a FHIR resource or Bundle"
+        return
+    if value.get("resourceType") != "Bundle":
+        yield where, value, None
+        return
+    for index, entry in enumerate(as_list(value.get("entry"))):
+        location = f"{where}.entry[{index}]"
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            yield location, None, "has no resource"
+            continue
+        if resource.get("resourceType") == "OperationOutcome":
+            continue
+        yield location, resource, None
+
+
+def source_ref(resource: dict[str, Any], origin: str) -> SourceRef:
+    resource_id = resource.get("id")
+    return SourceRef(
+        resource_type=str(resource.get("resourceType", "")),
+        resource_id=resource_id if isinstance(resource_id, str) else "",
+        origin=origin,
+    )
+
+
+def to_patient(resource: dict[str, Any], origin: str, fallback_id: str) -> PatientInfo:
+    gender = resource.get("gender")
+    return PatientInfo(
+        id=resource.get("id") if isinstance(resource.get("id"), str) else fallback_id,
+        birth_date=parse_date(resource.get("birthDate")),
+        sex=gender if isinstance(gender, str) else None,
+        source=source_ref(resource, origin),
+    )
+
+
+def to_condition(resource: dict[str, Any], origin: str) -> Condition | None:
+    codings = codings_of(resource.get("code"))
+    text = concept_text(resource.get("code"))
+    if not codings and not text:
+        return None
+    return Condition(
+        codings=codings,
+        text=text,
+        clinical_status=status_code(resource.get("clinicalStatus")),
+        verification_status=status_code(resource.get("verificationStatus")),
+        onset=parse_datetime(resource.get("onsetDateTime") or resource.get("recordedDate")),
+        source=source_ref(resource, origin),
+    )
+
+
+def _contained(resource: dict[str, Any], reference: Any) -> dict[str, Any] | None:
+    ref = reference.get("reference") if isinstance(reference, dict) else None
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    for item in as_list(resource.get("contained")):
+        if isinstance(item, dict) and item.get("id") == ref[1:]:
+            return item
+    return None
+
+
+def _frequency_per_day(timing: Any) -> float | None:
+    repeat = timing.get("repeat") if isinstance(timing, dict) else None
+    if not isinstance(repeat, dict):
+        return None
+    frequency = repeat.get("frequencyMax") or repeat.get("frequency") or 1
+    period = repeat.get("period")
+    unit = repeat.get("periodUnit")
+    if not isinstance(period, int | float) or isinstance(period, bool) or period <= 0:
+        return None
+    if not isinstance(frequency, int | float) or unit not in _PERIOD_PER_DAY:
+        return None
+    return float(frequency) / float(period) * _PERIOD_PER_DAY[unit]
+
+
+def _doses(resource: dict[str, Any]) -> tuple[Dose, ...]:
+    key = "dosage" if resource.get("resourceType") == "MedicationStatement" else "dosageInstruction"
+    doses: list[Dose] = []
+    for instruction in as_list(resource.get(key)):
+        if not isinstance(instruction, dict):
+            continue
+        quantity = quantity_of(instruction.get("doseQuantity"))  # STU3 / DSTU2
+        for dose_and_rate in as_list(instruction.get("doseAndRate")):  # R4
+            if quantity is None and isinstance(dose_and_rate, dict):
+                quantity = quantity_of(dose_and_rate.get("doseQuantity"))
+        doses.append(
+            Dose(
+                quantity=quantity,
+                frequency_per_day=_frequency_per_day(instruction.get("timing")),
+                text=_text(instruction.get("text")),
+            )
+        )
+    return tuple(doses)
+
+
+def _routes(resource: dict[str, Any]) -> tuple[tuple[Coding, ...], str]:
+    key = "dosage" if resource.get("resourceType") == "MedicationStatement" else "dosageInstruction"
+    codings: list[Coding] = []
+    text = ""
+    for instruction in as_list(resource.get(key)):
+        if isinstance(instruction, dict):
+            codings.extend(codings_of(instruction.get("route")))
+            text = text or concept_text(instruction.get("route"))
+    return tuple(codings), text
+
+
+def to_medication(resource: dict[str, Any], origin: str, *, is_draft: bool) -> Medication | None:
+    """A MedicationRequest / MedicationStatement / MedicationOrder, or None if it names no drug."""
+    concept = resource.get("medicationCodeableConcept")
+    ingredient_codings: tuple[Coding, ...] = ()
+    codings = codings_of(concept)
+    text = concept_text(concept)
+    medication = _contained(resource, resource.get("medicationReference"))
+    if medication is not None:
+        codings = codings or codings_of(medication.get("code"))
+        text = text or concept_text(medication.get("code"))
+        found: list[Coding] = []
+        for ingredient in as_list(medication.get("ingredient")):
+            if isinstance(ingredient, dict):
+                found.extend(codings_of(ingredient.get("itemCodeableConcept") or ingredient.get("item")))
+        ingredient_codings = tuple(found)
+    elif isinstance(resource.get("medicationReference"), dict):
+        text = text or _text(resource["medicationReference"].get("display"))
+    if not codings and not text and not ingredient_codings:
+        return None
+    route_codings, route_text = _routes(resource)
+    dispense = resource.get("dispenseRequest")
+    return Medication(
+        codings=codings,
+        text=text,
+        status=status_code(resource.get("status")),
+        intent=status_code(resource.get("intent")),
+        route=route_codings,
+        route_text=route_text,
+        doses=_doses(resource),
+        is_draft=is_draft,
+        kind=str(resource.get("resourceType")),
+        authored=parse_datetime(
+            resource.get("authoredOn") or resource.get("dateWritten") or resource.get("dateAsserted")
+        ),
+        source=source_ref(resource, origin),
+        ingredient_codings=ingredient_codings,
+        dispense_quantity=quantity_of(dispense.get("quantity")) if isinstance(dispense, dict) else None,
+    )
+
+
+def to_lab(resource: dict[str, Any], origin: str) -> Lab | None:
+    codings = codings_of(resource.get("code"))
+    if not codings:
+        return None
+    effective = resource.get("effectiveDateTime")
+    if effective is None and isinstance(resource.get("effectivePeriod"), dict):
+        effective = resource["effectivePeriod"].get("start")
+    ranges = []
+    for item in as_list(resource.get("referenceRange")):
+        if isinstance(item, dict):
+            ranges.append(
+                ReferenceRange(quantity_of(item.get("low")), quantity_of(item.get("high")), _text(item.get("text")))
+            )
+    interpretation: list[Coding] = []
+    for concept in as_list(resource.get("interpretation")):
+        interpretation.extend(codings_of(concept))
+    return Lab(
+        codings=codings,
+        text=concept_text(resource.get("code")),
+        value=quantity_of(resource.get("valueQuantity")),
+        effective=parse_datetime(effective or resource.get("issued")),
+        status=status_code(resource.get("status")),
+        reference_ranges=tuple(ranges),
+        interpretation=tuple(interpretation),
+        source=source_ref(resource, origin),
+    )
+
+
+# --- strict checks of draft orders ----------------------------------------------------------
+
+_LIST_FIELDS_R4 = {
+    "MedicationRequest": ("category", "reasonCode", "reasonReference", "dosageInstruction", "note",
+                          "identifier", "basedOn", "insurance", "supportingInformation",
+                          "detectedIssue", "eventHistory", "instantiatesCanonical",
+                          "instantiatesUri", "contained"),
+}
+
+
+def repair_draft(resource: dict[str, Any], fhir_version: str) -> tuple[dict[str, Any], list[str]]:
+    """Fix the shapes real clients get wrong (single object for an array); say what was fixed."""
+    fixed = dict(resource)
+    notes: list[str] = []
+    for field_name in _LIST_FIELDS_R4.get(str(resource.get("resourceType")), ()):
+        if field_name in fixed and not isinstance(fixed[field_name], list):
+            fixed[field_name] = [fixed[field_name]]
+            notes.append(f"{field_name} was a single object, read as a list")
+    return fixed, notes
+
+
+def model_problems(resource: dict[str, Any], fhir_version: str) -> list[str]:
+    """What the fhir.resources model of this FHIR version rejects (empty list = valid)."""
+    resource_type = resource.get("resourceType")
+    if fhir_version == "DSTU2" or not isinstance(resource_type, str):
+        return []  # fhir.resources has no DSTU2 models; lenient extraction only
+    model_class = _model_class(fhir_version, resource_type)
+    if model_class is None:
+        return []
+    try:
+        model_class.model_validate(resource)
+    except ValidationError as exc:
+        return [
+            f"{'.'.join(str(part) for part in error['loc']) or resource_type}: {error['msg']}"
+            for error in exc.errors()[:5]
+        ]
+    except (TypeError, ValueError) as exc:
+        return [str(exc)[:200]]
+    return []
+
+
+_MODEL_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def _model_class(fhir_version: str, resource_type: str) -> Any:
+    key = (fhir_version, resource_type)
+    if key not in _MODEL_CACHE:
+        try:
+            if fhir_version == "STU3":
+                from fhir.resources.STU3 import get_fhir_model_class
+            else:
+                from fhir.resources.R4B import get_fhir_model_class
+            _MODEL_CACHE[key] = get_fhir_model_class(resource_type)
+        except (KeyError, ValueError, ImportError):
+            _MODEL_CACHE[key] = None
+    return _MODEL_CACHE[key]
+
+
+def detect_fhir_version(resources: Iterable[dict[str, Any]], hook: str) -> str:
+    """R4 unless the draft orders look DSTU2 (MedicationOrder) or STU3."""
+    resources = list(resources)
+    if any(r.get("resourceType") == "MedicationOrder" for r in resources):
+        return "DSTU2"
+    for resource in resources:
+        for instruction in as_list(resource.get("dosageInstruction")):
+            if isinstance(instruction, dict):
+                if "doseAndRate" in instruction:
+                    return "R4"
+                if "doseQuantity" in instruction or "doseRange" in instruction:
+                    return "STU3"
+        if "context" in resource and "encounter" not in resource:
+            return "STU3"
+    return "STU3" if hook == "medication-prescribe" else "R4"
+
+
+def data_issue(where: str, problem: str) -> DataIssue:
+    return DataIssue(where=where, problem=problem)

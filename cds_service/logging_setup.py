@@ -1,0 +1,72 @@
+"""Structured JSON log lines; one per request with what an operator needs and nothing more.
+
+A request line carries hookInstance, service id, status, latency and the rule ids that fired.
+It never carries request bodies, query strings, headers, tokens or patient data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+REQUEST_LOGGER = "cds_service.request"
+_FIELDS = ("event", "method", "path", "status", "latency_ms", "hookInstance", "serviceId", "ruleIds",
+           "timings_ms")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in _FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exception"] = record.exc_info[0].__name__
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_cds_handler", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        handler._cds_handler = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def install_request_logging(app: Flask) -> None:
+    logger = logging.getLogger(REQUEST_LOGGER)
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def _log_request(response: Response) -> Response:
+        started = g.get("request_started")
+        extra: dict[str, Any] = {
+            "event": "request",
+            "method": request.method,
+            "path": request.path if request.path.startswith("/cds-services") else request.path[:64],
+            "status": response.status_code,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
+        }
+        for attribute, name in (("hook_instance", "hookInstance"), ("service_id", "serviceId"),
+                                ("rule_ids", "ruleIds"), ("timings_ms", "timings_ms")):
+            value = g.get(attribute)
+            if value is not None:
+                extra[name] = value
+        logger.info("%s %s %s", request.method, extra["path"], response.status_code, extra=extra)
+        return response

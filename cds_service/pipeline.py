@@ -1,0 +1,75 @@
+"""One hook call through the layers: request → PatientContext → findings → cards.
+
+Shared by the HTTP blueprint and ``cds-service evaluate``, so both give the same answer.
+Timings per stage are kept for the logs and the benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from cds_service.cards.builder import EXTENSION_KEY, build_cards
+from cds_service.context.builder import ClientFactory, build_patient_context
+from cds_service.context.normalise import iter_resources
+from cds_service.knowledge import Knowledge
+from cds_service.protocol.hook_request import HookRequest
+from cds_service.protocol.services import ServiceDefinition
+from cds_service.rules import engine
+
+
+@dataclass
+class PipelineResult:
+    response: dict[str, Any]
+    rule_ids: list[str]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class HookPipeline:
+    def __init__(self, knowledge: Knowledge, make_client: ClientFactory) -> None:
+        self.knowledge = knowledge
+        self.make_client = make_client
+
+    def run(
+        self, service: ServiceDefinition, request: HookRequest, today: date | None = None
+    ) -> PipelineResult:
+        """Raises ``DataUnavailable`` when required data cannot be had (HTTP 412)."""
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        context = build_patient_context(request, self.make_client, service.draft_orders_context_key)
+        after_context = time.perf_counter()
+        findings = engine.evaluate(context, self.knowledge, service.hook, today or date.today())
+        after_rules = time.perf_counter()
+        cards = build_cards(
+            findings,
+            self.knowledge,
+            request.hook_instance,
+            request.patient_id,
+            _draft_resources_by_reference(request, service.draft_orders_context_key),
+        )
+        response: dict[str, Any] = {"cards": [card.to_json() for card in cards]}
+        if context.issues:
+            response["extension"] = {
+                EXTENSION_KEY: {
+                    "dataIssues": [
+                        {"where": issue.where, "problem": issue.problem} for issue in context.issues
+                    ]
+                }
+            }
+        finished = time.perf_counter()
+        timings["context"] = (after_context - started) * 1000
+        timings["rules"] = (after_rules - after_context) * 1000
+        timings["cards"] = (finished - after_rules) * 1000
+        return PipelineResult(response, [f.rule_id for f in findings], timings)
+
+
+def _draft_resources_by_reference(request: HookRequest, key: str | None) -> dict[str, dict[str, Any]]:
+    if key is None or key not in request.context:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for _, resource, _ in iter_resources(request.context[key], key):
+        if resource is not None and isinstance(resource.get("id"), str):
+            out[f"{resource.get('resourceType')}/{resource['id']}"] = resource
+    return out

@@ -1,0 +1,67 @@
+"""CDS Hooks HTTP endpoints: discovery and service calls.
+
+The blueprint knows the protocol (JSON, statuses, schemas) and nothing clinical: it hands a
+validated ``HookRequest`` to the pipeline and returns what comes back.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, current_app, g, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from cds_service.context.builder import DataUnavailable
+from cds_service.pipeline import HookPipeline
+from cds_service.protocol.errors import ApiError, problem
+from cds_service.protocol.hook_request import HookRequest
+from cds_service.protocol.services import SERVICES_BY_ID, discovery_document
+from cds_service.protocol.validation import read_json_body, validate_or_400
+
+bp = Blueprint("cds_hooks", __name__)
+
+PIPELINE_EXTENSION = "cds_pipeline"
+
+
+@bp.get("/cds-services")
+def discovery() -> ResponseReturnValue:
+    return jsonify(discovery_document())
+
+
+@bp.post("/cds-services/<service_id>")
+def call_service(service_id: str) -> ResponseReturnValue:
+    g.service_id = service_id
+    service = SERVICES_BY_ID.get(service_id)
+    if service is None:
+        raise ApiError(404, "unknown-service", f"no CDS service with id {service_id!r}; see /cds-services")
+    body = read_json_body(request)
+    validate_or_400(body, "hook-request.schema.json", "hook request")
+    if body["hook"] != service.hook:
+        raise ApiError(
+            400,
+            "wrong-hook",
+            f"service {service.id!r} answers the {service.hook!r} hook, not {body['hook']!r}",
+            [problem("$.hook", f"expected {service.hook!r}")],
+        )
+    hook_request = HookRequest.from_json(body)
+    g.hook_instance = hook_request.hook_instance
+    pipeline: HookPipeline = current_app.extensions[PIPELINE_EXTENSION]
+    started = time.perf_counter()
+    try:
+        result = pipeline.run(service, hook_request)
+    except DataUnavailable as exc:
+        raise ApiError(
+            412,
+            "required-data-unavailable",
+            "data the magnesium checks require could neither be prefetched nor fetched "
+            "from the FHIR server",
+            [_missing_problem(m.to_json()) for m in exc.missing],
+        ) from None
+    g.rule_ids = result.rule_ids
+    g.timings_ms = {**result.timings_ms, "total": (time.perf_counter() - started) * 1000}
+    return jsonify(result.response)
+
+
+def _missing_problem(missing: dict[str, Any]) -> dict[str, Any]:
+    return {"path": f"$.prefetch.{missing['prefetchKey']}", "message": missing["reason"], **missing}

@@ -1,0 +1,85 @@
+"""JSON body parsing and JSON Schema validation with problems named by path."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import Any
+
+from flask import Request
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+from cds_service.protocol.errors import ApiError, problem
+from cds_service.resources import load_schema
+
+MAX_PROBLEMS = 20
+
+
+@cache
+def validator(schema_name: str) -> Draft202012Validator:
+    """Compiled once per process."""
+    schema = load_schema(schema_name)
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def json_path(error: ValidationError) -> str:
+    path = "$"
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def schema_problems(instance: Any, schema_name: str) -> list[dict[str, str]]:
+    errors = sorted(validator(schema_name).iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
+    out: list[dict[str, str]] = []
+    for error in errors[:MAX_PROBLEMS]:
+        # A failed if/then or anyOf names the most specific sub-error, not the wrapper.
+        leaf = error
+        while leaf.context:
+            leaf = min(leaf.context, key=lambda e: -len(e.absolute_path))
+        out.append(problem(json_path(leaf), _short(leaf.message)))
+    return out
+
+
+def _short(message: str, limit: int = 300) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def read_json_body(request: Request) -> Any:
+    """The request body as JSON, or ApiError 415/400 saying exactly what is wrong."""
+    mimetype = request.mimetype or ""
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ApiError(
+            415,
+            "unsupported-media-type",
+            f"send the hook request as application/json, not {mimetype or 'no content type'}",
+        )
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise ApiError(400, "invalid-json", "the request body is empty", [problem("$", "empty body")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400, "invalid-json", "the request body is not UTF-8",
+            [problem("$", f"byte {exc.start} is not valid UTF-8")],
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400, "invalid-json", "the request body is not valid JSON",
+            [problem("$", f"{exc.msg} at line {exc.lineno} column {exc.colno}")],
+        ) from None
+    except RecursionError:
+        raise ApiError(
+            400, "invalid-json", "the request body is nested too deeply",
+            [problem("$", "JSON nesting exceeds what this service reads")],
+        ) from None
+
+
+def validate_or_400(instance: Any, schema_name: str, what: str) -> None:
+    problems = schema_problems(instance, schema_name)
+    if problems:
+        raise ApiError(400, "invalid-request", f"the {what} does not conform to CDS Hooks 2.0", problems)

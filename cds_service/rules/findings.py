@@ -1,0 +1,46 @@
+"""What a rule produces: a Finding, with the evidence it rests on and what could be done."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cds_service.context.model import Coding, Medication, SourceRef
+
+ProposalKind = Literal["remove-order", "order-lab", "add-dosage-instruction", "replace-medication"]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One patient fact that triggered a finding, in words a clinician reads."""
+
+    text: str  # e.g. "Myasthenia gravis (ICD-10-CM G70.00)"
+    source: SourceRef | None = None
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A change the clinician could accept in one click; the cards layer makes it FHIR."""
+
+    kind: ProposalKind
+    label: str
+    order: Medication | None = None  # the draft order it acts on (remove, add dosage, replace)
+    recommended: bool = False
+    text: str = ""  # instruction text or reason
+    code: Coding | None = None  # the lab (LOINC) or replacement product (RxNorm)
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule_id: str
+    indicator: Literal["info", "warning", "critical"]
+    summary: str
+    detail: str  # markdown: why, what to do
+    evidence: tuple[Evidence, ...]
+    source_ids: tuple[str, ...]
+    # Identity of the finding for de-duplication: same rule + same subject = same finding.
+    key: str
+    proposals: tuple[Proposal, ...] = ()
+    order: Medication | None = None
+    # Facts this finding uses that the knowledge base marks unverified (shown on the card).
+    unverified: tuple[str, ...] = ()

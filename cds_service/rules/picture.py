@@ -1,0 +1,139 @@
+"""The clinical picture: PatientContext facts mapped through the knowledge base, once.
+
+Every rule reads the same picture, so codes are looked up once per request, and "which
+conditions count" (active, not refuted) is decided in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+from cds_service.context.model import Condition, Lab, Medication, PatientContext
+from cds_service.knowledge import Knowledge, MagnesiumMatch
+
+# Clinical statuses that mean "not a current problem"; verification statuses that mean
+# "not a real diagnosis" (clinical-knowledge.md, Matching strategy).
+INACTIVE_CLINICAL = frozenset({"inactive", "resolved", "remission"})
+INVALID_VERIFICATION = frozenset({"refuted", "entered-in-error"})
+# Orders and statements that are no longer (or not yet) being taken.
+INACTIVE_MEDICATION = frozenset(
+    {"stopped", "cancelled", "completed", "entered-in-error", "not-taken", "revoked", "superseded"}
+)
+PARENTERAL_ROUTE_CODES = frozenset(
+    {"47625008", "78421000", "34206005", "IV", "IM", "IVINJ", "IVINFUS", "IMINJ", "SQ", "SC"}
+)
+ORAL_ROUTE_CODES = frozenset({"26643006", "PO", "ORAL"})
+TOPICAL_ROUTE_CODES = frozenset({"6064005", "TOP", "359540000", "45890007"})
+_PARENTERAL_WORDS = ("intravenous", "intramuscular", "iv ", "i.v.", "injection", "infusion", "im ")
+
+
+@dataclass(frozen=True)
+class ConditionFact:
+    condition: Condition
+    groups: frozenset[str]
+
+
+@dataclass(frozen=True)
+class MedicationFact:
+    medication: Medication
+    groups: frozenset[str]
+    groups_matched_by: str | None
+    magnesium: MagnesiumMatch | None
+    route: str | None  # "oral" | "parenteral" | "topical" | None (unknown)
+
+    @property
+    def is_magnesium(self) -> bool:
+        return self.magnesium is not None
+
+
+@dataclass(frozen=True)
+class LabFact:
+    lab: Lab
+    kind: str  # "serum-magnesium" | "egfr" | "creatinine"
+
+
+@dataclass(frozen=True)
+class ClinicalPicture:
+    context: PatientContext
+    today: date
+    conditions: tuple[ConditionFact, ...]
+    medications: tuple[MedicationFact, ...]  # active orders/statements on file
+    drafts: tuple[MedicationFact, ...]  # this hook's draft orders
+    labs: tuple[LabFact, ...]  # newest first
+
+    def conditions_in(self, *groups: str) -> tuple[ConditionFact, ...]:
+        wanted = set(groups)
+        return tuple(fact for fact in self.conditions if fact.groups & wanted)
+
+    def medications_in(self, *groups: str) -> tuple[MedicationFact, ...]:
+        wanted = set(groups)
+        return tuple(fact for fact in self.medications if fact.groups & wanted)
+
+    def latest_lab(self, kind: str) -> LabFact | None:
+        return next((fact for fact in self.labs if fact.kind == kind and fact.lab.value), None)
+
+    @property
+    def age(self) -> int | None:
+        return self.context.patient.age_on(self.today)
+
+
+def condition_counts(condition: Condition) -> bool:
+    return (
+        condition.clinical_status not in INACTIVE_CLINICAL
+        and condition.verification_status not in INVALID_VERIFICATION
+    )
+
+
+def medication_is_active(medication: Medication) -> bool:
+    return medication.status not in INACTIVE_MEDICATION
+
+
+def route_of(medication: Medication, magnesium: MagnesiumMatch | None) -> str | None:
+    """Route from the order's own route coding/text, else from the product."""
+    for coding in medication.route:
+        code = coding.code.upper()
+        if code in PARENTERAL_ROUTE_CODES:
+            return "parenteral"
+        if code in ORAL_ROUTE_CODES:
+            return "oral"
+        if code in TOPICAL_ROUTE_CODES:
+            return "topical"
+    text = f" {medication.route_text.lower()} "
+    if any(word in text for word in _PARENTERAL_WORDS):
+        return "parenteral"
+    if "oral" in text or "mouth" in text:
+        return "oral"
+    if "topical" in text or "skin" in text:
+        return "topical"
+    return magnesium.route if magnesium is not None else None
+
+
+def _medication_fact(medication: Medication, knowledge: Knowledge) -> MedicationFact:
+    codings = medication.all_codings
+    groups, matched_by = knowledge.drug_groups(codings, medication.text)
+    magnesium = knowledge.match_magnesium(codings, medication.text)
+    return MedicationFact(medication, groups, matched_by, magnesium, route_of(medication, magnesium))
+
+
+def build_picture(context: PatientContext, knowledge: Knowledge, today: date) -> ClinicalPicture:
+    conditions = tuple(
+        ConditionFact(condition, groups)
+        for condition in context.conditions
+        if condition_counts(condition)
+        and (groups := knowledge.condition_groups(condition.codings))
+    )
+    medications = tuple(
+        _medication_fact(medication, knowledge)
+        for medication in context.medications
+        if medication_is_active(medication)
+    )
+    drafts = tuple(_medication_fact(medication, knowledge) for medication in context.draft_orders)
+    labs = [
+        LabFact(lab, kind)
+        for lab in context.labs
+        if lab.status not in {"entered-in-error", "cancelled"}
+        and (kind := knowledge.lab_kind(lab.codings)) is not None
+    ]
+    labs.sort(key=lambda fact: fact.lab.effective.timestamp() if fact.lab.effective else 0.0, reverse=True)
+    return ClinicalPicture(context, today, conditions, medications, drafts, tuple(labs))

@@ -1,0 +1,56 @@
+"""Production serving: gunicorn with workers and threads from settings.
+
+``run_gunicorn`` is what ``cds-service serve`` (and so the Docker image) runs: one
+configuration, whether started by hand, by a test or by a container.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+from cds_service.app import create_app
+from cds_service.settings import Settings
+
+
+def gunicorn_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "bind": f"{settings.host}:{settings.port}",
+        "workers": settings.workers,
+        "threads": settings.threads,
+        "worker_class": "gthread",
+        "timeout": settings.worker_timeout,
+        "graceful_timeout": 10,
+        "keepalive": 5,
+        # Load knowledge once in the master, shared copy-on-write by the workers.
+        "preload_app": True,
+        # Our own JSON request log replaces gunicorn's access log (which would log query strings).
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": settings.log_level.lower(),
+        # Bounds on what a client can make a worker hold before Flask sees the request.
+        "limit_request_line": 8190,
+        "limit_request_fields": 100,
+    }
+
+
+class _GunicornApp(BaseApplication):  # type: ignore[misc]
+    def __init__(self, app: Flask, options: dict[str, Any]) -> None:
+        self._app = app
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            if key in self.cfg.settings and value is not None:
+                self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        return self._app
+
+
+def run_gunicorn(settings: Settings) -> None:
+    _GunicornApp(create_app(settings), gunicorn_options(settings)).run()
+

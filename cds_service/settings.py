@@ -1,0 +1,123 @@
+"""Configuration: one frozen dataclass, read from ``CDS_*`` environment variables.
+
+Every field has a safe, documented default so that ``cds-service serve`` works with no
+configuration at all. ``SETTINGS_DOC`` is the single source for the README's settings table
+(``tests/test_settings.py`` checks that the README lists every setting).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CDS_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 2
+    threads: int = 4
+    # Gunicorn's own timeout for a worker that does not answer (seconds).
+    worker_timeout: int = 30
+    log_level: str = "INFO"
+    # Public base URL when running behind a proxy (used for JWT `aud` and links).
+    external_base_url: str = ""
+    knowledge_dir: str = ""
+    database_url: str = "sqlite:///magnesium-cds.sqlite3"
+    fhir_connect_timeout: float = 3.05
+    fhir_read_timeout: float = 10.0
+    fhir_max_pages: int = 5
+    fhir_max_workers: int = 8
+    # Upper bound on what one FHIR fetch may read (bytes) before it is abandoned.
+    fhir_max_response_bytes: int = 20_000_000
+    max_request_bytes: int = 10_000_000
+    fixture_server_host: str = "127.0.0.1"
+    fixture_server_port: int = 8090
+    fixture_server_delay_ms: int = 0
+    cors_allow_origin: str = "*"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``CDS_<FIELD>`` variables; explicit overrides win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _convert(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def knowledge_path(self) -> Path | None:
+        return Path(self.knowledge_dir) if self.knowledge_dir else None
+
+
+def _convert(name: str, type_name: Any, raw: str) -> Any:
+    env_name = ENV_PREFIX + name.upper()
+    type_name = str(type_name)
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name == "bool":
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{env_name}={raw!r} is not a valid {type_name}") from exc
+    return raw
+
+
+SETTINGS_DOC: dict[str, str] = {
+    "host": "Interface `cds-service serve` binds to.",
+    "port": "Port `cds-service serve` listens on.",
+    "workers": "Gunicorn worker processes.",
+    "threads": "Threads per gunicorn worker.",
+    "worker_timeout": "Seconds before gunicorn restarts a silent worker.",
+    "log_level": "Python log level (DEBUG, INFO, WARNING, ERROR).",
+    "external_base_url": "Public base URL behind a proxy, e.g. `https://cds.example.org`.",
+    "knowledge_dir": "Directory with knowledge files; empty = the bundled knowledge.",
+    "database_url": "SQLAlchemy URL of the feedback store.",
+    "fhir_connect_timeout": "Connect timeout (s) for FHIR fallback fetches.",
+    "fhir_read_timeout": "Read timeout (s) for FHIR fallback fetches.",
+    "fhir_max_pages": "Most `link[next]` pages followed per prefetch key.",
+    "fhir_max_workers": "Concurrent FHIR fetches per request.",
+    "fhir_max_response_bytes": "Most bytes read from the FHIR server for one prefetch key.",
+    "max_request_bytes": "Largest accepted request body (bytes); larger gets 413.",
+    "fixture_server_host": "Interface of `cds-service fixture-server`.",
+    "fixture_server_port": "Port of `cds-service fixture-server`.",
+    "fixture_server_delay_ms": "Artificial delay per fixture-server request (benchmarks).",
+    "cors_allow_origin": "`Access-Control-Allow-Origin` for browser clients.",
+}
+
+
+def setting_defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in fields(Settings)}
+
+
+def settings_table_markdown() -> str:
+    """The README's settings table (kept in sync by tests/test_settings.py)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    defaults = setting_defaults()
+    for name, meaning in SETTINGS_DOC.items():
+        default = defaults[name]
+        shown = f"`{default}`" if default != "" else "(empty)"
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows)
