@@ -23,8 +23,21 @@ from cds_service.rules import engine
 @dataclass
 class PipelineResult:
     response: dict[str, Any]
-    rule_ids: list[str]
+    cards: list[IssuedCard]
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rule_ids(self) -> list[str]:
+        return [card.rule_id for card in self.cards]
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    """What the feedback store keeps of a card: no patient data."""
+
+    uuid: str
+    rule_id: str
+    indicator: str
 
 
 class HookPipeline:
@@ -62,10 +75,16 @@ class HookPipeline:
         timings["context"] = (after_context - started) * 1000
         timings["rules"] = (after_rules - after_context) * 1000
         timings["cards"] = (finished - after_rules) * 1000
-        return PipelineResult(response, [f.rule_id for f in findings], timings)
+        issued = [
+            IssuedCard(card.uuid, finding.rule_id, card.indicator)
+            for card, finding in zip(cards, findings, strict=True)
+        ]
+        return PipelineResult(response, issued, timings)
 
 
-def _draft_resources_by_reference(request: HookRequest, key: str | None) -> dict[str, dict[str, Any]]:
+def _draft_resources_by_reference(
+    request: HookRequest, key: str | None
+) -> dict[str, dict[str, Any]]:
     if key is None or key not in request.context:
         return {}
     out: dict[str, dict[str, Any]] = {}

@@ -22,6 +22,20 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
+    # "on" (default): every CDS Hooks call needs a JWT from a trusted issuer. "off" only on
+    # purpose, for local demos; logged loudly at start-up.
+    auth: str = "on"
+    # JSON file listing the trusted JWT issuers (schemas/trusted-issuers.schema.json).
+    trusted_issuers_file: str = ""
+    # Trust the public CDS Hooks sandbox with its bundled JWKS. Its private key is public:
+    # testing only, never in production.
+    trust_sandbox: bool = False
+    # Clock skew tolerated on exp/iat: the sandbox's iat can lie 0.5 s in the future.
+    jwt_leeway_seconds: int = 5
+    jwks_cache_seconds: int = 300
+    jwks_timeout_seconds: float = 3.0
+    # Bound on remembered jti values (replay cache); when full of live tokens, new ones get 401.
+    jti_cache_max: int = 100_000
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 2
@@ -44,6 +58,20 @@ class Settings:
     fixture_server_port: int = 8090
     fixture_server_delay_ms: int = 0
     cors_allow_origin: str = "*"
+
+    def __post_init__(self) -> None:
+        # Reject values that would silently weaken or break authentication.
+        if self.auth not in {"on", "off"}:
+            raise SettingsError(f"{ENV_PREFIX}AUTH={self.auth!r} must be 'on' or 'off'")
+        for name, minimum in (
+            ("jwt_leeway_seconds", 0),
+            ("jwks_cache_seconds", 0),
+            ("jwks_timeout_seconds", 0.001),
+            ("jti_cache_max", 1),
+        ):
+            if getattr(self, name) < minimum:
+                value = getattr(self, name)
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()}={value!r} must be >= {minimum}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -86,6 +114,15 @@ def _convert(name: str, type_name: Any, raw: str) -> Any:
 
 
 SETTINGS_DOC: dict[str, str] = {
+    "auth": "`on`: every CDS Hooks call needs a JWT from a trusted issuer; "
+    "`off`: none (local demos only).",
+    "trusted_issuers_file": "JSON file of trusted JWT issuers (see Security); empty = none.",
+    "trust_sandbox": "`true`: trust the public CDS Hooks sandbox with its bundled JWKS "
+    "(testing only: its private key is public).",
+    "jwt_leeway_seconds": "Clock skew (s) tolerated on a JWT's `exp` and `iat`.",
+    "jwks_cache_seconds": "How long (s) a fetched JWK Set is cached.",
+    "jwks_timeout_seconds": "Timeout (s) for fetching a JWK Set; on failure the call gets 401.",
+    "jti_cache_max": "Most JWT ids remembered against replay (per process).",
     "host": "Interface `cds-service serve` binds to.",
     "port": "Port `cds-service serve` listens on.",
     "workers": "Gunicorn worker processes.",

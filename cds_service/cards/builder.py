@@ -71,7 +71,9 @@ def build_card(
         suggestions=suggestions,
         selection_behavior="at-most-one" if suggestions else None,
         override_reasons=tuple(_card_coding(c) for c in rule.override_reasons),
-        extension={EXTENSION_KEY: {"ruleId": finding.rule_id, "knowledgeVersion": knowledge.version}},
+        extension={
+            EXTENSION_KEY: {"ruleId": finding.rule_id, "knowledgeVersion": knowledge.version}
+        },
     )
 
 
@@ -83,7 +85,8 @@ def _detail(finding: Finding, sources: list[Any]) -> str:
     parts = [finding.detail.strip()]
     if finding.evidence:
         facts = "\n".join(
-            f"- {item.text}" + (f" — `{item.source.reference}`" if item.source and item.source.resource_id else "")
+            f"- {item.text}"
+            + (f" — `{item.source.reference}`" if item.source and item.source.resource_id else "")
             for item in finding.evidence
         )
         parts.append(f"**Patient facts used**\n{facts}")
@@ -131,13 +134,21 @@ def _lab_order(proposal: Proposal, patient_id: str) -> dict[str, Any]:
         "category": [
             {
                 "coding": [
-                    {"system": "http://snomed.info/sct", "code": "108252007", "display": "Laboratory procedure"}
+                    {
+                        "system": "http://snomed.info/sct",
+                        "code": "108252007",
+                        "display": "Laboratory procedure",
+                    }
                 ]
             }
         ],
         "code": {
             "coding": [
-                {"system": proposal.code.system, "code": proposal.code.code, "display": proposal.code.display}
+                {
+                    "system": proposal.code.system,
+                    "code": proposal.code.code,
+                    "display": proposal.code.display,
+                }
             ],
             "text": proposal.code.display or proposal.code.code,
         },
@@ -152,7 +163,13 @@ def _updated_order(proposal: Proposal, original: dict[str, Any]) -> dict[str, An
         display = proposal.code.display or proposal.text
         resource["medicationCodeableConcept"] = {
             "text": display,
-            "coding": [{"system": proposal.code.system or RXNORM, "code": proposal.code.code, "display": display}],
+            "coding": [
+                {
+                    "system": proposal.code.system or RXNORM,
+                    "code": proposal.code.code,
+                    "display": display,
+                }
+            ],
         }
         resource.pop("medicationReference", None)
     elif proposal.kind == "add-dosage-instruction":
@@ -161,6 +178,8 @@ def _updated_order(proposal: Proposal, original: dict[str, Any]) -> dict[str, An
             instructions = [{}]
         first = dict(instructions[0]) if isinstance(instructions[0], dict) else {}
         existing = first.get("patientInstruction")
-        first["patientInstruction"] = f"{existing} {proposal.text}".strip() if existing else proposal.text
+        first["patientInstruction"] = (
+            f"{existing} {proposal.text}".strip() if existing else proposal.text
+        )
         resource["dosageInstruction"] = [first, *instructions[1:]]
     return resource

@@ -72,7 +72,10 @@ _ABSENT = object()
 
 
 def gather_prefetch(
-    request: HookRequest, make_client: ClientFactory, keys: tuple[PrefetchKey, ...] = PREFETCH_KEYS
+    request: HookRequest,
+    make_client: ClientFactory,
+    fhir_version: str = "R4",
+    keys: tuple[PrefetchKey, ...] = PREFETCH_KEYS,
 ) -> tuple[dict[str, tuple[str, Any]], list[DataIssue]]:
     """Each key → (origin, data). Raises DataUnavailable for a required key with no data."""
     resolved: dict[str, tuple[str, Any]] = {}
@@ -87,16 +90,20 @@ def gather_prefetch(
             continue
         if isinstance(value, dict) and value.get("resourceType") == "OperationOutcome":
             problems[key.name] = "the client's prefetch holds an OperationOutcome"
-            issues.append(DataIssue(f"prefetch.{key.name}", "held an OperationOutcome; fetched instead"))
+            issues.append(
+                DataIssue(f"prefetch.{key.name}", "held an OperationOutcome; fetched instead")
+            )
         elif isinstance(value, dict | list) and value is not _ABSENT:
             resolved[key.name] = (f"prefetch:{key.name}", value)
             continue
         elif value is not _ABSENT and value is not None:
-            issues.append(DataIssue(f"prefetch.{key.name}", "is not a FHIR resource or Bundle; ignored"))
+            issues.append(
+                DataIssue(f"prefetch.{key.name}", "is not a FHIR resource or Bundle; ignored")
+            )
         else:
             problems.setdefault(key.name, "not prefetched")
         try:
-            to_fetch[key.name] = render_template(key.template, request.context)
+            to_fetch[key.name] = render_template(key.template_for(fhir_version), request.context)
         except UnresolvedToken as exc:
             problems[key.name] = str(exc)
             to_fetch.pop(key.name, None)
@@ -112,7 +119,9 @@ def gather_prefetch(
                 problems[name] = f"not prefetched, and {result.problem}"
     elif to_fetch:
         for name in to_fetch:
-            problems[name] = f"{problems.get(name, 'not prefetched')} and the request has no fhirServer"
+            problems[name] = (
+                f"{problems.get(name, 'not prefetched')} and the request has no fhirServer"
+            )
 
     missing = [
         MissingData(key.name, key.description, problems[key.name])
@@ -123,7 +132,9 @@ def gather_prefetch(
         raise DataUnavailable(missing)
     for key in keys:
         if key.name not in resolved and key.name in problems:
-            issues.append(DataIssue(f"prefetch.{key.name}", f"{problems[key.name]}; checks ran without it"))
+            issues.append(
+                DataIssue(f"prefetch.{key.name}", f"{problems[key.name]}; checks ran without it")
+            )
     return resolved, issues
 
 
@@ -132,10 +143,12 @@ def build_patient_context(
     make_client: ClientFactory,
     draft_orders_key: str | None,
 ) -> PatientContext:
-    resolved, issues = gather_prefetch(request, make_client)
-    patient_id = request.patient_id
+    issues: list[DataIssue] = []
     draft_resources = _draft_resources(request, draft_orders_key, issues)
     fhir_version = fhir.detect_fhir_version((r for _, r in draft_resources), request.hook)
+    resolved, prefetch_issues = gather_prefetch(request, make_client, fhir_version)
+    issues.extend(prefetch_issues)
+    patient_id = request.patient_id
 
     patient = PatientInfo(id=patient_id)
     conditions: list[Condition] = []
@@ -155,7 +168,9 @@ def build_patient_context(
             if key.resource_type == "MedicationRequest" and resource_type == "MedicationOrder":
                 pass  # DSTU2 servers answer MedicationRequest searches with MedicationOrder
             elif resource_type != key.resource_type:
-                issues.append(DataIssue(where, f"is a {resource_type}, not a {key.resource_type}; ignored"))
+                issues.append(
+                    DataIssue(where, f"is a {resource_type}, not a {key.resource_type}; ignored")
+                )
                 continue
             owner = resource.get("id") if resource_type == "Patient" else fhir.subject_id(resource)
             if owner != patient_id:
@@ -164,7 +179,9 @@ def build_patient_context(
             if resource_type == "Patient":
                 patient = fhir.to_patient(resource, origin, patient_id)
             elif resource_type == "Condition":
-                _append(conditions, fhir.to_condition(resource, origin), issues, where, "has no code")
+                _append(
+                    conditions, fhir.to_condition(resource, origin), issues, where, "has no code"
+                )
             elif resource_type in fhir.MEDICATION_TYPES:
                 medication = fhir.to_medication(resource, origin, is_draft=False)
                 _append(medications, medication, issues, where, "names no medication")
@@ -182,7 +199,10 @@ def build_patient_context(
         problems = fhir.model_problems(repaired, fhir_version)
         if problems:
             issues.append(
-                DataIssue(where, f"is not valid FHIR {fhir_version} ({'; '.join(problems)}); read leniently")
+                DataIssue(
+                    where,
+                    f"is not valid FHIR {fhir_version} ({'; '.join(problems)}); read leniently",
+                )
             )
         medication = fhir.to_medication(repaired, f"context:{draft_orders_key}", is_draft=True)
         _append(drafts, medication, issues, where, "names no medication yet; nothing to check")

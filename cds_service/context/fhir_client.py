@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,10 +18,13 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
+# Same-origin redirects followed per fetch; a loop must end in a problem, not a RecursionError.
+MAX_REDIRECTS = 5
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ class FhirClient:
         merged.pop("link", None)
         return merged
 
-    def _get_json(self, url: str) -> dict[str, Any]:
+    def _get_json(self, url: str, redirects_left: int = MAX_REDIRECTS) -> dict[str, Any]:
         try:
             response = self._session.get(
                 url,
@@ -118,7 +122,9 @@ class FhirClient:
         except requests.Timeout as exc:
             raise FetchFailed("the FHIR server did not answer in time") from exc
         except requests.RequestException as exc:
-            raise FetchFailed(f"the FHIR server could not be reached ({type(exc).__name__})") from exc
+            raise FetchFailed(
+                f"the FHIR server could not be reached ({type(exc).__name__})"
+            ) from exc
         with response:
             if response.is_redirect:
                 location = response.headers.get("Location", "")
@@ -126,20 +132,25 @@ class FhirClient:
                 if _origin(target) != _origin(self.base_url):
                     # Never carry the EHR's token to another host.
                     raise FetchFailed("the FHIR server redirected to another origin")
-                return self._get_json(target)
+                if redirects_left <= 0:
+                    raise FetchFailed("the FHIR server redirected too many times")
+                return self._get_json(target, redirects_left - 1)
             body = self._read_bounded(response)
             if response.status_code >= 400:
                 detail = ""
                 try:
                     parsed = json.loads(body)
-                    if isinstance(parsed, dict) and parsed.get("resourceType") == "OperationOutcome":
+                    if (
+                        isinstance(parsed, dict)
+                        and parsed.get("resourceType") == "OperationOutcome"
+                    ):
                         detail = f": {_outcome_text(parsed)}"
                 except ValueError:
                     pass
                 raise FetchFailed(f"the FHIR server answered HTTP {response.status_code}{detail}")
         try:
             parsed = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise FetchFailed("the FHIR server's answer is not JSON") from exc
         if not isinstance(parsed, dict) or not isinstance(parsed.get("resourceType"), str):
             raise FetchFailed("the FHIR server's answer is not a FHIR resource")
@@ -149,14 +160,21 @@ class FhirClient:
         limit = self.config.max_response_bytes
         chunks: list[bytes] = []
         size = 0
+        # The read timeout bounds the whole body, not each socket read: read1 returns after one
+        # read, so a server dripping bytes is cut off (iter_content blocks per 64 KiB).
+        deadline = time.monotonic() + self.config.read_timeout
         try:
-            for chunk in response.iter_content(chunk_size=65536):
+            while chunk := response.raw.read1(65536, decode_content=True):
                 size += len(chunk)
                 if size > limit:
                     raise FetchFailed(f"the FHIR server's answer exceeds {limit} bytes")
                 chunks.append(chunk)
-        except requests.RequestException as exc:
-            raise FetchFailed(f"reading the FHIR server's answer failed ({type(exc).__name__})") from exc
+                if time.monotonic() > deadline:
+                    raise FetchFailed("the FHIR server did not answer in time")
+        except (requests.RequestException, Urllib3Error, OSError) as exc:
+            raise FetchFailed(
+                f"reading the FHIR server's answer failed ({type(exc).__name__})"
+            ) from exc
         return b"".join(chunks)
 
 
@@ -168,7 +186,11 @@ def _as_list(value: Any) -> Iterable[Any]:
 
 def _next_link(bundle: dict[str, Any]) -> str | None:
     for link in _as_list(bundle.get("link")):
-        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+        if (
+            isinstance(link, dict)
+            and link.get("relation") == "next"
+            and isinstance(link.get("url"), str)
+        ):
             return link["url"]
     return None
 
@@ -178,6 +200,8 @@ def _outcome_text(outcome: dict[str, Any]) -> str:
     for issue in _as_list(outcome.get("issue")):
         if isinstance(issue, dict):
             details = issue.get("details")
-            text = issue.get("diagnostics") or (details.get("text") if isinstance(details, dict) else None)
+            text = issue.get("diagnostics") or (
+                details.get("text") if isinstance(details, dict) else None
+            )
             texts.append(str(text or issue.get("code") or "error"))
     return "an OperationOutcome" + (f" ({'; '.join(texts)[:200]})" if texts else "")

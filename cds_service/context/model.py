@@ -29,7 +29,9 @@ class SourceRef:
 
     @property
     def reference(self) -> str:
-        return f"{self.resource_type}/{self.resource_id}" if self.resource_id else self.resource_type
+        return (
+            f"{self.resource_type}/{self.resource_id}" if self.resource_id else self.resource_type
+        )
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,10 @@ class Condition:
 
     @property
     def display(self) -> str:
-        return self.text or next((c.display for c in self.codings if c.display), "") or (
-            self.codings[0].code if self.codings else "condition"
+        return (
+            self.text
+            or next((c.display for c in self.codings if c.display), "")
+            or (self.codings[0].code if self.codings else "condition")
         )
 
 
@@ -101,8 +105,10 @@ class Medication:
 
     @property
     def display(self) -> str:
-        return self.text or next((c.display for c in self.codings if c.display), "") or (
-            self.codings[0].code if self.codings else "medication"
+        return (
+            self.text
+            or next((c.display for c in self.codings if c.display), "")
+            or (self.codings[0].code if self.codings else "medication")
         )
 
     @property
@@ -130,8 +136,10 @@ class Lab:
 
     @property
     def display(self) -> str:
-        return self.text or next((c.display for c in self.codings if c.display), "") or (
-            self.codings[0].code if self.codings else "observation"
+        return (
+            self.text
+            or next((c.display for c in self.codings if c.display), "")
+            or (self.codings[0].code if self.codings else "observation")
         )
 
 

@@ -30,7 +30,15 @@ from cds_service.context.model import (
 )
 
 MEDICATION_TYPES = frozenset({"MedicationRequest", "MedicationStatement", "MedicationOrder"})
-_PERIOD_PER_DAY = {"s": 86400.0, "min": 1440.0, "h": 24.0, "d": 1.0, "wk": 1 / 7, "mo": 1 / 30, "a": 1 / 365}
+_PERIOD_PER_DAY = {
+    "s": 86400.0,
+    "min": 1440.0,
+    "h": 24.0,
+    "d": 1.0,
+    "wk": 1 / 7,
+    "mo": 1 / 30,
+    "a": 1 / 365,
+}
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 
@@ -58,7 +66,13 @@ def codings_of(concept: Any) -> tuple[Coding, ...]:
             if isinstance(coding, dict):
                 code = coding.get("code")
                 if isinstance(code, str | int) and str(code).strip():
-                    out.append(Coding(_text(coding.get("system")), str(code).strip(), _text(coding.get("display"))))
+                    out.append(
+                        Coding(
+                            _text(coding.get("system")),
+                            str(code).strip(),
+                            _text(coding.get("display")),
+                        )
+                    )
     return tuple(out)
 
 
@@ -132,7 +146,9 @@ def subject_id(resource: dict[str, Any]) -> str | None:
     return None
 
 
-def iter_resources(value: Any, where: str) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+def iter_resources(
+    value: Any, where: str
+) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """Resources in a prefetch/fetch value or a context Bundle, with their location.
 
     Yields ``(location, resource, problem)``: a Bundle's entries (with or without
@@ -210,7 +226,7 @@ def _frequency_per_day(timing: Any) -> float | None:
         return None
     frequency = repeat.get("frequencyMax") or repeat.get("frequency") or 1
     period = repeat.get("period")
-    unit = repeat.get("periodUnit")
+    unit = repeat.get("periodUnit") or repeat.get("periodUnits")  # R4/STU3, DSTU2
     if not isinstance(period, int | float) or isinstance(period, bool) or period <= 0:
         return None
     if not isinstance(frequency, int | float) or unit not in _PERIOD_PER_DAY:
@@ -262,7 +278,9 @@ def to_medication(resource: dict[str, Any], origin: str, *, is_draft: bool) -> M
         found: list[Coding] = []
         for ingredient in as_list(medication.get("ingredient")):
             if isinstance(ingredient, dict):
-                found.extend(codings_of(ingredient.get("itemCodeableConcept") or ingredient.get("item")))
+                found.extend(
+                    codings_of(ingredient.get("itemCodeableConcept") or ingredient.get("item"))
+                )
         ingredient_codings = tuple(found)
     elif isinstance(resource.get("medicationReference"), dict):
         text = text or _text(resource["medicationReference"].get("display"))
@@ -281,11 +299,15 @@ def to_medication(resource: dict[str, Any], origin: str, *, is_draft: bool) -> M
         is_draft=is_draft,
         kind=str(resource.get("resourceType")),
         authored=parse_datetime(
-            resource.get("authoredOn") or resource.get("dateWritten") or resource.get("dateAsserted")
+            resource.get("authoredOn")
+            or resource.get("dateWritten")
+            or resource.get("dateAsserted")
         ),
         source=source_ref(resource, origin),
         ingredient_codings=ingredient_codings,
-        dispense_quantity=quantity_of(dispense.get("quantity")) if isinstance(dispense, dict) else None,
+        dispense_quantity=quantity_of(dispense.get("quantity"))
+        if isinstance(dispense, dict)
+        else None,
     )
 
 
@@ -300,7 +322,11 @@ def to_lab(resource: dict[str, Any], origin: str) -> Lab | None:
     for item in as_list(resource.get("referenceRange")):
         if isinstance(item, dict):
             ranges.append(
-                ReferenceRange(quantity_of(item.get("low")), quantity_of(item.get("high")), _text(item.get("text")))
+                ReferenceRange(
+                    quantity_of(item.get("low")),
+                    quantity_of(item.get("high")),
+                    _text(item.get("text")),
+                )
             )
     interpretation: list[Coding] = []
     for concept in as_list(resource.get("interpretation")):
@@ -320,10 +346,22 @@ def to_lab(resource: dict[str, Any], origin: str) -> Lab | None:
 # --- strict checks of draft orders ----------------------------------------------------------
 
 _LIST_FIELDS_R4 = {
-    "MedicationRequest": ("category", "reasonCode", "reasonReference", "dosageInstruction", "note",
-                          "identifier", "basedOn", "insurance", "supportingInformation",
-                          "detectedIssue", "eventHistory", "instantiatesCanonical",
-                          "instantiatesUri", "contained"),
+    "MedicationRequest": (
+        "category",
+        "reasonCode",
+        "reasonReference",
+        "dosageInstruction",
+        "note",
+        "identifier",
+        "basedOn",
+        "insurance",
+        "supportingInformation",
+        "detectedIssue",
+        "eventHistory",
+        "instantiatesCanonical",
+        "instantiatesUri",
+        "contained",
+    ),
 }
 
 

@@ -13,8 +13,19 @@ from typing import Any
 # LOINC codes the rules read (clinical-knowledge.md, "Labs (LOINC)").
 MAGNESIUM_LOINC = ("19123-9", "2601-3")
 EGFR_LOINC = (
-    "98979-8", "98980-6", "62238-1", "88293-6", "88294-4", "33914-3", "48642-3",
-    "48643-1", "50044-7", "70969-1", "69405-9", "76633-7", "77147-7",
+    "98979-8",
+    "98980-6",
+    "62238-1",
+    "88293-6",
+    "88294-4",
+    "33914-3",
+    "48642-3",
+    "48643-1",
+    "50044-7",
+    "70969-1",
+    "69405-9",
+    "76633-7",
+    "77147-7",
 )
 CREATININE_LOINC = ("2160-0", "14682-9", "77140-2", "38483-4")
 
@@ -30,36 +41,55 @@ class PrefetchKey:
     resource_type: str
     required: bool
     description: str
+    # The query used instead when the client speaks DSTU2 (the public sandbox's default
+    # server): no MedicationRequest there, and Condition's status parameter differs.
+    dstu2_template: str | None = None
+
+    def template_for(self, fhir_version: str) -> str:
+        return (
+            self.dstu2_template
+            if fhir_version == "DSTU2" and self.dstu2_template
+            else self.template
+        )
 
 
 PREFETCH_KEYS: tuple[PrefetchKey, ...] = (
     PrefetchKey(
-        "patient", "Patient/{{context.patientId}}", "Patient", True,
+        "patient",
+        "Patient/{{context.patientId}}",
+        "Patient",
+        True,
         "the patient (birth date and sex for dose limits)",
     ),
     PrefetchKey(
         "conditions",
         "Condition?patient={{context.patientId}}&clinical-status=active,recurrence,relapse",
-        "Condition", True,
+        "Condition",
+        True,
         "active conditions (myasthenia gravis, kidney disease, autoimmune disease)",
+        dstu2_template="Condition?patient={{context.patientId}}",
     ),
     PrefetchKey(
         "medicationRequests",
         "MedicationRequest?patient={{context.patientId}}&status=active",
-        "MedicationRequest", True,
+        "MedicationRequest",
+        True,
         "active medication orders (interacting drugs, myasthenia therapy, magnesium)",
+        dstu2_template="MedicationOrder?patient={{context.patientId}}&status=active",
     ),
     PrefetchKey(
         "medicationStatements",
         "MedicationStatement?patient={{context.patientId}}&status=active",
-        "MedicationStatement", False,
+        "MedicationStatement",
+        False,
         "medications the patient reports taking (supplements bought over the counter)",
     ),
     PrefetchKey(
         "observations",
         f"Observation?patient={{{{context.patientId}}}}&code={_OBSERVATION_CODES}"
         "&_sort=-date&_count=100",
-        "Observation", True,
+        "Observation",
+        True,
         "recent serum magnesium, eGFR and creatinine results",
     ),
 )

@@ -31,15 +31,35 @@ def json_path(error: ValidationError) -> str:
 
 
 def schema_problems(instance: Any, schema_name: str) -> list[dict[str, str]]:
-    errors = sorted(validator(schema_name).iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
+    errors = sorted(
+        validator(schema_name).iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))
+    )
     out: list[dict[str, str]] = []
-    for error in errors[:MAX_PROBLEMS]:
+    for error in errors:
         # A failed if/then or anyOf names the most specific sub-error, not the wrapper.
         leaf = error
         while leaf.context:
-            leaf = min(leaf.context, key=lambda e: -len(e.absolute_path))
-        out.append(problem(json_path(leaf), _short(leaf.message)))
-    return out
+            leaf = max(leaf.context, key=lambda e: len(e.absolute_path))
+        out.extend(_problems_of(leaf))
+    return out[:MAX_PROBLEMS]
+
+
+def _problems_of(error: ValidationError) -> list[dict[str, str]]:
+    """A missing property is named by its own path ($.context.selections), not its parent's."""
+    path = json_path(error)
+    if error.validator in ("required", "dependentRequired") and isinstance(error.instance, dict):
+        wanted = error.validator_value
+        if isinstance(wanted, dict):  # dependentRequired: {"a": ["b"]}
+            wanted = [
+                name
+                for trigger, names in wanted.items()
+                if trigger in error.instance
+                for name in names
+            ]
+        missing = [name for name in wanted if name not in error.instance]
+        if missing:
+            return [problem(f"{path}.{name}", "is required but missing") for name in missing]
+    return [problem(path, _short(error.message))]
 
 
 def _short(message: str, limit: int = 300) -> str:
@@ -57,24 +77,32 @@ def read_json_body(request: Request) -> Any:
         )
     raw = request.get_data(cache=False)
     if not raw:
-        raise ApiError(400, "invalid-json", "the request body is empty", [problem("$", "empty body")])
+        raise ApiError(
+            400, "invalid-json", "the request body is empty", [problem("$", "empty body")]
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(
-            400, "invalid-json", "the request body is not UTF-8",
+            400,
+            "invalid-json",
+            "the request body is not UTF-8",
             [problem("$", f"byte {exc.start} is not valid UTF-8")],
         ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(
-            400, "invalid-json", "the request body is not valid JSON",
+            400,
+            "invalid-json",
+            "the request body is not valid JSON",
             [problem("$", f"{exc.msg} at line {exc.lineno} column {exc.colno}")],
         ) from None
     except RecursionError:
         raise ApiError(
-            400, "invalid-json", "the request body is nested too deeply",
+            400,
+            "invalid-json",
+            "the request body is nested too deeply",
             [problem("$", "JSON nesting exceeds what this service reads")],
         ) from None
 
@@ -82,4 +110,6 @@ def read_json_body(request: Request) -> Any:
 def validate_or_400(instance: Any, schema_name: str, what: str) -> None:
     problems = schema_problems(instance, schema_name)
     if problems:
-        raise ApiError(400, "invalid-request", f"the {what} does not conform to CDS Hooks 2.0", problems)
+        raise ApiError(
+            400, "invalid-request", f"the {what} does not conform to CDS Hooks 2.0", problems
+        )

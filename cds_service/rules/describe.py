@@ -44,7 +44,8 @@ def order_text(fact: MedicationFact) -> str:
     if fact.route:
         text += f", {fact.route}"
     if fact.magnesium is not None:
-        text += f"; recognised as magnesium by {fact.magnesium.matched_by} {fact.magnesium.matched_value}"
+        match = fact.magnesium
+        text += f"; recognised as magnesium by {match.matched_by} {match.matched_value}"
     return text
 
 

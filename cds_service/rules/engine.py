@@ -22,7 +22,9 @@ RULES: tuple[Rule, ...] = (myasthenia.evaluate,)
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
 
 
-def evaluate(context: PatientContext, knowledge: Knowledge, hook: str, today: date) -> list[Finding]:
+def evaluate(
+    context: PatientContext, knowledge: Knowledge, hook: str, today: date
+) -> list[Finding]:
     """All findings for this hook call, most serious first, each finding once."""
     picture = build_picture(context, knowledge, today)
     return prioritise(finding for rule in RULES for finding in rule(picture, knowledge, hook))

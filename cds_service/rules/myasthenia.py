@@ -84,9 +84,15 @@ def _finding(
 ) -> Finding:
     medication = fact.medication
     parenteral = fact.route == "parenteral"
-    name = fact.magnesium.salt_display if fact.magnesium and fact.magnesium.salt_display else "magnesium"
+    name = (
+        fact.magnesium.salt_display
+        if fact.magnesium and fact.magnesium.salt_display
+        else "magnesium"
+    )
     if parenteral:
-        summary = f"IV/IM {name} in myasthenia gravis: risk of myasthenic crisis and respiratory failure"
+        summary = (
+            f"IV/IM {name} in myasthenia gravis: risk of myasthenic crisis and respiratory failure"
+        )
     elif hook == "patient-view":
         summary = f"Patient with myasthenia gravis is on {name}: magnesium can worsen weakness"
     else:

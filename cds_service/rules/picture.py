@@ -113,15 +113,16 @@ def _medication_fact(medication: Medication, knowledge: Knowledge) -> Medication
     codings = medication.all_codings
     groups, matched_by = knowledge.drug_groups(codings, medication.text)
     magnesium = knowledge.match_magnesium(codings, medication.text)
-    return MedicationFact(medication, groups, matched_by, magnesium, route_of(medication, magnesium))
+    return MedicationFact(
+        medication, groups, matched_by, magnesium, route_of(medication, magnesium)
+    )
 
 
 def build_picture(context: PatientContext, knowledge: Knowledge, today: date) -> ClinicalPicture:
     conditions = tuple(
         ConditionFact(condition, groups)
         for condition in context.conditions
-        if condition_counts(condition)
-        and (groups := knowledge.condition_groups(condition.codings))
+        if condition_counts(condition) and (groups := knowledge.condition_groups(condition.codings))
     )
     medications = tuple(
         _medication_fact(medication, knowledge)
@@ -135,5 +136,7 @@ def build_picture(context: PatientContext, knowledge: Knowledge, today: date) ->
         if lab.status not in {"entered-in-error", "cancelled"}
         and (kind := knowledge.lab_kind(lab.codings)) is not None
     ]
-    labs.sort(key=lambda fact: fact.lab.effective.timestamp() if fact.lab.effective else 0.0, reverse=True)
+    labs.sort(
+        key=lambda fact: fact.lab.effective.timestamp() if fact.lab.effective else 0.0, reverse=True
+    )
     return ClinicalPicture(context, today, conditions, medications, drafts, tuple(labs))

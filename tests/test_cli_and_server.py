@@ -1,0 +1,223 @@
+"""The commands a user and the Docker image run: real processes, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CDS = str(BIN / "cds-service")
+MG_REQUEST = ROOT / "fixtures" / "requests" / "mg-pyridostigmine.order-select.json"
+MG_NO_PREFETCH = ROOT / "fixtures" / "requests" / "mg-pyridostigmine.order-select.noprefetch.json"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(
+                f"process exited with {process.returncode}: {process.stderr.read()!r}"
+            )  # type: ignore[union-attr]
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not come up in {seconds} s")
+
+
+def start(args: list[str], env: dict[str, str], probe_url: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [CDS, *args], env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    wait_until_up(probe_url, process)
+    return process
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def fixture_server_process() -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start(
+        ["fixture-server", "--host", "127.0.0.1", "--port", str(port)], {}, f"{url}/metadata"
+    )
+    yield url
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def gunicorn_service(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    database = tmp_path_factory.mktemp("gunicorn") / "cds.sqlite3"
+    env = {
+        "CDS_AUTH": "off",
+        "CDS_WORKERS": "2",
+        "CDS_THREADS": "2",
+        "CDS_DATABASE_URL": f"sqlite:///{database}",
+    }
+    process = start(["serve", "--host", "127.0.0.1", "--port", str(port)], env, f"{url}/healthz")
+    yield url, process
+    stop(process)
+
+
+def test_serve_runs_gunicorn_with_the_configured_workers(
+    gunicorn_service: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, process = gunicorn_service
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    assert len(children) == 2  # CDS_WORKERS=2 gunicorn workers under the master
+    assert requests.get(f"{url}/readyz", timeout=5).json()["status"] == "ready"
+    services = requests.get(f"{url}/cds-services", timeout=5).json()["services"]
+    assert len(services) == 4
+
+
+def test_gunicorn_answers_the_myasthenia_request_with_the_critical_card(
+    gunicorn_service: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, _ = gunicorn_service
+    body = json.loads(MG_REQUEST.read_text())
+    response = requests.post(f"{url}/cds-services/magnesium-order-select", json=body, timeout=15)
+    assert response.status_code == 200
+    [card] = response.json()["cards"]
+    assert card["indicator"] == "critical"
+    assert card["suggestions"][0]["actions"][0]["type"] == "delete"
+
+
+def test_fixture_server_command_serves_fhir(fixture_server_process: str) -> None:
+    metadata = requests.get(f"{fixture_server_process}/metadata", timeout=5).json()
+    assert metadata["resourceType"] == "CapabilityStatement"
+    patient = requests.get(f"{fixture_server_process}/Patient/mg-pyridostigmine", timeout=5).json()
+    assert patient["id"] == "mg-pyridostigmine"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CDS, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_evaluate_prints_the_cards_without_a_server() -> None:
+    result = run_cli("evaluate", str(MG_REQUEST))
+    assert result.returncode == 0, result.stderr
+    [card] = json.loads(result.stdout)["cards"]
+    assert card["indicator"] == "critical"
+
+
+def test_evaluate_fetches_from_a_fhir_server_when_asked(fixture_server_process: str) -> None:
+    result = run_cli("evaluate", str(MG_NO_PREFETCH), "--fhir-server", fixture_server_process)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["cards"][0]["indicator"] == "critical"
+
+
+def test_evaluate_reports_unavailable_data_and_invalid_files(tmp_path: Path) -> None:
+    unreachable = run_cli("evaluate", str(MG_NO_PREFETCH), "--fhir-server", "http://127.0.0.1:9")
+    assert unreachable.returncode == 3
+    assert "required data unavailable: conditions" in unreachable.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"hook": "order-select"}')
+    invalid = run_cli("evaluate", str(broken))
+    assert invalid.returncode == 2
+    assert "$.hookInstance" in invalid.stderr
+    missing = run_cli("evaluate", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_knowledge_command_lists_rules_and_versions() -> None:
+    result = run_cli("knowledge")
+    assert result.returncode == 0, result.stderr
+    assert "myasthenia-magnesium" in result.stdout
+
+
+def test_invalid_setting_is_a_clear_error() -> None:
+    result = subprocess.run(
+        [CDS, "knowledge"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "CDS_PORT": "eighty"},
+    )
+    assert result.returncode == 2 and "CDS_PORT" in result.stderr
+
+
+# --- packaging ------------------------------------------------------------------------------
+
+
+def test_dockerfile_refers_to_things_that_exist() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.M)
+    for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
+    user = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert re.search(rf"useradd .*\b{user[-1]}\b", dockerfile)
+    cmd = json.loads(re.search(r"^CMD (\[.*\])", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert cmd[0] in scripts and cmd[1] == "serve"
+    assert "/healthz" in re.search(r"^HEALTHCHECK .*(?:\n\s+.*)*", dockerfile, re.M).group(0)  # type: ignore[union-attr]
+    assert "CDS_AUTH=off" not in dockerfile
+
+
+def test_wheel_carries_schemas_and_fixtures(tmp_path: Path) -> None:
+    if shutil.which("pip", path=str(BIN)) is None:
+        pytest.skip("pip not available in this environment")
+    subprocess.run(
+        [
+            str(BIN / "pip"),
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    [wheel] = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "cds_service/_bundled/schemas/hook-request.schema.json" in names
+    assert "cds_service/_bundled/fixtures/patients/mg-pyridostigmine.json" in names
+    assert any(name.startswith("cds_service/knowledge/data/") for name in names)
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    run_command, test_command = blocks[0].strip(), blocks[1].strip()
+    assert readme.index(run_command) < readme.index("##")  # before any section
+    assert run_command.endswith("cds-service demo")
+    assert test_command in (ROOT / ".ci" / "run").read_text()
