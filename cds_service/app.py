@@ -12,9 +12,13 @@ from cds_service.context.builder import ClientFactory, default_client_factory
 from cds_service.knowledge import Knowledge, default_knowledge, load_knowledge
 from cds_service.logging_setup import configure_logging, install_request_logging
 from cds_service.pipeline import HookPipeline
-from cds_service.protocol.blueprint import PIPELINE_EXTENSION, bp
+from cds_service.protocol.auth import install_auth
+from cds_service.protocol.blueprint import CARD_RECORDER_EXTENSION, PIPELINE_EXTENSION, bp
+from cds_service.protocol.cors import install_cors
 from cds_service.protocol.errors import register_error_handlers
+from cds_service.protocol.feedback import STORE_EXTENSION, feedback_bp, make_card_recorder
 from cds_service.settings import Settings
+from cds_service.store import FeedbackStore
 
 ReadinessCheck = Callable[[], str | None]  # None = ready, else what is wrong
 READINESS_EXTENSION = "cds_readiness_checks"
@@ -27,27 +31,45 @@ def create_app(
     *,
     knowledge: Knowledge | None = None,
     client_factory: ClientFactory | None = None,
+    store: FeedbackStore | None = None,
 ) -> Flask:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     if knowledge is None:
         # A malformed knowledge file stops start-up here, with its name and entry.
-        knowledge = load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
+        knowledge = (
+            load_knowledge(settings.knowledge_path)
+            if settings.knowledge_path
+            else default_knowledge()
+        )
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    # "/cds-services//x" answers 404 JSON, not a bare 308 redirect (set before any route).
+    app.url_map.merge_slashes = False
     app.json.sort_keys = False  # keep the spec's field order readable
     app.extensions["cds_settings"] = settings
     app.extensions["cds_knowledge"] = knowledge
     app.extensions[PIPELINE_EXTENSION] = HookPipeline(
         knowledge, client_factory or default_client_factory(settings)
     )
-    checks: dict[str, ReadinessCheck] = {"knowledge": lambda: None if knowledge.version else "not loaded"}
+    # Migrates the schema here, once, before gunicorn forks its workers (preload_app).
+    store = store or FeedbackStore.open(settings.database_url)
+    app.extensions[STORE_EXTENSION] = store
+    app.extensions[CARD_RECORDER_EXTENSION] = make_card_recorder(store)
+    checks: dict[str, ReadinessCheck] = {
+        "knowledge": lambda: None if knowledge.version else "not loaded",
+        "store": store.readiness,
+    }
     app.extensions[READINESS_EXTENSION] = checks
 
     register_error_handlers(app)
     install_request_logging(app)
+    # CORS first: preflight is answered before authentication, which it cannot carry.
+    install_cors(app, settings)
+    install_auth(app, settings)
     app.register_blueprint(bp)
+    app.register_blueprint(feedback_bp)
 
     @app.get("/healthz")
     def healthz() -> ResponseReturnValue:
@@ -62,8 +84,11 @@ def create_app(
             except Exception as exc:  # a readiness probe reports, it never raises
                 results[name] = f"failed: {type(exc).__name__}"
         ready = all(value == "ok" for value in results.values())
-        body = {"status": "ready" if ready else "not-ready", "checks": results,
-                "knowledgeVersion": knowledge.version}
+        body = {
+            "status": "ready" if ready else "not-ready",
+            "checks": results,
+            "knowledgeVersion": knowledge.version,
+        }
         return jsonify(body), 200 if ready else 503
 
     return app

@@ -1,4 +1,4 @@
-"""``cds-service``: serve, fixture-server, evaluate, knowledge."""
+"""``cds-service``: serve, fixture-server, evaluate, knowledge, report."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="threads per worker (CDS_THREADS)")
     serve.set_defaults(handler=_serve)
 
-    fixture = commands.add_parser("fixture-server", help="run the local fixture FHIR server (foreground)")
+    fixture = commands.add_parser(
+        "fixture-server", help="run the local fixture FHIR server (foreground)"
+    )
     fixture.add_argument("--host", help="interface to bind (CDS_FIXTURE_SERVER_HOST)")
     fixture.add_argument("--port", type=int, help="port to listen on (CDS_FIXTURE_SERVER_PORT)")
     fixture.set_defaults(handler=_fixture_server)
@@ -53,11 +56,25 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="print the cards a hook request file would get")
     evaluate.add_argument("request", type=Path, help="a CDS Hooks request JSON file")
     evaluate.add_argument("--fhir-server", help="FHIR base URL to fetch what is not prefetched")
-    evaluate.add_argument("--service", help="service id (default: the service for the request's hook)")
+    evaluate.add_argument(
+        "--service", help="service id (default: the service for the request's hook)"
+    )
     evaluate.set_defaults(handler=_evaluate)
 
-    knowledge = commands.add_parser("knowledge", help="list the loaded rules, value sets and versions")
+    knowledge = commands.add_parser(
+        "knowledge", help="list the loaded rules, value sets and versions"
+    )
     knowledge.set_defaults(handler=_knowledge)
+
+    report = commands.add_parser(
+        "report", help="feedback report: cards shown, accepted and overridden, per rule and service"
+    )
+    report.add_argument(
+        "--since", type=_iso_date, help="only cards issued on or after YYYY-MM-DD (UTC)"
+    )
+    report.add_argument("--format", choices=("text", "json", "html"), default="text")
+    report.add_argument("--output", type=Path, help="write to FILE instead of standard output")
+    report.set_defaults(handler=_report)
     return parser
 
 
@@ -75,7 +92,9 @@ def _fixture_server(args: argparse.Namespace, settings: Settings) -> int:
     from cds_service.fixture_server import run_fixture_server
 
     run_fixture_server(
-        settings, args.host or settings.fixture_server_host, args.port or settings.fixture_server_port
+        settings,
+        args.host or settings.fixture_server_host,
+        args.port or settings.fixture_server_port,
     )
     return 0
 
@@ -133,7 +152,9 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         if service is None:
             print(f"cds-service: no service answers the {body['hook']!r} hook", file=sys.stderr)
             return EXIT_INVALID
-    knowledge = load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
+    knowledge = (
+        load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
+    )
     pipeline = HookPipeline(knowledge, default_client_factory(settings))
     try:
         result = pipeline.run(service, HookRequest.from_json(body))
@@ -149,9 +170,63 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 def _knowledge(args: argparse.Namespace, settings: Settings) -> int:
     from cds_service.knowledge import default_knowledge, load_knowledge
 
-    knowledge = load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
+    knowledge = (
+        load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
+    )
     print(knowledge.describe())
     return 0
+
+
+def _iso_date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date like 2025-01-31") from None
+
+
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from cds_service.store.report import build_report, render
+    from cds_service.store.store import FeedbackStore, check_reportable
+
+    problem = check_reportable(settings.database_url)
+    if problem:
+        print(f"cds-service: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    store = FeedbackStore.open(settings.database_url, migrate_schema=False)
+    try:
+        report = build_report(store.engine, args.since, **_catalogue_names(settings))
+    except SQLAlchemyError as exc:
+        print(f"cds-service: cannot read {store.url}: {type(exc).__name__}", file=sys.stderr)
+        return EXIT_INVALID
+    finally:
+        store.close()
+    text = render(report, args.format)
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _catalogue_names(settings: Settings) -> dict[str, dict[Any, str]]:
+    """Rule titles and override-reason displays from the knowledge, for a readable report."""
+    from cds_service.knowledge import default_knowledge, load_knowledge
+
+    knowledge = (
+        load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
+    )
+    rules = [knowledge.rule(rule_id) for rule_id in knowledge.rule_ids]
+    return {
+        "rule_titles": {rule.id: rule.title for rule in rules},
+        "reason_names": {
+            (reason.system, reason.code): reason.display
+            for rule in rules
+            for reason in rule.override_reasons
+            if reason.display
+        },
+    }
 
 
 if __name__ == "__main__":

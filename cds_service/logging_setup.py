@@ -16,8 +16,17 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 REQUEST_LOGGER = "cds_service.request"
-_FIELDS = ("event", "method", "path", "status", "latency_ms", "hookInstance", "serviceId", "ruleIds",
-           "timings_ms")
+_FIELDS = (
+    "event",
+    "method",
+    "path",
+    "status",
+    "latency_ms",
+    "hookInstance",
+    "serviceId",
+    "ruleIds",
+    "timings_ms",
+)
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,6 +53,8 @@ def configure_logging(level: str) -> None:
         handler._cds_handler = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level.upper())
+    # urllib3's DEBUG lines hold FHIR query URLs, i.e. patient ids, even at CDS_LOG_LEVEL=DEBUG.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 def install_request_logging(app: Flask) -> None:
@@ -63,8 +74,12 @@ def install_request_logging(app: Flask) -> None:
             "status": response.status_code,
             "latency_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
         }
-        for attribute, name in (("hook_instance", "hookInstance"), ("service_id", "serviceId"),
-                                ("rule_ids", "ruleIds"), ("timings_ms", "timings_ms")):
+        for attribute, name in (
+            ("hook_instance", "hookInstance"),
+            ("service_id", "serviceId"),
+            ("rule_ids", "ruleIds"),
+            ("timings_ms", "timings_ms"),
+        ):
             value = g.get(attribute)
             if value is not None:
                 extra[name] = value

@@ -7,6 +7,7 @@ Timings per stage are kept for the logs and the benchmark.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -18,6 +19,7 @@ from cds_service.knowledge import Knowledge
 from cds_service.protocol.hook_request import HookRequest
 from cds_service.protocol.services import ServiceDefinition
 from cds_service.rules import engine
+from cds_service.rules.picture import KnowledgeRelevance
 
 
 @dataclass
@@ -44,6 +46,8 @@ class HookPipeline:
     def __init__(self, knowledge: Knowledge, make_client: ClientFactory) -> None:
         self.knowledge = knowledge
         self.make_client = make_client
+        # "Today" for the rules (lab recency, age); tests pin it to the fixtures' date.
+        self.clock: Callable[[], date] = date.today
 
     def run(
         self, service: ServiceDefinition, request: HookRequest, today: date | None = None
@@ -51,9 +55,15 @@ class HookPipeline:
         """Raises ``DataUnavailable`` when required data cannot be had (HTTP 412)."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        context = build_patient_context(request, self.make_client, service.draft_orders_context_key)
+        context = build_patient_context(
+            request,
+            self.make_client,
+            service.draft_orders_context_key,
+            # Facts no rule can use are recognised by their codes and not normalised.
+            KnowledgeRelevance(self.knowledge),
+        )
         after_context = time.perf_counter()
-        findings = engine.evaluate(context, self.knowledge, service.hook, today or date.today())
+        findings = engine.evaluate(context, self.knowledge, service.hook, today or self.clock())
         after_rules = time.perf_counter()
         cards = build_cards(
             findings,

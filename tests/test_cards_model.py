@@ -41,7 +41,9 @@ def test_full_card_is_conformant_and_has_no_empty_values() -> None:
     assert body["selectionBehavior"] == "at-most-one"
     assert body["extension"] == {"org.magnesium-cds": {"ruleId": "r1"}}
     assert body["suggestions"][0]["actions"][0] == {
-        "type": "delete", "description": "Remove the draft order", "resourceId": "MedicationRequest/draft-1"
+        "type": "delete",
+        "description": "Remove the draft order",
+        "resourceId": "MedicationRequest/draft-1",
     }
 
 
@@ -66,7 +68,10 @@ def test_minimal_card_omits_optional_fields() -> None:
         lambda: CardCoding("urn:x", "c", ""),
         lambda: Link("l", "https://x", type="absolute", app_context="ctx"),
         lambda: Card(
-            summary="s", indicator="info", source=SOURCE, selection_behavior="at-most-one",
+            summary="s",
+            indicator="info",
+            source=SOURCE,
+            selection_behavior="at-most-one",
             suggestions=(
                 Suggestion("a", (_delete(),), is_recommended=True),
                 Suggestion("b", (_delete("MedicationRequest/2"),), is_recommended=True),
@@ -74,10 +79,18 @@ def test_minimal_card_omits_optional_fields() -> None:
         ),
     ],
     ids=[
-        "summary-140", "summary-blank", "bad-indicator", "source-without-label",
-        "delete-without-type-in-id", "delete-with-resource", "create-without-resourceType",
-        "action-without-description", "suggestion-without-actions", "override-without-display",
-        "appContext-on-absolute-link", "two-recommended-at-most-one",
+        "summary-140",
+        "summary-blank",
+        "bad-indicator",
+        "source-without-label",
+        "delete-without-type-in-id",
+        "delete-with-resource",
+        "create-without-resourceType",
+        "action-without-description",
+        "suggestion-without-actions",
+        "override-without-display",
+        "appContext-on-absolute-link",
+        "two-recommended-at-most-one",
     ],
 )
 def test_nonconformant_parts_are_refused(build) -> None:  # type: ignore[no-untyped-def]

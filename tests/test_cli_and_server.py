@@ -96,7 +96,13 @@ def test_serve_runs_gunicorn_with_the_configured_workers(
     gunicorn_service: tuple[str, subprocess.Popen[bytes]],
 ) -> None:
     url, process = gunicorn_service
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    # Workers boot one after another; the first may answer before the second is forked.
+    deadline = time.monotonic() + 20
+    while True:
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        if len(children) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert len(children) == 2  # CDS_WORKERS=2 gunicorn workers under the master
     assert requests.get(f"{url}/readyz", timeout=5).json()["status"] == "ready"
     services = requests.get(f"{url}/cds-services", timeout=5).json()["services"]

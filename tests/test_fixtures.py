@@ -194,10 +194,14 @@ def test_r4_draft_orders_validate(path: Path) -> None:
         bundle = context["draftOrders"]
         R4BBundle.model_validate(bundle)
         for order in entries(bundle):
-            assert order["resourceType"] == "MedicationRequest"
+            assert order["resourceType"] in ("MedicationRequest", "ServiceRequest")
             assert (order["status"], order["intent"]) == ("draft", "order")
+            if order["resourceType"] == "ServiceRequest":
+                assert order["code"]["coding"][0]["system"] == "http://loinc.org"
+                continue
             dosage = order["dosageInstruction"][0]
-            assert dosage["route"]["coding"][0]["code"] in ("26643006", "47625008")
+            # oral, intravenous, topical
+            assert dosage["route"]["coding"][0]["code"] in ("26643006", "47625008", "6064005")
             assert dosage["doseAndRate"][0]["doseQuantity"]["value"] > 0
 
 

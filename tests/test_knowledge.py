@@ -95,7 +95,7 @@ def icd(code: str, system: str = ICD10CM) -> Coding:
 
 def test_bundled_knowledge_loads_and_is_cached(kb: Knowledge) -> None:
     assert default_knowledge() is kb
-    assert re.fullmatch(r"2026\.11\.0\+[0-9a-f]{8}", kb.version)
+    assert re.fullmatch(r"2026\.11\.1\+[0-9a-f]{8}", kb.version)
     manifest = raw("manifest.json")
     assert set(kb.file_versions) == {"manifest.json", *manifest["files"]}
     for name, version in kb.file_versions.items():
@@ -303,8 +303,9 @@ def test_invalid_json_names_file_and_line(tmp_path: Path) -> None:
 def test_duplicate_json_key_is_refused(tmp_path: Path) -> None:
     directory = copy_data(tmp_path)
     path = directory / "rules.json"
+    version = f'"version": "{raw("rules.json")["version"]}",'
     text = path.read_text(encoding="utf-8").replace(
-        '"version": "1.0.0",', '"version": "1.0.0",\n  "version": "1.0.1",', 1
+        version, version + '\n  "version": "9.9.9",', 1
     )
     path.write_text(text, encoding="utf-8")
     with pytest.raises(KnowledgeError, match=r"^rules\.json: duplicate key 'version'"):
@@ -917,3 +918,29 @@ def test_describe_lists_rules_value_sets_and_versions(kb: Knowledge) -> None:
     for name in kb.file_versions:
         assert name in text
     assert "Unverified facts" in text
+
+
+def test_rule_facts_added_for_the_clinical_rules(kb: Knowledge) -> None:
+    # Which form suits which aim (the clinical source's comparison table, unverified).
+    fits = {s.id: s.autoimmune_use.fit for s in kb.magnesium_salts if s.autoimmune_use}
+    assert fits == {
+        "glycinate": "preferred",
+        "malate": "preferred",
+        "citrate": "short-term-only",
+        "sulfate": "topical-only",
+    }
+    glycinate = kb.magnesium_salt("glycinate").autoimmune_use
+    assert glycinate is not None and glycinate.status == "unverified"
+    assert set(glycinate.aims) == {"inflammation", "stress", "sleep"}
+    # How serious the label wording is.
+    fq = kb.drug_group("fluoroquinolone").effect("aggravates-myasthenia")
+    ag = kb.drug_group("aminoglycoside-polymyxin").effect("aggravates-myasthenia")
+    assert (fq and fq.indicator, ag and ag.indicator) == ("critical", "warning")
+    # Statements the cards quote, and the local policy for "recent".
+    assert kb.rule("autoimmune-guidance").statement("diet-first").status == "secondary"
+    assert kb.rule("myasthenia-magnesium").statement("label").status == "verified"
+    with pytest.raises(KeyError):
+        kb.rule("renal-magnesium").statement("no-such-statement")
+    recent = kb.threshold("serum-magnesium-recent-days")
+    assert (recent.value, recent.status, recent.sources) == (30.0, "unverified", ("local-policy",))
+    assert kb.source("local-policy").status == "unverified"

@@ -371,7 +371,7 @@ class ScriptedFhirServer(ThreadingHTTPServer):
 class _ScriptedHandler(BaseHTTPRequestHandler):
     server: ScriptedFhirServer
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self.server.paths.append(self.path)
         try:
             self.server.barrier.wait()

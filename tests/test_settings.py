@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_environment_variables_override_defaults() -> None:
-    settings = Settings.from_env({"CDS_PORT": "9999", "CDS_FHIR_READ_TIMEOUT": "1.5", "CDS_HOST": "0.0.0.0"})
+    settings = Settings.from_env(
+        {"CDS_PORT": "9999", "CDS_FHIR_READ_TIMEOUT": "1.5", "CDS_HOST": "0.0.0.0"}
+    )
     assert (settings.port, settings.fhir_read_timeout, settings.host) == (9999, 1.5, "0.0.0.0")
     assert Settings.from_env({}, port=1234).port == 1234
 

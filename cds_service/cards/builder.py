@@ -91,7 +91,8 @@ def _detail(finding: Finding, sources: list[Any]) -> str:
         )
         parts.append(f"**Patient facts used**\n{facts}")
     if finding.unverified:
-        parts.append("**Unverified:** " + "; ".join(finding.unverified) + ".")
+        facts = "; ".join(fact.rstrip(". ") for fact in finding.unverified)
+        parts.append(f"**Unverified:** {facts}.")
     if sources:
         lines = []
         for source in sources:
@@ -172,6 +173,16 @@ def _updated_order(proposal: Proposal, original: dict[str, Any]) -> dict[str, An
             ],
         }
         resource.pop("medicationReference", None)
+        # A dose of the old product does not carry over (10 mL of a solution is not 10
+        # tablets): keep timing and route, drop the amount for the prescriber to re-enter.
+        instructions = resource.get("dosageInstruction")
+        if isinstance(instructions, list):
+            resource["dosageInstruction"] = [
+                {k: v for k, v in i.items() if k not in ("doseAndRate", "doseQuantity", "text")}
+                if isinstance(i, dict)
+                else i
+                for i in instructions
+            ]
     elif proposal.kind == "add-dosage-instruction":
         instructions = resource.get("dosageInstruction")
         if not isinstance(instructions, list) or not instructions:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cds_service.context import normalise as fhir
 from cds_service.context.fhir_client import FetchResult, FhirClient, FhirClientConfig
 from cds_service.context.model import (
+    Coding,
     Condition,
     DataIssue,
     Lab,
+    LabOrder,
     Medication,
     PatientContext,
     PatientInfo,
@@ -47,6 +49,21 @@ class DataUnavailable(Exception):
 
 
 ClientFactory = Callable[[str, str | None], FhirClient]
+
+
+class Relevance(Protocol):
+    """Which coded facts the rules can use at all (the pipeline asks the knowledge).
+
+    A chronic patient's chart is mostly codes no rule reads: such resources are recognised
+    from their codes and not normalised further. A resource without a usable code is still
+    read in full, so it is reported (or kept, text only) exactly as without this filter.
+    """
+
+    def condition(self, codings: tuple[Coding, ...]) -> bool: ...
+
+    def medication(self, codings: tuple[Coding, ...], text: str) -> bool: ...
+
+    def lab(self, codings: tuple[Coding, ...]) -> bool: ...
 
 
 def client_config(settings: Settings) -> FhirClientConfig:
@@ -142,9 +159,12 @@ def build_patient_context(
     request: HookRequest,
     make_client: ClientFactory,
     draft_orders_key: str | None,
+    relevant: Relevance | None = None,
 ) -> PatientContext:
+    """``relevant``: skip normalising prefetched facts it rules out (draft orders never are)."""
     issues: list[DataIssue] = []
     draft_resources = _draft_resources(request, draft_orders_key, issues)
+    draft_lab_orders = _draft_lab_orders(request, draft_orders_key)
     fhir_version = fhir.detect_fhir_version((r for _, r in draft_resources), request.hook)
     resolved, prefetch_issues = gather_prefetch(request, make_client, fhir_version)
     issues.extend(prefetch_issues)
@@ -176,6 +196,8 @@ def build_patient_context(
             if owner != patient_id:
                 issues.append(DataIssue(where, "belongs to another patient (or to none); ignored"))
                 continue
+            if relevant is not None and not _may_matter(resource, resource_type, relevant):
+                continue
             if resource_type == "Patient":
                 patient = fhir.to_patient(resource, origin, patient_id)
             elif resource_type == "Condition":
@@ -194,7 +216,7 @@ def build_patient_context(
         if owner is not None and owner != patient_id:
             issues.append(DataIssue(where, "is a draft order for another patient; ignored"))
             continue
-        repaired, notes = fhir.repair_draft(resource, fhir_version)
+        repaired, notes = fhir.repair_draft(resource)
         issues.extend(DataIssue(where, note) for note in notes)
         problems = fhir.model_problems(repaired, fhir_version)
         if problems:
@@ -215,7 +237,24 @@ def build_patient_context(
         labs=tuple(labs),
         issues=tuple(issues),
         fhir_version=fhir_version,
+        draft_lab_orders=draft_lab_orders,
     )
+
+
+def _may_matter(resource: dict[str, Any], resource_type: Any, relevant: Relevance) -> bool:
+    """False only for a resource with usable codes (or drug text) that no rule can use."""
+    if resource_type == "Condition":
+        codings = fhir.code_codings(resource)
+        return not codings or relevant.condition(codings)
+    if resource_type == "Observation":
+        codings = fhir.code_codings(resource)
+        return not codings or relevant.lab(codings)
+    if resource_type in fhir.MEDICATION_TYPES:
+        codings, ingredient_codings, text = fhir.medication_codes(resource)
+        if not codings and not ingredient_codings and not text:
+            return True  # reported as naming no medication
+        return relevant.medication(codings + ingredient_codings, text)
+    return True
 
 
 def _append(target: list[Any], item: Any, issues: list[DataIssue], where: str, why: str) -> None:
@@ -223,6 +262,18 @@ def _append(target: list[Any], item: Any, issues: list[DataIssue], where: str, w
         issues.append(DataIssue(where, f"{why}; ignored"))
     else:
         target.append(item)
+
+
+def _draft_lab_orders(request: HookRequest, key: str | None) -> tuple[LabOrder, ...]:
+    """Lab orders among the drafts; problems with entries are reported by _draft_resources."""
+    if key is None or key not in request.context:
+        return ()
+    found = (
+        fhir.to_lab_order(resource, f"context:{key}")
+        for _, resource, _ in fhir.iter_resources(request.context[key], f"context.{key}")
+        if resource is not None and resource.get("resourceType") in fhir.LAB_ORDER_TYPES
+    )
+    return tuple(order for order in found if order is not None)
 
 
 def _draft_resources(

@@ -18,6 +18,15 @@ class Coding:
     display: str = ""
 
 
+def display_name(text: str, codings: tuple[Coding, ...], fallback: str) -> str:
+    """What to call a coded fact: its text, else a coding's display, else its first code."""
+    return (
+        text
+        or next((c.display for c in codings if c.display), "")
+        or (codings[0].code if codings else fallback)
+    )
+
+
 @dataclass(frozen=True)
 class SourceRef:
     """Where a fact came from: ``Condition/123`` plus how it reached us."""
@@ -67,11 +76,7 @@ class Condition:
 
     @property
     def display(self) -> str:
-        return (
-            self.text
-            or next((c.display for c in self.codings if c.display), "")
-            or (self.codings[0].code if self.codings else "condition")
-        )
+        return display_name(self.text, self.codings, "condition")
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class Dose:
     quantity: Quantity | None = None  # amount per administration
     frequency_per_day: float | None = None
     text: str = ""
+    # What the patient is told (e.g. dose spacing); rules read it to see advice was taken up.
+    patient_instruction: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,6 @@ class Medication:
     route: tuple[Coding, ...]
     route_text: str
     doses: tuple[Dose, ...]
-    # Strength of the product when it is known from the resource (e.g. contained Medication).
     is_draft: bool  # a draft order of this hook invocation
     kind: str  # "MedicationRequest" | "MedicationStatement" | "MedicationOrder"
     authored: datetime | None
@@ -105,11 +111,7 @@ class Medication:
 
     @property
     def display(self) -> str:
-        return (
-            self.text
-            or next((c.display for c in self.codings if c.display), "")
-            or (self.codings[0].code if self.codings else "medication")
-        )
+        return display_name(self.text, self.codings, "medication")
 
     @property
     def all_codings(self) -> tuple[Coding, ...]:
@@ -136,11 +138,21 @@ class Lab:
 
     @property
     def display(self) -> str:
-        return (
-            self.text
-            or next((c.display for c in self.codings if c.display), "")
-            or (self.codings[0].code if self.codings else "observation")
-        )
+        return display_name(self.text, self.codings, "observation")
+
+
+@dataclass(frozen=True)
+class LabOrder:
+    """A draft laboratory order (ServiceRequest) of this hook call, e.g. a serum magnesium."""
+
+    codings: tuple[Coding, ...]
+    text: str
+    status: str | None
+    source: SourceRef
+
+    @property
+    def display(self) -> str:
+        return display_name(self.text, self.codings, "laboratory order")
 
 
 @dataclass(frozen=True)
@@ -161,3 +173,5 @@ class PatientContext:
     issues: tuple[DataIssue, ...] = field(default=(), compare=False)
     # FHIR version the client spoke: "R4", "STU3" or "DSTU2".
     fhir_version: str = "R4"
+    # Laboratory orders among this hook's draft orders (so a suggested test is not re-suggested).
+    draft_lab_orders: tuple[LabOrder, ...] = ()

@@ -22,6 +22,7 @@ from cds_service.context.model import (
     DataIssue,
     Dose,
     Lab,
+    LabOrder,
     Medication,
     PatientInfo,
     Quantity,
@@ -30,6 +31,8 @@ from cds_service.context.model import (
 )
 
 MEDICATION_TYPES = frozenset({"MedicationRequest", "MedicationStatement", "MedicationOrder"})
+# Draft laboratory orders: R4 ServiceRequest, STU3 ProcedureRequest (same code/status shape).
+LAB_ORDER_TYPES = frozenset({"ServiceRequest", "ProcedureRequest"})
 _PERIOD_PER_DAY = {
     "s": 86400.0,
     "min": 1440.0,
@@ -53,33 +56,75 @@ def _text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+# A chart repeats the same few codes on hundreds of resources: one shared (immutable) Coding
+# per distinct (system, code, display) saves building and holding thousands of equal objects.
+# Bounded, so that hostile input cannot grow it: full means start over.
+_CODINGS: dict[tuple[str, str, str], Coding] = {}
+_CODINGS_MAX = 20_000
+
+
+def _coding(system: str, code: str, display: str) -> Coding:
+    key = (system, code, display)
+    found = _CODINGS.get(key)
+    if found is None:
+        if len(_CODINGS) >= _CODINGS_MAX:
+            _CODINGS.clear()
+        found = _CODINGS[key] = Coding(system, code, display)
+    return found
+
+
+def _codes(concept: Any) -> Iterator[tuple[dict[str, Any] | None, str]]:
+    """``(coding, code)`` of every usable code of a concept, in order; coding None for a bare
+    code string. The hot path of extraction: plain loops, no helper calls per element."""
+    items = concept if isinstance(concept, list) else () if concept is None else (concept,)
+    for item in items:
+        if isinstance(item, dict):
+            codings = item.get("coding")
+            if codings is None:
+                continue
+            for coding in codings if isinstance(codings, list) else (codings,):
+                if not isinstance(coding, dict):
+                    continue
+                code = coding.get("code")
+                if isinstance(code, str):
+                    code = code.strip()
+                elif isinstance(code, int):
+                    code = str(code).strip()
+                else:
+                    continue
+                if code:
+                    yield coding, code
+        elif isinstance(item, str):
+            code = item.strip()
+            if code:
+                yield None, code
+
+
 def codings_of(concept: Any) -> tuple[Coding, ...]:
     """Codings of a CodeableConcept (or a list of them, or a bare code string)."""
     out: list[Coding] = []
-    for item in as_list(concept):
-        if isinstance(item, str) and item.strip():
-            out.append(Coding("", item.strip()))
+    for coding, code in _codes(concept):
+        if coding is None:
+            out.append(_coding("", code, ""))
             continue
-        if not isinstance(item, dict):
-            continue
-        for coding in as_list(item.get("coding")):
-            if isinstance(coding, dict):
-                code = coding.get("code")
-                if isinstance(code, str | int) and str(code).strip():
-                    out.append(
-                        Coding(
-                            _text(coding.get("system")),
-                            str(code).strip(),
-                            _text(coding.get("display")),
-                        )
-                    )
+        system = coding.get("system")
+        display = coding.get("display")
+        out.append(
+            _coding(
+                system.strip() if isinstance(system, str) else "",
+                code,
+                display.strip() if isinstance(display, str) else "",
+            )
+        )
     return tuple(out)
 
 
 def concept_text(concept: Any) -> str:
-    for item in as_list(concept):
-        if isinstance(item, dict) and _text(item.get("text")):
-            return _text(item.get("text"))
+    for item in concept if isinstance(concept, list) else () if concept is None else (concept,):
+        if isinstance(item, dict):
+            text = item.get("text")
+            if isinstance(text, str) and (text := text.strip()):
+                return text
     return ""
 
 
@@ -87,8 +132,9 @@ def status_code(value: Any) -> str | None:
     """A status that is a code (STU3/DSTU2) or a CodeableConcept (R4)."""
     if isinstance(value, str):
         return value.strip().lower() or None
-    codes = codings_of(value)
-    return codes[0].code.lower() if codes else None
+    for _, code in _codes(value):
+        return code.lower()  # the first code, without building Codings for the rest
+    return None
 
 
 def parse_datetime(value: Any) -> datetime | None:
@@ -196,7 +242,7 @@ def to_patient(resource: dict[str, Any], origin: str, fallback_id: str) -> Patie
 
 
 def to_condition(resource: dict[str, Any], origin: str) -> Condition | None:
-    codings = codings_of(resource.get("code"))
+    codings = code_codings(resource)
     text = concept_text(resource.get("code"))
     if not codings and not text:
         return None
@@ -229,7 +275,10 @@ def _frequency_per_day(timing: Any) -> float | None:
     unit = repeat.get("periodUnit") or repeat.get("periodUnits")  # R4/STU3, DSTU2
     if not isinstance(period, int | float) or isinstance(period, bool) or period <= 0:
         return None
-    if not isinstance(frequency, int | float) or unit not in _PERIOD_PER_DAY:
+    # A non-string unit (e.g. an object) would make the dict lookup raise TypeError.
+    if not isinstance(frequency, int | float) or not isinstance(unit, str):
+        return None
+    if unit not in _PERIOD_PER_DAY:
         return None
     return float(frequency) / float(period) * _PERIOD_PER_DAY[unit]
 
@@ -249,6 +298,7 @@ def _doses(resource: dict[str, Any]) -> tuple[Dose, ...]:
                 quantity=quantity,
                 frequency_per_day=_frequency_per_day(instruction.get("timing")),
                 text=_text(instruction.get("text")),
+                patient_instruction=_text(instruction.get("patientInstruction")),
             )
         )
     return tuple(doses)
@@ -265,8 +315,15 @@ def _routes(resource: dict[str, Any]) -> tuple[tuple[Coding, ...], str]:
     return tuple(codings), text
 
 
-def to_medication(resource: dict[str, Any], origin: str, *, is_draft: bool) -> Medication | None:
-    """A MedicationRequest / MedicationStatement / MedicationOrder, or None if it names no drug."""
+def code_codings(resource: dict[str, Any]) -> tuple[Coding, ...]:
+    """Codings of a Condition's or an Observation's ``code``."""
+    return codings_of(resource.get("code"))
+
+
+def medication_codes(
+    resource: dict[str, Any],
+) -> tuple[tuple[Coding, ...], tuple[Coding, ...], str]:
+    """What names the drug of an order or statement: (codings, ingredient codings, text)."""
     concept = resource.get("medicationCodeableConcept")
     ingredient_codings: tuple[Coding, ...] = ()
     codings = codings_of(concept)
@@ -284,6 +341,12 @@ def to_medication(resource: dict[str, Any], origin: str, *, is_draft: bool) -> M
         ingredient_codings = tuple(found)
     elif isinstance(resource.get("medicationReference"), dict):
         text = text or _text(resource["medicationReference"].get("display"))
+    return codings, ingredient_codings, text
+
+
+def to_medication(resource: dict[str, Any], origin: str, *, is_draft: bool) -> Medication | None:
+    """A MedicationRequest / MedicationStatement / MedicationOrder, or None if it names no drug."""
+    codings, ingredient_codings, text = medication_codes(resource)
     if not codings and not text and not ingredient_codings:
         return None
     route_codings, route_text = _routes(resource)
@@ -311,8 +374,22 @@ def to_medication(resource: dict[str, Any], origin: str, *, is_draft: bool) -> M
     )
 
 
-def to_lab(resource: dict[str, Any], origin: str) -> Lab | None:
+def to_lab_order(resource: dict[str, Any], origin: str) -> LabOrder | None:
+    """A draft ServiceRequest/ProcedureRequest, or None when it names nothing."""
     codings = codings_of(resource.get("code"))
+    text = concept_text(resource.get("code"))
+    if not codings and not text:
+        return None
+    return LabOrder(
+        codings=codings,
+        text=text,
+        status=status_code(resource.get("status")),
+        source=source_ref(resource, origin),
+    )
+
+
+def to_lab(resource: dict[str, Any], origin: str) -> Lab | None:
+    codings = code_codings(resource)
     if not codings:
         return None
     effective = resource.get("effectiveDateTime")
@@ -365,7 +442,7 @@ _LIST_FIELDS_R4 = {
 }
 
 
-def repair_draft(resource: dict[str, Any], fhir_version: str) -> tuple[dict[str, Any], list[str]]:
+def repair_draft(resource: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Fix the shapes real clients get wrong (single object for an array); say what was fixed."""
     fixed = dict(resource)
     notes: list[str] = []

@@ -40,11 +40,17 @@ _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://magnesium-cds.example.
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 MR_CATEGORY = "http://terminology.hl7.org/CodeSystem/medicationrequest-category"
 ROUTES = {
     "oral": {"coding": [{"system": SNOMED, "code": "26643006", "display": "Oral route"}]},
     "iv": {"coding": [{"system": SNOMED, "code": "47625008", "display": "Intravenous route"}]},
+    "topical": {"coding": [{"system": SNOMED, "code": "6064005", "display": "Topical route"}]},
+}
+# Draft laboratory orders (ServiceRequest): LOINC code and display.
+LAB_ORDERS = {
+    "serum-mg": ("draft-serum-mg", "19123-9", "Magnesium [Mass/volume] in Serum or Plasma"),
 }
 
 
@@ -60,6 +66,7 @@ class Product:
     timing: dict[str, Any]  # Timing.repeat
     sig: str
     category: str = "outpatient"
+    patient_instruction: str = ""
 
 
 PRODUCTS: dict[str, Product] = {
@@ -100,6 +107,43 @@ PRODUCTS: dict[str, Product] = {
         (10, "mg", "mg"), {"frequency": 1, "period": 1, "periodUnit": "d"},
         "10 mg by mouth once daily",
     ),
+    # 2 x 400 mg three times a day: 1447 mg elemental magnesium a day.
+    "mg-oxide-high": Product(
+        "draft-mg-oxide-high", (("198741", "magnesium oxide 400 MG Oral Tablet"),),
+        "magnesium oxide 400 MG Oral Tablet", "oral", (2, "tablet", "{tbl}"),
+        {"frequency": 3, "period": 1, "periodUnit": "d"}, "2 tablets by mouth three times daily",
+    ),
+    # The chelation suggestion taken up: the draft already states the spacing.
+    "mg-oxide-spaced": Product(
+        "draft-mg-oxide-spaced", (("198741", "magnesium oxide 400 MG Oral Tablet"),),
+        "magnesium oxide 400 MG Oral Tablet", "oral", (400, "mg", "mg"),
+        {"frequency": 1, "period": 1, "periodUnit": "d"}, "400 mg by mouth once daily",
+        patient_instruction="Take at least 4 hours apart from levothyroxine.",
+    ),
+    # Text only: magnesium malate has no RxNorm code.
+    "mg-malate": Product(
+        "draft-mg-malate", (), "Magnesium malate 500 mg capsule (supplement)", "oral",
+        (2, "capsule", "{capsule}"), {"frequency": 1, "period": 1, "periodUnit": "d"},
+        "2 capsules by mouth once daily",
+    ),
+    "epsom-soak": Product(
+        "draft-epsom-soak", (("6585", "magnesium sulfate"),),
+        "Epsom salt (magnesium sulfate) bath soak", "topical", (2, "cup", "{cup}"),
+        {"frequency": 2, "period": 1, "periodUnit": "wk"},
+        "2 cups in a warm bath, soak 15 minutes, twice weekly",
+    ),
+    "gentamicin": Product(
+        "draft-gentamicin", (("1596450", "gentamicin"),), "gentamicin 40 MG/ML Injectable Solution",
+        "iv", (350, "mg", "mg"), {"frequency": 1, "period": 1, "periodUnit": "d"},
+        "350 mg intravenously once daily", category="inpatient",
+    ),
+    "levofloxacin": Product(
+        "draft-levofloxacin", (("82122", "levofloxacin"),), "levofloxacin 500 MG Oral Tablet",
+        "oral", (500, "mg", "mg"),
+        {"boundsDuration": {"value": 7, "unit": "days", "system": UCUM, "code": "d"},
+         "frequency": 1, "period": 1, "periodUnit": "d"},
+        "500 mg by mouth once daily for 7 days",
+    ),
 }
 
 
@@ -116,6 +160,7 @@ class Scenario:
     prefetch: bool = True
     shape: str = "r4"
     authorization: bool = False
+    lab_orders: tuple[str, ...] = ()  # keys of LAB_ORDERS, added to draftOrders (r4 only)
 
     @property
     def file_name(self) -> str:
@@ -144,6 +189,27 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("no-relevant", "order-select", ("mg-oxide",)),
     Scenario("no-relevant", "order-select", ("lisinopril",), "lisinopril"),
     Scenario("mg-inactive", "order-select", ("mg-oxide",)),
+    Scenario(MG, "order-select", ("gentamicin",), "gentamicin"),
+    Scenario(MG, "order-select", ("epsom-soak",), "epsom"),
+    Scenario("hashimoto-levothyroxine", "order-select", ("mg-citrate",), "citrate"),
+    Scenario("hashimoto-levothyroxine", "order-sign", ("mg-oxide-spaced",), "spaced"),
+    Scenario("no-relevant", "order-select", ("mg-oxide-high",), "high-dose"),
+    Scenario("egfr-75", "order-select", ("mg-oxide",)),
+    Scenario("ckd3-egfr40", "order-select", ("mg-oxide",)),
+    Scenario("ckd3-egfr40", "order-sign", ("mg-oxide",)),
+    Scenario("esrd-dialysis", "order-select", ("mg-oxide",)),
+    Scenario("esrd-dialysis", "order-sign", ("mg-sulfate",), "nolab"),
+    Scenario("esrd-dialysis", "order-sign", ("mg-sulfate",), lab_orders=("serum-mg",)),
+    Scenario("aki", "order-select", ("mg-oxide",)),
+    Scenario("high-magnesium", "order-select", ("mg-oxide",)),
+    Scenario("high-magnesium", "patient-view"),
+    Scenario("sle", "order-select", ("mg-glycinate",)),
+    Scenario("multiple-sclerosis", "order-select", ("mg-citrate",)),
+    Scenario("multiple-sclerosis", "order-sign", ("mg-citrate",)),
+    Scenario("fibromyalgia", "order-select", ("mg-malate",)),
+    Scenario("ra-low-magnesium", "patient-view"),
+    Scenario("doxycycline", "order-select", ("mg-oxide",)),
+    Scenario("mg-supplement", "order-select", ("levofloxacin",), "levofloxacin"),
 )
 
 
@@ -157,11 +223,11 @@ def hook_instance(file_name: str) -> str:
 
 
 def _rxnorm_concept(product: Product) -> Resource:
-    return {
-        "coding": [{"system": RXNORM, "code": code, "display": display}
-                   for code, display in product.codings],
-        "text": product.text,
-    }
+    concept: Resource = {"text": product.text}
+    if product.codings:  # a text-only supplement has none (FHIR forbids an empty array)
+        concept = {"coding": [{"system": RXNORM, "code": code, "display": display}
+                              for code, display in product.codings], **concept}
+    return concept
 
 
 def _dose_quantity(product: Product) -> Resource:
@@ -170,6 +236,14 @@ def _dose_quantity(product: Product) -> Resource:
 
 
 def r4_draft_order(product: Product, patient_id: str) -> Resource:
+    dosage: Resource = {"text": product.sig}
+    if product.patient_instruction:
+        dosage["patientInstruction"] = product.patient_instruction
+    dosage.update({
+        "timing": {"repeat": dict(product.timing)},
+        "route": ROUTES[product.route],
+        "doseAndRate": [{"doseQuantity": _dose_quantity(product)}],
+    })
     return {
         "resourceType": "MedicationRequest",
         "id": product.order_id,
@@ -181,12 +255,22 @@ def r4_draft_order(product: Product, patient_id: str) -> Resource:
         "subject": {"reference": f"Patient/{patient_id}"},
         "authoredOn": AUTHORED_ON,
         "requester": {"reference": USER_ID},
-        "dosageInstruction": [{
-            "text": product.sig,
-            "timing": {"repeat": dict(product.timing)},
-            "route": ROUTES[product.route],
-            "doseAndRate": [{"doseQuantity": _dose_quantity(product)}],
-        }],
+        "dosageInstruction": [dosage],
+    }
+
+
+def r4_lab_order(name: str, patient_id: str) -> Resource:
+    order_id, code, display = LAB_ORDERS[name]
+    return {
+        "resourceType": "ServiceRequest",
+        "id": order_id,
+        "status": "draft",
+        "intent": "order",
+        "code": {"coding": [{"system": LOINC, "code": code, "display": display}],
+                 "text": "Serum magnesium"},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "authoredOn": AUTHORED_ON,
+        "requester": {"reference": USER_ID},
     }
 
 
@@ -321,7 +405,8 @@ def build_request(scenario: Scenario, store: FixtureStore) -> Resource:
         )
     elif scenario.hook in ("order-select", "order-sign"):
         orders = [r4_draft_order(product, patient_id) for product in products]
-        context["draftOrders"] = _collection(orders, patient_id)
+        labs = [r4_lab_order(name, patient_id) for name in scenario.lab_orders]
+        context["draftOrders"] = _collection([*orders, *labs], patient_id)
         if scenario.hook == "order-select":
             # The order being worked on; any others in draftOrders were picked earlier.
             context["selections"] = [_reference(orders[-1])]

@@ -350,6 +350,11 @@ class Knowledge:
     def magnesium_salt(self, salt_id: str) -> MagnesiumSalt:
         return _get(self._salts, salt_id, "magnesium salt")
 
+    @property
+    def magnesium_salts(self) -> tuple[MagnesiumSalt, ...]:
+        """Every salt, in file order (the order cards list forms in)."""
+        return tuple(self._salts.values())
+
     @staticmethod
     def _fraction(salt: MagnesiumSalt, route: str | None, form: str | None) -> float | None:
         chosen = salt.fraction_for(route, form)

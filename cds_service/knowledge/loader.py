@@ -36,6 +36,7 @@ from cds_service.knowledge.model import (
     DrugGroup,
     ElementalFraction,
     EvidenceSource,
+    FormUse,
     Guidance,
     Ingredient,
     Interaction,
@@ -378,6 +379,8 @@ def _check_thresholds(labs: tuple[str, Json], thresholds: tuple[str, Json]) -> I
 def _check_rules(name: str, doc: Json) -> Iterator[str]:
     yield from _unique(name, doc["rules"], "id", "$.rules")
     for ri, rule in enumerate(doc["rules"]):
+        named = [g for g in rule.get("guidance", []) if "id" in g]
+        yield from _unique(name, named, "id", f"$.rules[{ri}].guidance")
         yield from _unique(
             name, rule["override_reasons"], "code", f"$.rules[{ri}].override_reasons"
         )
@@ -504,6 +507,7 @@ def _build(
             override_reasons=tuple(
                 Coding(system, o["code"], o["display"]) for o in r["override_reasons"]
             ),
+            guidance=tuple(_guidance(x) for x in r.get("guidance", [])),
         )
         for r in rules_doc["rules"]
     )
@@ -543,6 +547,18 @@ def _icd_entries(system: str, entries: list[Json]) -> list[CodeEntry]:
     ]
 
 
+def _guidance(x: Json) -> Guidance:
+    return Guidance(x["text"], x["status"], tuple(x["sources"]), x.get("id", ""))
+
+
+def _form_use(x: Json | None) -> FormUse | None:
+    if x is None:
+        return None
+    return FormUse(
+        x["fit"], tuple(x["aims"]), x["summary"], x["text"], x["status"], tuple(x["sources"])
+    )
+
+
 def _condition_group(g: Json) -> ConditionGroup:
     codes = [
         *_icd_entries(ICD10CM, g["icd10cm"]),
@@ -560,9 +576,7 @@ def _condition_group(g: Json) -> ConditionGroup:
         renal_severity=g.get("renal_severity"),
         codes=tuple(codes),
         source_ids=tuple(g["sources"]),
-        guidance=tuple(
-            Guidance(x["text"], x["status"], tuple(x["sources"])) for x in g.get("guidance", [])
-        ),
+        guidance=tuple(_guidance(x) for x in g.get("guidance", [])),
         note=g.get("note", ""),
     )
 
@@ -606,6 +620,7 @@ def _salt(s: Json) -> MagnesiumSalt:
         synonyms=tuple(s["synonyms"]),
         source_ids=tuple(s["sources"]),
         note=s.get("note", ""),
+        autoimmune_use=_form_use(s.get("autoimmune_use")),
     )
 
 
@@ -625,7 +640,10 @@ def _drug_group(g: Json) -> DrugGroup:
             for i in g["ingredients"]
         ),
         effects=tuple(
-            DrugEffect(e["kind"], e["text"], e["status"], tuple(e["sources"])) for e in g["effects"]
+            DrugEffect(
+                e["kind"], e["text"], e["status"], tuple(e["sources"]), e.get("indicator")
+            )
+            for e in g["effects"]
         ),
         source_ids=tuple(g["sources"]),
         atc_prefixes=tuple(

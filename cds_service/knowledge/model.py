@@ -80,6 +80,7 @@ class Guidance(_Cited):
     text: str
     status: str
     source_ids: tuple[str, ...]
+    id: str = ""  # set where a rule quotes one statement by name
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class DrugEffect(_Cited):
     text: str
     status: str
     source_ids: tuple[str, ...]
+    indicator: str | None = None  # what the label's wording warrants; None: the rule's default
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,22 @@ class MagnesiumProduct:
 
 
 @dataclass(frozen=True)
+class FormUse(_Cited):
+    """What the clinical source says a salt suits in autoimmune disease."""
+
+    fit: str  # "preferred" | "short-term-only" | "topical-only"
+    aims: tuple[str, ...]
+    summary: str  # a few words for a card summary
+    text: str
+    status: str
+    source_ids: tuple[str, ...]
+
+    @property
+    def poor_oral_fit(self) -> bool:
+        return self.fit != "preferred"
+
+
+@dataclass(frozen=True)
 class MagnesiumSalt(_Cited):
     id: str
     display: str
@@ -182,6 +200,7 @@ class MagnesiumSalt(_Cited):
     synonyms: tuple[str, ...]
     source_ids: tuple[str, ...]
     note: str = ""
+    autoimmune_use: FormUse | None = None
 
     def fraction_for(self, route: str | None, form: str | None = None) -> ElementalFraction | None:
         """Named form first, then the fraction for the route, then the default."""
@@ -327,3 +346,11 @@ class RuleInfo(_Cited):
     indicator: str  # info | warning | critical
     source_ids: tuple[str, ...]
     override_reasons: tuple[Coding, ...]
+    guidance: tuple[Guidance, ...] = ()
+
+    def statement(self, guidance_id: str) -> Guidance:
+        """One of the rule's quoted statements, by id (KeyError names it when missing)."""
+        for item in self.guidance:
+            if item.id == guidance_id:
+                return item
+        raise KeyError(f"rule {self.id!r} has no guidance {guidance_id!r}")

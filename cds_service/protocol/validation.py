@@ -73,9 +73,14 @@ def read_json_body(request: Request) -> Any:
         raise ApiError(
             415,
             "unsupported-media-type",
-            f"send the hook request as application/json, not {mimetype or 'no content type'}",
+            f"send the body as application/json, not {mimetype or 'no content type'}",
         )
     raw = request.get_data(cache=False)
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        # Werkzeug stops a chunked body at the limit without saying so; reading on raises
+        # 413 (a chunked body of exactly the limit is refused too: harmless).
+        request.stream.read(1)
     if not raw:
         raise ApiError(
             400, "invalid-json", "the request body is empty", [problem("$", "empty body")]
@@ -90,7 +95,7 @@ def read_json_body(request: Request) -> Any:
             [problem("$", f"byte {exc.start} is not valid UTF-8")],
         ) from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ApiError(
             400,
@@ -105,6 +110,19 @@ def read_json_body(request: Request) -> Any:
             "the request body is nested too deeply",
             [problem("$", "JSON nesting exceeds what this service reads")],
         ) from None
+    except ValueError as exc:  # NaN/Infinity, or an integer longer than Python converts
+        raise ApiError(
+            400,
+            "invalid-json",
+            "the request body is not valid JSON",
+            [problem("$", _short(str(exc), 120))],
+        ) from None
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON (RFC 8259) does not, and a NaN dose would
+    # slip past every numeric comparison in the rules.
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def validate_or_400(instance: Any, schema_name: str, what: str) -> None:

@@ -43,6 +43,8 @@ def order_text(fact: MedicationFact) -> str:
     text = medication_text(fact.medication)
     if fact.route:
         text += f", {fact.route}"
+    elif fact.is_magnesium:
+        text += ", route not stated"
     if fact.magnesium is not None:
         match = fact.magnesium
         text += f"; recognised as magnesium by {match.matched_by} {match.matched_value}"

@@ -2,24 +2,58 @@
 
 A rule is a function ``(picture, knowledge, hook) -> Iterable[Finding]``; adding a clinical
 concern means adding a module and listing it in ``RULES``.
+
+Hook policy (after the HL7 PDDI-CDS guidance: advise early, do not nag at signing):
+
+- One card per finding. Findings with the same ``Finding.key`` are one finding: two rules
+  that would say the same thing about one order (kidneys and a high serum magnesium) share a
+  key, and the more serious is kept (the first listed on a tie).
+- order-select advises: a finding is at most a warning there, except the myasthenia gravis
+  rules, which stay critical (``ALWAYS_SEVERE``). The full indicator applies at signing.
+- order-sign (and CDS Hooks 1.0 medication-prescribe, which it replaces) repeats only what is
+  still unresolved: info-level advice was shown while the order was being built and is not
+  repeated; a chelation warning whose draft already states the spacing is resolved
+  (``interactions``); a serum magnesium test already among the drafts is not suggested again
+  (``renal``). Warnings and critical findings stay: the risk has not gone.
+- Cards come most serious first (critical, warning, info); the order of ``RULES`` breaks ties.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from datetime import date
 
 from cds_service.context.model import PatientContext
 from cds_service.knowledge import Knowledge
-from cds_service.rules import myasthenia
+from cds_service.rules import (
+    autoimmune,
+    dose,
+    interactions,
+    mg_drugs,
+    myasthenia,
+    renal,
+    serum_magnesium,
+)
 from cds_service.rules.findings import Finding
 from cds_service.rules.picture import ClinicalPicture, build_picture
 
 Rule = Callable[[ClinicalPicture, Knowledge, str], Iterable[Finding]]
 
-RULES: tuple[Rule, ...] = (myasthenia.evaluate,)
+RULES: tuple[Rule, ...] = (
+    myasthenia.evaluate,
+    mg_drugs.evaluate,
+    renal.evaluate,
+    serum_magnesium.evaluate,
+    interactions.evaluate,
+    autoimmune.evaluate,
+    dose.evaluate,
+)
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
+# Rules whose critical cards are shown as critical at order-select too.
+ALWAYS_SEVERE = frozenset({myasthenia.RULE_ID, mg_drugs.RULE_ID})
+SIGNING_HOOKS = frozenset({"order-sign", "medication-prescribe"})
 
 
 def evaluate(
@@ -27,7 +61,8 @@ def evaluate(
 ) -> list[Finding]:
     """All findings for this hook call, most serious first, each finding once."""
     picture = build_picture(context, knowledge, today)
-    return prioritise(finding for rule in RULES for finding in rule(picture, knowledge, hook))
+    found = prioritise(finding for rule in RULES for finding in rule(picture, knowledge, hook))
+    return apply_hook_policy(found, hook)
 
 
 def prioritise(findings: Iterable[Finding]) -> list[Finding]:
@@ -38,3 +73,18 @@ def prioritise(findings: Iterable[Finding]) -> list[Finding]:
         if kept is None or SEVERITY[finding.indicator] < SEVERITY[kept.indicator]:
             best[finding.key] = finding
     return sorted(best.values(), key=lambda f: SEVERITY[f.indicator])
+
+
+def apply_hook_policy(findings: list[Finding], hook: str) -> list[Finding]:
+    """Cap order-select at warning (but myasthenia), drop info at signing; keep the order."""
+    if hook == "order-select":
+        capped = [
+            dataclasses.replace(f, indicator="warning")
+            if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE
+            else f
+            for f in findings
+        ]
+        return sorted(capped, key=lambda f: SEVERITY[f.indicator])
+    if hook in SIGNING_HOOKS:
+        return [f for f in findings if f.indicator != "info"]
+    return findings

@@ -8,6 +8,13 @@ from typing import Literal
 from cds_service.context.model import Coding, Medication, SourceRef
 
 ProposalKind = Literal["remove-order", "order-lab", "add-dosage-instruction", "replace-medication"]
+Indicator = Literal["info", "warning", "critical"]
+_INDICATORS: dict[str, Indicator] = {"info": "info", "warning": "warning", "critical": "critical"}
+
+
+def as_indicator(value: str) -> Indicator:
+    """A knowledge file's indicator string as the Finding type (KeyError for anything else)."""
+    return _INDICATORS[value]
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class Proposal:
 @dataclass(frozen=True)
 class Finding:
     rule_id: str
-    indicator: Literal["info", "warning", "critical"]
+    indicator: Indicator
     summary: str
     detail: str  # markdown: why, what to do
     evidence: tuple[Evidence, ...]

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from cds_service.knowledge import Knowledge
-from cds_service.rules.describe import condition_text, medication_text, order_text
+from cds_service.rules.derived import is_systemic_magnesium, order_evidence
+from cds_service.rules.describe import condition_text, medication_text
 from cds_service.rules.findings import Evidence, Finding, Proposal
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
@@ -20,23 +21,10 @@ RULE_ID = "myasthenia-magnesium"
 PATIENT_VIEW_RULE_ID = "patient-view-contraindication"
 MG_CONDITIONS = ("myasthenia-gravis",)
 MG_THERAPIES = ("cholinesterase-inhibitor", "mg-therapy-other")
+ANTAGONISED = "antagonised-by-magnesium"
 
-_WHY = (
-    "In myasthenia gravis, transmission at the neuromuscular junction is already impaired. "
-    "Magnesium reduces acetylcholine release and blunts the muscle's response to it, so it "
-    "amplifies weakness; parenteral magnesium can precipitate a **myasthenic crisis** with "
-    "respiratory failure (magnesium sulfate injection label, §5.6 and §7)."
-)
-_ANTICHOLINESTERASE = (
-    "The clinical source also states that magnesium can counteract anticholinesterase drugs "
-    "such as pyridostigmine, worsening symptoms (**unverified**: no drug label found that "
-    "states this)."
-)
-_IF_NEEDED = (
-    "If magnesium replacement is unavoidable (documented severe hypomagnesemia), give it only "
-    "under neurology advice with respiratory monitoring (vital capacity / NIF), at the "
-    "lowest effective dose; topical Epsom-salt soaks are not affected."
-)
+# Statements quoted from the rule catalogue (rules.json), in card order.
+_STATEMENTS = ("impaired-transmission", "label", "if-unavoidable")
 
 
 def myasthenia_evidence(picture: ClinicalPicture) -> tuple[Evidence, ...]:
@@ -53,31 +41,35 @@ def myasthenia_evidence(picture: ClinicalPicture) -> tuple[Evidence, ...]:
     )
 
 
-def _is_systemic(fact: MedicationFact) -> bool:
-    return fact.is_magnesium and fact.route != "topical"
-
-
 def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
     mg_evidence = myasthenia_evidence(picture)
     if not mg_evidence:
         return
-    anticholinesterases = picture.medications_in("cholinesterase-inhibitor")
-    extra = (_ANTICHOLINESTERASE,) if anticholinesterases else ()
+    rule = knowledge.rule(RULE_ID)
+    paragraphs = [rule.statement(s).text for s in _STATEMENTS]
+    # The clinical source's claim that magnesium counteracts anticholinesterases (unverified).
+    antagonism = knowledge.drug_group("cholinesterase-inhibitor").effect(ANTAGONISED)
+    on_file = picture.medications_in("cholinesterase-inhibitor")
+    extra: tuple[str, ...] = ()
+    if antagonism is not None and on_file:
+        extra = (antagonism.text,)
+        names = ", ".join(medication_text(f.medication) for f in on_file)
+        paragraphs.insert(2, f"{antagonism.text} On file: {names}.")
 
     if hook == "patient-view":
         for fact in picture.medications:
-            if _is_systemic(fact):
-                yield _finding(picture, fact, mg_evidence, extra, PATIENT_VIEW_RULE_ID, hook)
+            if is_systemic_magnesium(fact):
+                yield _finding(fact, mg_evidence, paragraphs, extra, PATIENT_VIEW_RULE_ID, hook)
         return
     for fact in picture.drafts:
-        if _is_systemic(fact):
-            yield _finding(picture, fact, mg_evidence, extra, RULE_ID, hook)
+        if is_systemic_magnesium(fact):
+            yield _finding(fact, mg_evidence, paragraphs, extra, RULE_ID, hook)
 
 
 def _finding(
-    picture: ClinicalPicture,
     fact: MedicationFact,
     mg_evidence: tuple[Evidence, ...],
+    paragraphs: list[str],
     extra: tuple[str, ...],
     rule_id: str,
     hook: str,
@@ -89,6 +81,7 @@ def _finding(
         if fact.magnesium and fact.magnesium.salt_display
         else "magnesium"
     )
+    name = name[:1].lower() + name[1:]  # it sits mid-sentence in every summary and label
     if parenteral:
         summary = (
             f"IV/IM {name} in myasthenia gravis: risk of myasthenic crisis and respiratory failure"
@@ -97,7 +90,6 @@ def _finding(
         summary = f"Patient with myasthenia gravis is on {name}: magnesium can worsen weakness"
     else:
         summary = f"Avoid {name} in myasthenia gravis: magnesium worsens neuromuscular weakness"
-    paragraphs = [_WHY, *extra, _IF_NEEDED]
     proposals: tuple[Proposal, ...] = ()
     if medication.is_draft and medication.source.resource_id:
         proposals = (
@@ -108,19 +100,15 @@ def _finding(
                 recommended=True,
             ),
         )
-    order_evidence = Evidence(
-        ("Order: " if medication.is_draft else "On file: ") + order_text(fact), medication.source
-    )
-    unverified = ("magnesium counteracts anticholinesterase drugs",) if extra else ()
     return Finding(
         rule_id=rule_id,
         indicator="critical",
         summary=summary,
         detail="\n\n".join(paragraphs),
-        evidence=(*mg_evidence, order_evidence),
+        evidence=(*mg_evidence, order_evidence(fact)),
         source_ids=(),  # the rule catalogue lists this rule's sources
         key=f"{rule_id}:{medication.source.reference}",
         proposals=proposals,
         order=medication,
-        unverified=unverified,
+        unverified=extra,
     )

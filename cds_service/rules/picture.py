@@ -1,15 +1,18 @@
 """The clinical picture: PatientContext facts mapped through the knowledge base, once.
 
 Every rule reads the same picture, so codes are looked up once per request, and "which
-conditions count" (active, not refuted) is decided in one place.
+conditions count" (active, not refuted) is decided in one place. A fact that no knowledge
+entry matches is not in the picture, so rules never see it; the pipeline therefore lets the
+context layer skip normalising such facts (``KnowledgeRelevance``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from functools import lru_cache
 
-from cds_service.context.model import Condition, Lab, Medication, PatientContext
+from cds_service.context.model import Coding, Condition, Lab, Medication, PatientContext
 from cds_service.knowledge import Knowledge, MagnesiumMatch
 
 # Clinical statuses that mean "not a current problem"; verification statuses that mean
@@ -109,10 +112,50 @@ def route_of(medication: Medication, magnesium: MagnesiumMatch | None) -> str | 
     return magnesium.route if magnesium is not None else None
 
 
+# A chart repeats the same codes (refills, a problem recorded at every visit), and so do the
+# charts a process sees: knowledge answers are memoised per (knowledge, codings, text). The
+# knowledge is immutable once loaded; the bound keeps hostile input from growing the cache.
+_LOOKUP_CACHE_SIZE = 8192
+
+
+@lru_cache(maxsize=_LOOKUP_CACHE_SIZE)
+def _drug_lookup(
+    knowledge: Knowledge, codings: tuple[Coding, ...], text: str
+) -> tuple[frozenset[str], str | None, MagnesiumMatch | None]:
+    groups, matched_by = knowledge.drug_groups(codings, text)
+    return groups, matched_by, knowledge.match_magnesium(codings, text)
+
+
+@lru_cache(maxsize=_LOOKUP_CACHE_SIZE)
+def _condition_lookup(knowledge: Knowledge, codings: tuple[Coding, ...]) -> frozenset[str]:
+    return knowledge.condition_groups(codings)
+
+
+@dataclass(frozen=True)
+class KnowledgeRelevance:
+    """The context layer's ``Relevance``: a fact matters when it would be in the picture.
+
+    Same look-ups as ``build_picture`` (so the same answers, from the same cache): a condition
+    in a condition group, a drug in a drug group or magnesium, a lab of a known kind.
+    """
+
+    knowledge: Knowledge
+
+    def condition(self, codings: tuple[Coding, ...]) -> bool:
+        return bool(_condition_lookup(self.knowledge, codings))
+
+    def medication(self, codings: tuple[Coding, ...], text: str) -> bool:
+        groups, _, magnesium = _drug_lookup(self.knowledge, codings, text)
+        return bool(groups) or magnesium is not None
+
+    def lab(self, codings: tuple[Coding, ...]) -> bool:
+        return self.knowledge.lab_kind(codings) is not None
+
+
 def _medication_fact(medication: Medication, knowledge: Knowledge) -> MedicationFact:
-    codings = medication.all_codings
-    groups, matched_by = knowledge.drug_groups(codings, medication.text)
-    magnesium = knowledge.match_magnesium(codings, medication.text)
+    groups, matched_by, magnesium = _drug_lookup(
+        knowledge, medication.all_codings, medication.text
+    )
     return MedicationFact(
         medication, groups, matched_by, magnesium, route_of(medication, magnesium)
     )
@@ -122,7 +165,8 @@ def build_picture(context: PatientContext, knowledge: Knowledge, today: date) ->
     conditions = tuple(
         ConditionFact(condition, groups)
         for condition in context.conditions
-        if condition_counts(condition) and (groups := knowledge.condition_groups(condition.codings))
+        if condition_counts(condition)
+        and (groups := _condition_lookup(knowledge, condition.codings))
     )
     medications = tuple(
         _medication_fact(medication, knowledge)

@@ -1,0 +1,232 @@
+"""Processes the benchmark starts: the fixture FHIR server and the two gunicorn servers.
+
+Everything binds to 127.0.0.1 only. Each process is stopped by its own pid (gunicorn's master
+stops its workers on SIGTERM); nothing is killed by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from bench.workloads import Workload
+from cds_service.settings import Settings
+
+LOOPBACK = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+# ------------------------------------------------------------------------ fixture FHIR server
+
+
+def _fixture_server_main(patients_dir: str, delays: Sequence[int], conn: Connection) -> None:
+    """Child process: one fixture server per delay, until the parent says stop."""
+    from contextlib import ExitStack
+
+    from cds_service.fixture_server import create_fixture_app, serve_in_background
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    with ExitStack() as stack:
+        urls = {}
+        for delay in delays:
+            app = create_fixture_app(
+                Settings(fixture_server_delay_ms=delay), fixtures_dir=Path(patients_dir)
+            )
+            urls[delay] = stack.enter_context(serve_in_background(app, LOOPBACK, 0))
+        conn.send(urls)
+        conn.recv()  # block until told to stop
+
+
+@contextmanager
+def fixture_servers(
+    workloads: Sequence[Workload], workdir: Path, delays: Sequence[int]
+) -> Iterator[dict[int, str]]:
+    """Fixture servers over the workloads' patients, in their own process (not sharing the
+    benchmark's GIL); yields ``{delay_ms: base_url}``."""
+    patients = workdir / "patients"
+    patients.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    for workload in workloads:
+        bundle = workload.patient_bundle()
+        if bundle["id"] not in seen:
+            seen.add(bundle["id"])
+            (patients / f"{bundle['id']}.json").write_text(json.dumps(bundle), encoding="utf-8")
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(
+        target=_fixture_server_main, args=(str(patients), list(delays), child), daemon=True
+    )
+    process.start()
+    try:
+        if not parent.poll(60):
+            raise RuntimeError("the fixture FHIR server did not start within 60 s")
+        yield parent.recv()
+    finally:
+        with suppress(BrokenPipeError, EOFError, OSError):
+            parent.send("stop")
+        process.join(10)
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
+
+
+# ------------------------------------------------------------------------ gunicorn servers
+
+
+def production_env(workdir: Path, name: str, port: int, settings: Settings) -> dict[str, str]:
+    """The environment of a server: no inherited CDS_* settings, only the ones named here."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
+    env.update(
+        {
+            "CDS_HOST": LOOPBACK,
+            "CDS_PORT": str(port),
+            "CDS_WORKERS": str(settings.workers),
+            "CDS_THREADS": str(settings.threads),
+            # Authentication off: auth is measured in process (see README, Performance).
+            "CDS_AUTH": "off",
+            "CDS_DATABASE_URL": f"sqlite:///{workdir / f'{name}.sqlite3'}",
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+            ),
+        }
+    )
+    return env
+
+
+def service_command(port: int) -> list[str]:
+    """``cds-service serve`` as installed next to this interpreter (else via ``-m``)."""
+    script = Path(sys.executable).with_name("cds-service")
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "cds_service.cli"]
+    return [*base, "serve", "--host", LOOPBACK, "--port", str(port)]
+
+
+def floor_command() -> list[str]:
+    return [sys.executable, "-m", "bench.floor_app"]
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def worker_pids(self) -> list[int]:
+        """Gunicorn's workers: the master's child processes."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.process.pid:
+                pids.append(int(entry.name))
+        return sorted(pids)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmHWM (peak resident set) and VmRSS of a process, in KiB."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def _wait_ready(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}"
+            )
+        try:
+            with urllib.request.urlopen(f"{server.base_url}/healthz", timeout=2) as response:
+                if response.status == 200 and len(server.worker_pids()) > 0:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{server.name} not ready within {timeout:.0f} s:\n{server.log_tail()}")
+
+
+@contextmanager
+def gunicorn_server(
+    name: str, command: list[str], env: dict[str, Any], port: int, workdir: Path
+) -> Iterator[Server]:
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    server = Server(name, port, process, log_path)
+    try:
+        _wait_ready(server, timeout=60)
+        # Every worker must have booted before the first measurement.
+        deadline = time.monotonic() + 30
+        expected = int(env.get("CDS_WORKERS", "1"))
+        while len(server.worker_pids()) < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield server
+    finally:
+        _stop(server)
+
+
+def _stop(server: Server) -> None:
+    workers = [(pid, _start_time(pid)) for pid in server.worker_pids()]
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(timeout=5)
+    for pid, started in workers:
+        # Only a worker of the master we started that outlived it (same pid, same start time).
+        if _start_time(pid) == started:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime

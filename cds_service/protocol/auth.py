@@ -1,0 +1,364 @@
+"""CDS Hooks JWT authentication: only trusted EHRs may call discovery, services and feedback.
+
+Every request under ``/cds-services`` (except CORS preflight) needs ``Authorization: Bearer
+<JWT>``, verified as CDS Hooks 2.0 prescribes: asymmetric alg from an allowlist, signature by
+a key of the issuer's JWK Set, ``iss`` trusted, ``jku`` allowlisted for that issuer, ``aud`` the
+exact URL called, ``exp``/``iat`` with leeway, ``jti`` not seen before, ``tenant`` allowed.
+Any failure answers 401 with a generic body; the reason goes to the log, never the token.
+
+The replay cache lives in process memory: with several gunicorn workers, a token replayed to
+another worker within its lifetime is not caught.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from flask import Flask, Response, g, jsonify, request
+
+from cds_service.protocol.jwks import JwksCache, JwksError, SigningKey, parse_jwks
+from cds_service.protocol.validation import schema_problems
+from cds_service.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+AUTH_EXTENSION = "cds_auth"
+PROTECTED_PREFIX = "/cds-services"
+# CDS Hooks: asymmetric signatures only; "none" and HMAC (a shared secret) are never accepted.
+ALLOWED_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512")
+_EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+MIN_RSA_BITS = 2048
+MAX_TOKEN_CHARS = 16_384
+# Tokens are per call (the sandbox's live 5 minutes); a longer one would pin a replay-cache
+# entry for its whole life.
+MAX_TOKEN_LIFETIME_SECONDS = 3600
+
+SANDBOX_ISSUER = "https://sandbox.cds-hooks.org"
+SANDBOX_JKU = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
+SANDBOX_JWKS_FILE = Path(__file__).with_name("sandbox-jwks.json")
+TRUSTED_ISSUERS_SCHEMA = "trusted-issuers.schema.json"
+
+UNAUTHORIZED_BODY = {"error": "unauthorized", "message": "authentication failed"}
+
+
+class AuthError(Exception):
+    """Why a token was refused: for the log only, never for the client."""
+
+
+class TrustedIssuersError(SettingsError):
+    """The trusted-issuers configuration cannot be used; the message names file and entry."""
+
+
+@dataclass(frozen=True)
+class TrustedIssuer:
+    iss: str
+    # JWK Set URLs a token's ``jku`` header may name.
+    jku: tuple[str, ...] = ()
+    # Keys configured out of band (inline, file, bundled); None = fetch from ``jku``.
+    keys: Mapping[str, SigningKey] | None = None
+    # None = any tenant (or none); else the token's ``tenant`` claim must be one of these.
+    tenants: frozenset[str] | None = None
+
+
+def load_trusted_issuers(path: Path) -> dict[str, TrustedIssuer]:
+    """The enabled entries of a trusted-issuers file, checked against its JSON Schema."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TrustedIssuersError(
+            f"cannot read trusted-issuers file {path}: {exc.strerror}"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise TrustedIssuersError(f"trusted-issuers file {path} is not JSON: {exc}") from None
+    problems = schema_problems(document, TRUSTED_ISSUERS_SCHEMA)
+    if problems:
+        details = "; ".join(f"{p['path']}: {p['message']}" for p in problems)
+        raise TrustedIssuersError(f"trusted-issuers file {path} is invalid: {details}")
+    issuers: dict[str, TrustedIssuer] = {}
+    for index, entry in enumerate(document["issuers"]):
+        where = f"trusted-issuers file {path}, issuers[{index}] ({entry['iss']})"
+        if not entry.get("enabled", True):
+            continue
+        if entry["iss"] in issuers:
+            raise TrustedIssuersError(f"{where}: the issuer is listed twice")
+        keys: dict[str, SigningKey] | None = None
+        if "jwks" in entry:
+            keys = _configured_keys(entry["jwks"], where)
+        elif "jwksFile" in entry:
+            key_file = path.parent / entry["jwksFile"]
+            try:
+                key_document = json.loads(key_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise TrustedIssuersError(
+                    f"{where}: cannot read jwksFile {key_file}: {exc}"
+                ) from None
+            keys = _configured_keys(key_document, f"{where} jwksFile {key_file}")
+        tenants = entry.get("tenants")
+        issuers[entry["iss"]] = TrustedIssuer(
+            iss=entry["iss"],
+            jku=tuple(entry.get("jku", ())),
+            keys=keys,
+            tenants=frozenset(tenants) if tenants else None,
+        )
+    return issuers
+
+
+def _configured_keys(document: Any, where: str) -> dict[str, SigningKey]:
+    try:
+        keys = parse_jwks(document, where)
+    except JwksError as exc:
+        raise TrustedIssuersError(str(exc)) from None
+    if not keys:
+        raise TrustedIssuersError(f"{where}: the JWK Set holds no usable public signing key")
+    return keys
+
+
+def sandbox_issuer() -> TrustedIssuer:
+    """The public CDS Hooks sandbox, with its bundled JWKS: no network access needed."""
+    document = json.loads(SANDBOX_JWKS_FILE.read_text(encoding="utf-8"))
+    keys = parse_jwks(document, str(SANDBOX_JWKS_FILE))
+    return TrustedIssuer(iss=SANDBOX_ISSUER, jku=(SANDBOX_JKU,), keys=keys)
+
+
+def trusted_issuers(settings: Settings) -> dict[str, TrustedIssuer]:
+    issuers: dict[str, TrustedIssuer] = {}
+    if settings.trusted_issuers_file:
+        issuers = load_trusted_issuers(Path(settings.trusted_issuers_file))
+    if settings.trust_sandbox and SANDBOX_ISSUER not in issuers:
+        issuers[SANDBOX_ISSUER] = sandbox_issuer()
+    return issuers
+
+
+class ReplayCache:
+    """jti values seen, each kept until its token expires; bounded, thread-safe, per process."""
+
+    def __init__(self, max_entries: int, clock: Callable[[], float] = time.time) -> None:
+        self.max_entries = max_entries
+        self._clock = clock
+        self._expiry: dict[tuple[str, str], float] = {}
+        self._heap: list[tuple[float, tuple[str, str]]] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def remember(self, key: tuple[str, str], expires_at: float) -> None:
+        """Record ``key`` until ``expires_at``; AuthError if it is already live."""
+        with self._lock:
+            now = self._clock()
+            self._purge(now)
+            if key in self._expiry:
+                raise AuthError("jti was already used (replay)")
+            if len(self._expiry) >= self.max_entries:
+                # Fail closed: forgetting a live jti would let its token be replayed.
+                log.error("replay cache full (%d live tokens); refusing new ones", len(self))
+                raise AuthError("replay cache is full")
+            self._expiry[key] = expires_at
+            heapq.heappush(self._heap, (expires_at, key))
+
+    def _purge(self, now: float) -> None:
+        while self._heap and self._heap[0][0] <= now:
+            expires_at, key = heapq.heappop(self._heap)
+            if self._expiry.get(key) == expires_at:
+                del self._expiry[key]
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A header/claim value for the log: repr, cut short (it is attacker-controlled)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class TokenVerifier:
+    def __init__(
+        self,
+        issuers: Mapping[str, TrustedIssuer],
+        jwks: JwksCache,
+        replay: ReplayCache,
+        leeway: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.issuers = dict(issuers)
+        self.jwks = jwks
+        self.replay = replay
+        self.leeway = leeway
+        self._clock = clock
+
+    def verify(self, token: str, audience: str) -> dict[str, Any]:
+        """The token's claims, or AuthError naming the first problem found."""
+        if len(token) > MAX_TOKEN_CHARS:
+            raise AuthError(f"token longer than {MAX_TOKEN_CHARS} characters")
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"malformed JWT ({type(exc).__name__})") from None
+        alg = header.get("alg")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise AuthError(f"alg {_show(alg)} is not allowed")
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.upper() != "JWT"):
+            raise AuthError(f"typ {_show(typ)} is not JWT")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise AuthError("no kid in the JWT header")
+        iss = unverified.get("iss")
+        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise AuthError(f"iss {_show(iss)} is not a trusted issuer")
+        key = self._key(issuer, header.get("jku"), kid)
+        _check_key_fits(key, alg)
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key.public_key,
+                algorithms=[alg],
+                audience=audience,
+                issuer=iss,
+                leeway=self.leeway,
+                options={"require": ["iss", "aud", "exp", "iat", "jti"]},
+            )
+        except jwt.InvalidSignatureError:
+            raise AuthError(f"signature does not verify with key {_show(kid)}") from None
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired (exp)") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("token not valid yet (iat or nbf in the future)") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(f"claim {exc.claim!r} is missing") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError(f"aud does not name the URL called ({audience})") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"invalid JWT ({type(exc).__name__}: {_show(str(exc))})") from None
+        jti = claims["jti"]
+        if not isinstance(jti, str) or not jti:
+            raise AuthError("jti is not a non-empty string")
+        exp = float(claims["exp"])
+        if exp - self._clock() > MAX_TOKEN_LIFETIME_SECONDS:
+            raise AuthError(f"exp is more than {MAX_TOKEN_LIFETIME_SECONDS} s in the future")
+        tenant = claims.get("tenant")
+        allowed = issuer.tenants
+        if allowed is not None and (not isinstance(tenant, str) or tenant not in allowed):
+            raise AuthError(f"tenant {_show(tenant)} is not allowed for {iss}")
+        # Last, so that a token refused for another reason cannot burn a jti.
+        self.replay.remember((iss, jti), exp + self.leeway)
+        return claims
+
+    def _key(self, issuer: TrustedIssuer, jku: Any, kid: str) -> SigningKey:
+        if jku is not None and jku not in issuer.jku:
+            raise AuthError(f"jku {_show(jku)} is not allowlisted for {issuer.iss}")
+        if issuer.keys is not None:
+            key = issuer.keys.get(kid)
+            if key is None:
+                raise AuthError(f"kid {_show(kid)} is not a key configured for {issuer.iss}")
+            return key
+        if jku is None:
+            if len(issuer.jku) != 1:
+                raise AuthError(f"no jku in the JWT, and {issuer.iss} has several JWK Sets")
+            jku = issuer.jku[0]
+        try:
+            return self.jwks.key(jku, kid)
+        except JwksError as exc:
+            raise AuthError(str(exc)) from None
+
+
+def _check_key_fits(key: SigningKey, alg: str) -> None:
+    """The header's alg must match the key: no algorithm confusion, no weak keys."""
+    if key.alg is not None and key.alg != alg:
+        raise AuthError(f"alg {alg} does not match key {key.kid} (declared {key.alg})")
+    if alg.startswith("ES"):
+        public_key = key.public_key
+        curve = public_key.curve.name if isinstance(public_key, ec.EllipticCurvePublicKey) else None
+        if curve != _EC_CURVES[alg]:
+            raise AuthError(f"alg {alg} does not fit key {key.kid}")
+    elif not isinstance(key.public_key, rsa.RSAPublicKey):
+        raise AuthError(f"alg {alg} does not fit key {key.kid}")
+    elif key.public_key.key_size < MIN_RSA_BITS:
+        raise AuthError(f"RSA key {key.kid} is shorter than {MIN_RSA_BITS} bits")
+
+
+def expected_audience(external_base_url: str) -> str:
+    """The exact URL called, as the EHR names it in ``aud``: the public URL behind a proxy."""
+    if external_base_url:
+        return external_base_url.rstrip("/") + request.path
+    return request.base_url
+
+
+def is_protected(path: str) -> bool:
+    return path.startswith(PROTECTED_PREFIX)
+
+
+def unauthorized() -> Response:
+    response = jsonify(UNAUTHORIZED_BODY)
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def build_verifier(settings: Settings, jwks: JwksCache | None = None) -> TokenVerifier:
+    issuers = trusted_issuers(settings)
+    return TokenVerifier(
+        issuers,
+        jwks or JwksCache(ttl=settings.jwks_cache_seconds, timeout=settings.jwks_timeout_seconds),
+        ReplayCache(settings.jti_cache_max),
+        leeway=settings.jwt_leeway_seconds,
+    )
+
+
+def install_auth(app: Flask, settings: Settings, *, jwks: JwksCache | None = None) -> None:
+    """Guard every ``/cds-services`` request; ``CDS_AUTH=off`` installs nothing, loudly."""
+    if settings.auth == "off":
+        log.warning(
+            "AUTHENTICATION IS OFF (CDS_AUTH=off): anyone who can reach this service can call "
+            "it. For local demos only; never expose it."
+        )
+        return
+    verifier = build_verifier(settings, jwks)
+    if not verifier.issuers:
+        log.error(
+            "authentication is on but no issuer is trusted: every CDS Hooks call will get 401. "
+            "Set CDS_TRUSTED_ISSUERS_FILE (or CDS_TRUST_SANDBOX=true for testing)."
+        )
+    if SANDBOX_ISSUER in verifier.issuers:
+        log.warning(
+            "trusting the public CDS Hooks sandbox (%s): its private key is public, so anyone "
+            "can sign as it. Testing only.", SANDBOX_ISSUER,
+        )
+    if not settings.external_base_url:
+        log.info("JWT aud is checked against the Host the client used; set CDS_EXTERNAL_BASE_URL "
+                 "behind a proxy")
+    app.extensions[AUTH_EXTENSION] = verifier
+    external_base_url = settings.external_base_url
+
+    @app.before_request
+    def _authenticate() -> Response | None:
+        # Preflight carries no credentials by design (CORS answers it).
+        if request.method == "OPTIONS" or not is_protected(request.path):
+            return None
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return _deny("no Authorization: Bearer header")
+        try:
+            claims = verifier.verify(token, expected_audience(external_base_url))
+        except AuthError as exc:
+            return _deny(str(exc))
+        except Exception as exc:  # a verifier bug must still answer 401, not 500
+            return _deny(f"verification failed unexpectedly ({type(exc).__name__})")
+        g.auth_issuer = claims["iss"]
+        return None
+
+
+def _deny(reason: str) -> Response:
+    log.warning("authentication failed: %s", reason, extra={"event": "auth-failed"})
+    return unauthorized()

@@ -1,0 +1,129 @@
+"""CDS Hooks feedback: ``POST /cds-services/{id}/feedback`` (spec: Feedback).
+
+Clients report what the clinician did with a card: accepted a suggestion, or overrode the
+card (with a reason, a comment, or neither). Each entry is stored, joined later to the rule
+that produced the card. An entry for a card uuid we never issued, or issued under another
+service id, is stored all the same and flagged: the client's report is evidence either way.
+
+The spec defines no response body; we answer 200 with our own counts under ``extension``
+(the spec's reserved name), so a client or an operator can see what was flagged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, current_app, g, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from cds_service.cards.builder import EXTENSION_KEY
+from cds_service.pipeline import PipelineResult
+from cds_service.protocol.errors import ApiError, problem
+from cds_service.protocol.services import SERVICES_BY_ID
+from cds_service.protocol.validation import read_json_body, validate_or_400
+from cds_service.store import CardRecord, FeedbackEntry, FeedbackStore, StoreUnavailable
+
+feedback_bp = Blueprint("cds_feedback", __name__)
+
+STORE_EXTENSION = "cds_feedback_store"
+
+log = logging.getLogger(__name__)
+
+_RFC3339 = re.compile(
+    r"^(?P<date>\d{4}-\d{2}-\d{2})[Tt](?P<hms>\d{2}:\d{2}):(?P<sec>\d{2})(?:\.(?P<frac>\d+))?"
+    r"(?P<zone>[Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+@feedback_bp.post("/cds-services/<service_id>/feedback")
+def post_feedback(service_id: str) -> ResponseReturnValue:
+    g.service_id = service_id
+    if service_id not in SERVICES_BY_ID:
+        raise ApiError(
+            404, "unknown-service", f"no CDS service with id {service_id!r}; see /cds-services"
+        )
+    body = read_json_body(request)
+    validate_or_400(body, "feedback.schema.json", "feedback")
+    entries = [_entry(item, index) for index, item in enumerate(body["feedback"])]
+    store: FeedbackStore = current_app.extensions[STORE_EXTENSION]
+    try:
+        receipt = store.store_feedback(service_id, entries)
+    except StoreUnavailable as exc:
+        log.error("feedback not stored: database unavailable (%s)", exc)
+        raise ApiError(
+            503, "store-unavailable", "the feedback could not be stored now; send it again later"
+        ) from None
+    if receipt.unknown_cards or receipt.other_service_cards:
+        log.warning(
+            "feedback for cards not issued here: %d unknown, %d issued by another service",
+            len(receipt.unknown_cards), len(receipt.other_service_cards),
+        )
+    summary: dict[str, Any] = {"stored": receipt.stored}
+    # Omitted when empty: CDS Hooks JSON never carries empty arrays.
+    if receipt.unknown_cards:
+        summary["unknownCards"] = list(receipt.unknown_cards)
+    if receipt.other_service_cards:
+        summary["otherServiceCards"] = list(receipt.other_service_cards)
+    return jsonify({"extension": {EXTENSION_KEY: summary}})
+
+
+def _entry(item: dict[str, Any], index: int) -> FeedbackEntry:
+    reason = item.get("overrideReason", {})
+    coding = reason.get("reason", {})
+    return FeedbackEntry(
+        card_uuid=item["card"].lower(),
+        outcome=item["outcome"],
+        outcome_at=_timestamp(item["outcomeTimestamp"], f"$.feedback[{index}].outcomeTimestamp"),
+        accepted_suggestions=tuple(s["id"] for s in item.get("acceptedSuggestions", ())),
+        reason_system=coding.get("system"),
+        reason_code=coding.get("code"),
+        reason_display=coding.get("display"),
+        user_comment=reason.get("userComment"),
+    )
+
+
+def _timestamp(value: str, path: str) -> datetime:
+    """RFC 3339 §5.6 → aware UTC datetime (the schema has checked the shape already)."""
+    match = _RFC3339.match(value)
+    try:
+        if match is None:
+            raise ValueError(value)
+        # A leap second (…:60) is kept as the last instant of that minute; fractions beyond
+        # microseconds are cut, because datetime holds no more.
+        second = min(int(match["sec"]), 59)
+        fraction = (match["frac"] or "0")[:6].ljust(6, "0")
+        if int(match["sec"]) == 60:
+            fraction = "999999"
+        zone = "+00:00" if match["zone"] in ("Z", "z") else match["zone"]
+        parsed = datetime.fromisoformat(
+            f"{match['date']}T{match['hms']}:{second:02d}.{fraction}{zone}"
+        )
+    except ValueError:
+        raise ApiError(
+            400, "invalid-request", "the feedback does not conform to CDS Hooks 2.0",
+            [problem(path, f"{value!r} is not an RFC 3339 date-time")],
+        ) from None
+    return parsed.astimezone(UTC)
+
+
+def make_card_recorder(store: FeedbackStore) -> Callable[[str, str, PipelineResult], None]:
+    """The ``CARD_RECORDER_EXTENSION`` callable: stores every card a service call returned.
+
+    The clinical answer comes first: if the database is unavailable, the cards are still
+    returned and the failure is logged (their feedback will then be flagged unknown-card).
+    """
+
+    def record(service_id: str, hook_instance: str, result: PipelineResult) -> None:
+        if not result.cards:
+            return
+        cards = [CardRecord(c.uuid, c.rule_id, c.indicator) for c in result.cards]
+        try:
+            store.record_cards(service_id, hook_instance, cards)
+        except Exception as exc:  # never fail the clinical answer over bookkeeping
+            log.error("issued cards not recorded (%d): %s", len(cards), type(exc).__name__)
+
+    return record

@@ -1,0 +1,178 @@
+"""Magnesium in autoimmune disease: which form suits which aim, diet first, check levels
+(clinical source: "How to Approach Magnesium Supplementation Safely" and its comparison of
+forms, held per salt in medications.json as ``autoimmune_use``).
+
+An info card for an oral (or route-unstated) magnesium order in a patient with an
+autoimmune-related condition (``derived.autoimmune_related``: RA, SLE, Hashimoto's, MS,
+Sjögren's, psoriasis, fibromyalgia, inflammatory bowel and malabsorption disorders) and no
+contraindication: not with myasthenia gravis or another neuromuscular-junction disorder,
+severe kidney impairment or a high serum magnesium, where the warning rules speak instead.
+
+Where the ordered form is a poor fit for long-term oral use (citrate: a laxative; sulfate:
+poorly absorbed, for soaks), the card suggests the first well-absorbed form that has a coded
+oral product, so that an EHR (and the public sandbox) can apply it in one click. With
+Hashimoto's and thyroid hormone on file it adds the spacing advice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from cds_service.context.model import Coding
+from cds_service.knowledge import Knowledge
+from cds_service.knowledge.model import RXNORM, ConditionGroup, MagnesiumProduct
+from cds_service.rules.derived import (
+    SerumMagnesium,
+    autoimmune_related,
+    ingredient_in,
+    ingredient_key,
+    kidney_function,
+    lower_first,
+    magnesium_name,
+    order_evidence,
+    serum_magnesium,
+)
+from cds_service.rules.describe import condition_text
+from cds_service.rules.findings import Evidence, Finding, Proposal
+from cds_service.rules.myasthenia import myasthenia_evidence
+from cds_service.rules.picture import ClinicalPicture, ConditionFact, MedicationFact
+
+RULE_ID = "autoimmune-guidance"
+THYROID_HORMONE = "thyroid-hormone"
+THYROID_GROUP = "hashimoto"
+
+
+def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
+    if hook == "patient-view":
+        return
+    related = autoimmune_related(picture, knowledge, neuromuscular=False)
+    if not related or _contraindicated(picture, knowledge):
+        return
+    serum = serum_magnesium(picture, knowledge)
+    if serum is not None and serum.is_high:
+        return
+    for fact in picture.drafts:
+        if fact.is_magnesium and fact.route in ("oral", None):
+            yield _finding(picture, fact, related, serum, knowledge)
+
+
+def _contraindicated(picture: ClinicalPicture, knowledge: Knowledge) -> bool:
+    if myasthenia_evidence(picture):
+        return True
+    neuromuscular = any(
+        knowledge.condition_group(g).category == "neuromuscular"
+        for fact in picture.conditions
+        for g in fact.groups
+    )
+    return neuromuscular or kidney_function(picture, knowledge).severity == "severe"
+
+
+def preferred_product(knowledge: Knowledge) -> MagnesiumProduct | None:
+    """The first oral product of a form the clinical source recommends (glycinate today)."""
+    for salt in knowledge.magnesium_salts:
+        use = salt.autoimmune_use
+        if use is not None and use.fit == "preferred":
+            for product in salt.products:
+                if product.route == "oral":
+                    return product
+    return None
+
+
+def _finding(
+    picture: ClinicalPicture,
+    fact: MedicationFact,
+    related: tuple[tuple[ConditionFact, ConditionGroup], ...],
+    serum: SerumMagnesium | None,
+    knowledge: Knowledge,
+) -> Finding:
+    rule = knowledge.rule(RULE_ID)
+    name = magnesium_name(fact)
+    condition = related[0][0].condition.display
+    match = fact.magnesium
+    salt = knowledge.magnesium_salt(match.salt) if match and match.salt else None
+    use = salt.autoimmune_use if salt else None
+    unverified: list[str] = []
+    sources: list[str] = []
+
+    paragraphs = [rule.statement("case-by-case").text]
+    for _, group in related:
+        for item in group.guidance:
+            paragraphs.append(f"{group.display}: {item.text}")
+            sources += item.source_ids
+            if item.status == "unverified":
+                unverified.append(item.text)
+
+    thyroid = picture.medications_in(THYROID_HORMONE)
+    if thyroid and any(group.id == THYROID_GROUP for _, group in related):
+        for hormone in thyroid:
+            ingredient = ingredient_in(hormone, knowledge, THYROID_HORMONE)
+            interaction = knowledge.interaction_for(THYROID_HORMONE, ingredient_key(ingredient))
+            if interaction is not None:
+                paragraphs.append(
+                    f"{hormone.medication.display} is on file, so this applies now: "
+                    f"{interaction.text}"
+                )
+                sources += interaction.source_ids
+
+    forms = [s for s in knowledge.magnesium_salts if s.autoimmune_use is not None]
+    lines = []
+    for other in forms:
+        assert other.autoimmune_use is not None
+        marker = " **(this order)**" if salt is not None and other.id == salt.id else ""
+        lines.append(f"- {other.autoimmune_use.text}{marker}")
+        if other.autoimmune_use.status == "unverified":
+            label = "comparison of magnesium forms (clinical source's table)"
+            if label not in unverified:
+                unverified.append(label)
+    paragraphs.append("**Which form for which aim**\n" + "\n".join(lines))
+
+    proposals: tuple[Proposal, ...] = ()
+    target = preferred_product(knowledge)
+    poor = use is not None and use.poor_oral_fit
+    if poor and target is not None and target.salt != (salt.id if salt else None):
+        assert use is not None
+        paragraphs.append(
+            f"The ordered form, {name.lower()}, is {use.summary}; a well-absorbed form such as "
+            f"{target.name} (RxNorm {target.code}) suits long-term supplementation better."
+        )
+        if fact.medication.source.resource_id:
+            proposals = (
+                Proposal(
+                    kind="replace-medication",
+                    label=f"Switch to {target.name}",
+                    order=fact.medication,
+                    text=target.name,
+                    code=Coding(RXNORM, target.code, target.name),
+                ),
+            )
+        better = lower_first(knowledge.magnesium_salt(target.salt).display)
+        summary = f"{name} for {condition}: {use.summary}; consider {better}"
+    elif use is None:
+        paragraphs.append(f"The clinical source does not rate {name.lower()} among these forms.")
+        summary = f"{name} for {condition}: match the form to the aim, diet first, check levels"
+    else:
+        summary = f"{name} for {condition}: {use.summary}; diet first, check magnesium levels"
+
+    paragraphs.append(rule.statement("diet-first").text)
+    paragraphs.append(rule.statement("check-levels").text)
+    evidence = [
+        *(Evidence(condition_text(c.condition), c.condition.source) for c, _ in related),
+        *(Evidence("On file: " + t.medication.display, t.medication.source) for t in thyroid),
+    ]
+    if serum is not None:
+        evidence.append(Evidence(serum.describe, serum.lab.source))
+    else:
+        evidence.append(Evidence("No serum magnesium on file"))
+    evidence.append(order_evidence(fact))
+    return Finding(
+        rule_id=RULE_ID,
+        indicator="info",
+        summary=summary,
+        detail="\n\n".join(paragraphs),
+        evidence=tuple(evidence),
+        source_ids=tuple(dict.fromkeys(sources)),
+        key=f"{RULE_ID}:{fact.medication.source.reference}",
+        proposals=proposals,
+        order=fact.medication,
+        unverified=tuple(unverified),
+    )

@@ -1,0 +1,359 @@
+"""Facts several rules derive from the clinical picture, each computed in exactly one place.
+
+- ``daily_elemental_mg``: elemental magnesium per day of an order (strength x elemental
+  fraction x dose quantity x frequency), or why it cannot be known.
+- ``serum_magnesium``: the latest serum magnesium in mmol/L against its reference range (the
+  Observation's own when present, else the knowledge default), with high / low / toxic.
+- ``is_recent`` and ``serum_magnesium_ordered``: whether a new serum magnesium is needed.
+- ``kidney_function``: severe / moderate impairment from coded conditions and the latest eGFR.
+- ``autoimmune_related``: the conditions for which magnesium guidance applies.
+
+Every number comes from the knowledge base; the unit spellings below are UCUM and FHIR
+interoperability vocabulary, not clinical facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cds_service.context.model import Lab, LabOrder, Quantity
+from cds_service.knowledge import Ingredient, Knowledge, MagnesiumMatch, ThresholdBand
+from cds_service.knowledge.model import ConditionGroup
+from cds_service.rules.describe import condition_text, lab_text, order_text
+from cds_service.rules.findings import Evidence
+from cds_service.rules.picture import ClinicalPicture, ConditionFact, MedicationFact
+
+# Dose units: a count of the product's units, a mass, or a volume.
+_COUNT_UNITS = frozenset(
+    {
+        "{pill}", "{pills}", "{tbl}", "{tablet}", "{tablets}", "{tab}", "{capsule}", "{cap}",
+        "{caplet}", "{count}", "{each}", "1", "pill", "pills", "tablet", "tablets", "tab",
+        "tabs", "capsule", "capsules", "cap", "caps", "caplet", "caplets", "each",
+    }
+)  # fmt: skip
+_MG_PER_UNIT = {"mg": 1.0, "g": 1000.0, "ug": 0.001, "mcg": 0.001}
+_ML_PER_UNIT = {"ml": 1.0, "l": 1000.0}
+_COUNTABLE = frozenset({"tablet", "capsule"})  # MagnesiumProduct.strength_per values
+_SEVERITY_RANK = {None: 0, "moderate": 1, "severe": 2}
+_INACTIVE_LAB_ORDER = frozenset({"revoked", "entered-in-error", "completed"})
+# Condition categories that get autoimmune magnesium guidance besides autoimmune groups
+# (the clinical source names fibromyalgia; absorption disorders impair uptake).
+GUIDANCE_CATEGORIES = frozenset({"musculoskeletal", "absorption"})
+
+
+def is_systemic_magnesium(fact: MedicationFact) -> bool:
+    """Magnesium that reaches the blood stream: any route but a topical soak or cream."""
+    return fact.is_magnesium and fact.route != "topical"
+
+
+def is_oral_or_unstated(fact: MedicationFact) -> bool:
+    return fact.route in ("oral", None)
+
+
+# ---------------------------------------------------------------------------- dose
+
+
+@dataclass(frozen=True)
+class DailyDose:
+    elemental_mg: float | None  # None: unknown
+    how: str  # the working, or why it is unknown
+
+    @property
+    def known(self) -> bool:
+        return self.elemental_mg is not None
+
+
+def daily_elemental_mg(fact: MedicationFact) -> DailyDose:
+    """Elemental magnesium per day: salt per administration x fraction x administrations/day.
+
+    Conservative: any factor the data do not state makes the whole dose unknown, so that no
+    card rests on a guessed dose.
+    """
+    match = fact.magnesium
+    if match is None:
+        return DailyDose(None, "not a magnesium product")
+    fraction = match.elemental_fraction
+    if fraction is None:
+        return DailyDose(
+            None,
+            f"dose unknown: the elemental magnesium content of {match.salt_display.lower()} "
+            "is not known",
+        )
+    doses = fact.medication.doses
+    if not doses:
+        return DailyDose(None, "dose unknown: the order has no dosage instruction")
+    total = 0.0
+    parts: list[str] = []
+    for dose in doses:
+        if dose.quantity is None:
+            return DailyDose(None, "dose unknown: no dose quantity")
+        if dose.frequency_per_day is None:
+            return DailyDose(None, "dose unknown: no dose frequency")
+        salt_mg, why = _product_mg(dose.quantity, match)
+        if salt_mg is None:
+            return DailyDose(None, f"dose unknown: {why}")
+        total += salt_mg * fraction * dose.frequency_per_day
+        amount = f"{dose.quantity.value:g} {dose.quantity.unit}".strip()
+        per_dose = "" if amount == f"{salt_mg:g} mg" else f" = {salt_mg:g} mg"
+        parts.append(f"{amount}{per_dose} x {dose.frequency_per_day:g}/day")
+    basis = (
+        "stated as elemental magnesium"
+        if fraction == 1.0
+        else f"x {fraction * 100:.1f}% elemental magnesium in {match.salt_display.lower()}"
+    )
+    return DailyDose(total, f"{' + '.join(parts)} {basis} = {total:.0f} mg elemental/day")
+
+
+def _product_mg(quantity: Quantity, match: MagnesiumMatch) -> tuple[float | None, str]:
+    """Milligrams of product (as RxNorm states its strength) in one administration."""
+    unit = quantity.unit.strip().lower()
+    if unit in _MG_PER_UNIT:
+        return quantity.value * _MG_PER_UNIT[unit], ""
+    if match.strength_mg is None:
+        return None, "the product's strength is not known"
+    if unit in _COUNT_UNITS:
+        if match.strength_unit not in _COUNTABLE:
+            return None, f"a count of units, but the strength is per {match.strength_unit}"
+        return quantity.value * match.strength_mg, ""
+    if unit in _ML_PER_UNIT:
+        if match.strength_unit != "mL":
+            return None, f"a volume, but the strength is per {match.strength_unit}"
+        return quantity.value * _ML_PER_UNIT[unit] * match.strength_mg, ""
+    return None, f"dose unit {quantity.unit!r} not understood" if unit else "no dose unit"
+
+
+# ---------------------------------------------------------------------------- serum magnesium
+
+
+@dataclass(frozen=True)
+class SerumMagnesium:
+    """The latest serum magnesium, in mmol/L, against its reference range."""
+
+    lab: Lab
+    mmol: float | None  # None: the unit is not one we can convert
+    low: float | None  # reference range, mmol/L
+    high: float | None
+    range_text: str  # e.g. "reference range 1.6-2.6 mg/dL"
+    toxic_above: float | None  # mmol/L above which reflexes weaken
+
+    @property
+    def is_high(self) -> bool:
+        return self.mmol is not None and self.high is not None and self.mmol > self.high
+
+    @property
+    def is_low(self) -> bool:
+        return self.mmol is not None and self.low is not None and self.mmol < self.low
+
+    @property
+    def is_toxic(self) -> bool:
+        return (
+            self.mmol is not None and self.toxic_above is not None and self.mmol > self.toxic_above
+        )
+
+    @property
+    def value_text(self) -> str:
+        """'2.7 mg/dL' (what the lab reported), for summaries."""
+        value = self.lab.value
+        return f"{value.value:g} {value.unit}".strip() if value else "no value"
+
+    @property
+    def describe(self) -> str:
+        """Lab value, date, code, converted value and how it compares with its range."""
+        text = "Latest serum magnesium: " + lab_text(self.lab)
+        unit = self.lab.value.unit.lower() if self.lab.value else ""
+        if self.mmol is not None and unit not in ("mmol/l", "mm"):
+            text += f" = {self.mmol:.2f} mmol/L"
+        if self.is_high:
+            text += f", above the {self.range_text}"
+        elif self.is_low:
+            text += f", below the {self.range_text}"
+        elif self.mmol is not None:
+            text += f", within the {self.range_text}"
+        else:
+            text += " (unit not understood: not compared with a range)"
+        return text
+
+
+def serum_magnesium(picture: ClinicalPicture, knowledge: Knowledge) -> SerumMagnesium | None:
+    fact = picture.latest_lab("serum-magnesium")
+    if fact is None or fact.lab.value is None:
+        return None
+    lab = fact.lab
+    value = lab.value
+    assert value is not None
+    unit = value.unit or _implied_unit(lab, knowledge)
+    mmol = knowledge.to_mmol_per_l(value.value, unit) if unit else None
+    low, high, range_text = _reference_range(lab, unit, knowledge)
+    toxic = knowledge.threshold("serum-magnesium-reflexes-diminish")
+    toxic_above = knowledge.to_mmol_per_l(toxic.value, toxic.unit) if toxic.value else None
+    return SerumMagnesium(lab, mmol, low, high, range_text, toxic_above)
+
+
+def _implied_unit(lab: Lab, knowledge: Knowledge) -> str:
+    group = knowledge.lab_group("serum-magnesium")
+    return next((u for c in lab.codings if (u := group.unit_for(c.code))), "")
+
+
+def _reference_range(
+    lab: Lab, unit: str, knowledge: Knowledge
+) -> tuple[float | None, float | None, str]:
+    """The Observation's own range when it has a usable bound, else the knowledge default."""
+    for item in lab.reference_ranges:
+        low = _to_mmol(item.low, unit, knowledge)
+        high = _to_mmol(item.high, unit, knowledge)
+        if low is not None or high is not None:
+            bounds = [q for q in (item.low, item.high) if q is not None]
+            shown = "-".join(f"{q.value:g}" for q in bounds)
+            return low, high, f"result's reference range {shown} {bounds[-1].unit or unit}"
+    default = knowledge.threshold("serum-magnesium-reference-range")
+    low = knowledge.to_mmol_per_l(default.low, default.unit) if default.low is not None else None
+    high = knowledge.to_mmol_per_l(default.high, default.unit) if default.high is not None else None
+    return low, high, f"default reference range {default.low:g}-{default.high:g} {default.unit}"
+
+
+def _to_mmol(quantity: Quantity | None, unit: str, knowledge: Knowledge) -> float | None:
+    if quantity is None:
+        return None
+    return knowledge.to_mmol_per_l(quantity.value, quantity.unit or unit)
+
+
+def is_recent(picture: ClinicalPicture, knowledge: Knowledge, lab: Lab) -> bool:
+    """Within the knowledge's recency window (a local policy value) before today."""
+    if lab.effective is None:
+        return False
+    window = knowledge.threshold("serum-magnesium-recent-days").value or 0.0
+    return (picture.today - lab.effective.date()).days <= window
+
+
+def recency_window_days(knowledge: Knowledge) -> float:
+    return knowledge.threshold("serum-magnesium-recent-days").value or 0.0
+
+
+def serum_magnesium_ordered(picture: ClinicalPicture, knowledge: Knowledge) -> LabOrder | None:
+    """A serum magnesium test already among this hook's draft orders."""
+    return next(
+        (
+            order
+            for order in picture.context.draft_lab_orders
+            if order.status not in _INACTIVE_LAB_ORDER
+            and knowledge.lab_kind(order.codings) == "serum-magnesium"
+        ),
+        None,
+    )
+
+
+# ---------------------------------------------------------------------------- kidneys
+
+
+@dataclass(frozen=True)
+class KidneyFunction:
+    severity: str | None  # "severe" | "moderate" | None (no impairment known)
+    conditions: tuple[ConditionFact, ...]  # renal conditions that count
+    egfr: Lab | None  # the latest eGFR
+    egfr_band: ThresholdBand | None  # its band in egfr-renal-impairment
+    kdigo: ThresholdBand | None  # its KDIGO category
+
+    @property
+    def label(self) -> str:
+        """Short wording for a summary: 'CKD stage 4, eGFR 22'."""
+        parts = [self.conditions[0].condition.display] if self.conditions else []
+        if self.egfr is not None and self.egfr.value is not None:
+            parts.append(f"eGFR {self.egfr.value.value:g}")
+        return ", ".join(parts) or "reduced kidney function"
+
+    @property
+    def evidence(self) -> tuple[Evidence, ...]:
+        items = [Evidence(condition_text(f.condition), f.condition.source) for f in self.conditions]
+        if self.egfr is not None:
+            band = f" ({self.kdigo.label})" if self.kdigo else ""
+            items.append(Evidence("Latest eGFR: " + lab_text(self.egfr) + band, self.egfr.source))
+        return tuple(items)
+
+
+def kidney_function(picture: ClinicalPicture, knowledge: Knowledge) -> KidneyFunction:
+    """The worse of coded renal conditions and the latest eGFR's band."""
+    latest = picture.latest_lab("egfr")
+    egfr = latest.lab if latest is not None else None
+    egfr_band = kdigo = None
+    if egfr is not None and egfr.value is not None:
+        egfr_band = knowledge.threshold("egfr-renal-impairment").band_for_value(egfr.value.value)
+        kdigo = knowledge.threshold("kdigo-gfr-categories").band_for_value(egfr.value.value)
+    severity: str | None = egfr_band.id if egfr_band else None
+    graded = egfr is not None and egfr.value is not None
+    renal: list[ConditionFact] = []
+    for fact in picture.conditions:
+        groups = [knowledge.condition_group(g) for g in sorted(fact.groups)]
+        renal_groups = [g for g in groups if g.category == "renal"]
+        if not renal_groups:
+            continue
+        renal.append(fact)
+        for group in renal_groups:
+            # A CKD code without a stage is graded by the eGFR; without one it counts as moderate.
+            coded = group.renal_severity or (None if graded else "moderate")
+            if _SEVERITY_RANK[coded] > _SEVERITY_RANK[severity]:
+                severity = coded
+    renal.sort(key=lambda f: -max(_rank_of(knowledge, g) for g in f.groups))
+    return KidneyFunction(severity, tuple(renal), egfr, egfr_band, kdigo)
+
+
+def _rank_of(knowledge: Knowledge, group_id: str) -> int:
+    return _SEVERITY_RANK[knowledge.condition_group(group_id).renal_severity]
+
+
+# ---------------------------------------------------------------------------- autoimmunity
+
+
+def autoimmune_related(
+    picture: ClinicalPicture, knowledge: Knowledge, *, neuromuscular: bool = True
+) -> tuple[tuple[ConditionFact, ConditionGroup], ...]:
+    """Conditions (with their group) for which the clinical source's guidance applies:
+    autoimmune groups plus the related categories above; ``neuromuscular=False`` leaves out
+    myasthenia and Lambert-Eaton, where magnesium is a contraindication, not a choice."""
+    found: list[tuple[ConditionFact, ConditionGroup]] = []
+    for fact in picture.conditions:
+        for group_id in sorted(fact.groups):
+            group = knowledge.condition_group(group_id)
+            if not (group.autoimmune or group.category in GUIDANCE_CATEGORIES):
+                continue
+            if not neuromuscular and group.category == "neuromuscular":
+                continue
+            found.append((fact, group))
+            break
+    return tuple(found)
+
+
+# ---------------------------------------------------------------------------- wording
+
+
+def ingredient_in(fact: MedicationFact, knowledge: Knowledge, group_id: str) -> Ingredient | None:
+    """The ingredient that put this medication in ``group_id`` (codes before text)."""
+    medication = fact.medication
+    found = knowledge.matched_ingredients(medication.all_codings, medication.text)
+    return next((i for i in found if i.group == group_id), None)
+
+
+def ingredient_key(ingredient: Ingredient | None) -> str | None:
+    """What ``Knowledge.interaction_for`` takes: the RxNorm code, else the name."""
+    return (ingredient.code or ingredient.name) if ingredient is not None else None
+
+
+def lower_first(text: str) -> str:
+    """'Magnesium oxide' -> 'magnesium oxide', for the middle of a sentence."""
+    return text[:1].lower() + text[1:]
+
+
+def magnesium_name(fact: MedicationFact) -> str:
+    """'Magnesium oxide'; the order's own name when the salt is not known."""
+    match = fact.magnesium
+    if match is not None and match.salt is not None:
+        return match.salt_display
+    return fact.medication.display
+
+
+def order_evidence(fact: MedicationFact, *, with_dose: bool = True) -> Evidence:
+    """The order (or the medication on file), how it was recognised, and its daily dose."""
+    prefix = "Order: " if fact.medication.is_draft else "On file: "
+    text = prefix + order_text(fact)
+    if with_dose and fact.is_magnesium:
+        text += f"; {daily_elemental_mg(fact).how}"
+    return Evidence(text, fact.medication.source)

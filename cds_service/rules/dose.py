@@ -1,0 +1,110 @@
+"""Supplemental magnesium above the tolerable upper intake level (NIH ODS: 350 mg/day of
+elemental magnesium from supplements and medicines from age 9, lower for children; the age
+bands are the ``supplemental-magnesium-ul`` threshold).
+
+- The order alone above the limit: warning.
+- The order within the limit, but above it together with magnesium already taken (every
+  other active magnesium with a known dose): info.
+
+The daily dose comes from ``derived.daily_elemental_mg``; when any factor is unknown there is
+no card (other cards say "dose unknown"). Parenteral therapy is supervised replacement, not
+supplementation, and topical soaks are not intake: neither is counted. With the age unknown
+the adult limit applies, and the card says so; below the youngest band there is no limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from cds_service.knowledge import Knowledge, ThresholdBand
+from cds_service.rules.derived import (
+    daily_elemental_mg,
+    magnesium_name,
+    order_evidence,
+)
+from cds_service.rules.findings import Finding, Indicator
+from cds_service.rules.picture import ClinicalPicture, MedicationFact
+
+RULE_ID = "magnesium-dose-limit"
+LIMIT = "supplemental-magnesium-ul"
+
+
+def _counted(fact: MedicationFact) -> bool:
+    return fact.is_magnesium and fact.route not in ("parenteral", "topical")
+
+
+def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
+    if hook == "patient-view":
+        return
+    drafts = [f for f in picture.drafts if _counted(f)]
+    if not drafts:
+        return
+    threshold = knowledge.threshold(LIMIT)
+    age = picture.age
+    band = threshold.band_for(age, picture.context.patient.sex) if age is not None else None
+    if age is None:
+        # Unknown age: the open-ended (adult) band rather than a guess.
+        band = next((b for b in threshold.bands if b.age_max is None), None)
+    if band is None or band.value is None:
+        return
+    others = [f for f in (*picture.medications, *picture.drafts) if _counted(f)]
+    for fact in drafts:
+        daily = daily_elemental_mg(fact)
+        if daily.elemental_mg is None:
+            continue
+        if daily.elemental_mg > band.value:
+            yield _finding(fact, daily.elemental_mg, (), band, age, "warning", knowledge)
+            continue
+        with_others = [
+            (other, dose)
+            for other in others
+            if other is not fact and (dose := daily_elemental_mg(other).elemental_mg) is not None
+        ]
+        total = daily.elemental_mg + sum(dose for _, dose in with_others)
+        if with_others and total > band.value:
+            yield _finding(
+                fact, total, tuple(o for o, _ in with_others), band, age, "info", knowledge
+            )
+
+
+def _finding(
+    fact: MedicationFact,
+    total: float,
+    others: tuple[MedicationFact, ...],
+    band: ThresholdBand,
+    age: int | None,
+    indicator: Indicator,
+    knowledge: Knowledge,
+) -> Finding:
+    threshold = knowledge.threshold(LIMIT)
+    assert band.value is not None
+    name = magnesium_name(fact)
+    limit = f"{band.value:g} mg/day"
+    if others:
+        summary = (
+            f"{name} plus magnesium already taken: {total:.0f} mg elemental Mg/day, "
+            f"above the {limit} upper limit"
+        )
+    else:
+        summary = f"{name} {total:.0f} mg elemental Mg/day exceeds the {limit} upper limit"
+    who = f"age {age}" if age is not None else "age unknown, adult limit used"
+    paragraphs = [
+        f"{threshold.display}: {limit} for {band.label} ({who}).",
+        f"This order gives {daily_elemental_mg(fact).how}"
+        + (f"; with the magnesium on file, {total:.0f} mg/day in all." if others else "."),
+        knowledge.rule(RULE_ID).statement("short-term-laxatives").text,
+        "Consider a lower dose or fewer doses a day, unless a higher dose is intended "
+        "and supervised.",
+    ]
+    return Finding(
+        rule_id=RULE_ID,
+        indicator=indicator,
+        summary=summary,
+        detail="\n\n".join(p for p in paragraphs if p),
+        evidence=(order_evidence(fact), *(order_evidence(o) for o in others)),
+        source_ids=threshold.source_ids,
+        # Together-above-the-limit is one finding however many drafts share it.
+        key=f"{RULE_ID}:"
+        + "|".join(sorted(f.medication.source.reference for f in (fact, *others))),
+        order=fact.medication,
+    )

@@ -1,0 +1,176 @@
+"""Chelation: oral magnesium binds fluoroquinolones, tetracyclines, thyroid hormone, oral
+bisphosphonates, integrase inhibitors, eltrombopag and penicillamine in the gut (clinical
+source: "Medication Interactions"; separation times from interactions.json, per drug where
+the label gives one, else the group's).
+
+Both directions, on draft orders only:
+
+- a magnesium order while such a drug is active or among the other drafts;
+- such a drug ordered while magnesium (prescribed or over the counter) is active.
+
+A pair of orders gets one card (the key is the pair, whichever side was ordered). The
+suggestion adds the spacing to the draft order as a patient instruction; once a draft states
+the spacing (the suggestion was accepted, or the prescriber wrote it), the pair counts as
+resolved and is not shown again, at order-select or at order-sign. Only oral magnesium
+chelates (``Interaction.magnesium_routes``); magnesium with no stated route is taken as oral,
+and said so. Parenteral or topical forms of the other drug do not interact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from cds_service.context.model import Medication
+from cds_service.knowledge import Interaction, Knowledge
+from cds_service.knowledge.model import DrugEffect, DrugGroup
+from cds_service.rules.derived import (
+    ingredient_in,
+    ingredient_key,
+    magnesium_name,
+    order_evidence,
+)
+from cds_service.rules.findings import Finding, Proposal
+from cds_service.rules.picture import ClinicalPicture, MedicationFact
+
+RULE_ID = "chelation-interaction"
+CHELATION = "chelation"
+
+
+@dataclass(frozen=True)
+class _Chelator:
+    fact: MedicationFact
+    group: DrugGroup
+    effect: DrugEffect
+    name: str
+    interaction: Interaction | None
+
+
+def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
+    if hook == "patient-view":
+        return
+    mg_drafts = [f for f in picture.drafts if f.is_magnesium]
+    mg_on_file = [f for f in picture.medications if f.is_magnesium]
+    drug_drafts = list(_chelators(picture.drafts, knowledge))
+    drugs_on_file = list(_chelators(picture.medications, knowledge))
+    for magnesium in mg_drafts:
+        for drug in (*drugs_on_file, *drug_drafts):
+            finding = _finding(magnesium, drug, target=magnesium)
+            if finding is not None:
+                yield finding
+    for drug in drug_drafts:
+        for magnesium in mg_on_file:
+            finding = _finding(magnesium, drug, target=drug.fact)
+            if finding is not None:
+                yield finding
+
+
+def _chelators(facts: Iterable[MedicationFact], knowledge: Knowledge) -> Iterator[_Chelator]:
+    for fact in facts:
+        if fact.is_magnesium or fact.route in ("parenteral", "topical"):
+            continue
+        for group_id in sorted(fact.groups):
+            group = knowledge.drug_group(group_id)
+            effect = group.effect(CHELATION)
+            if effect is None:
+                continue
+            ingredient = ingredient_in(fact, knowledge, group_id)
+            name = ingredient.name if ingredient else fact.medication.display
+            interaction = knowledge.interaction_for(group_id, ingredient_key(ingredient))
+            yield _Chelator(fact, group, effect, name, interaction)
+            break
+
+
+def hours(value: float) -> str:
+    return f"{value * 60:g} min" if value < 1 else f"{value:g} h"
+
+
+def spacing_phrase(drug: str, interaction: Interaction | None) -> str:
+    """'take ciprofloxacin at least 2 h before or 6 h after magnesium', from the figures."""
+    if interaction is None:
+        return f"magnesium lowers {drug} absorption"
+    before, after, after_max = (
+        interaction.hours_before,
+        interaction.hours_after,
+        interaction.hours_after_max,
+    )
+    if before is not None and after is not None:
+        if before == after and after_max is None:
+            return f"separate {drug} and magnesium by at least {hours(before)}"
+        later = hours(after) if after_max is None else f"{after:g}-{hours(after_max)}"
+        return f"take {drug} at least {hours(before)} before or {later} after magnesium"
+    if before is not None:
+        return f"take {drug} at least {hours(before)} before magnesium"
+    return f"magnesium lowers {drug} absorption; see the label"
+
+
+def _spacing_stated(order: Medication, drug: _Chelator, other_name: str) -> bool:
+    """The draft already tells the patient how to space the two (advice taken up)."""
+    said = " ".join(
+        part for dose in order.doses for part in (dose.patient_instruction, dose.text) if part
+    ).lower()
+    if not said:
+        return False
+    if drug.interaction is not None and drug.interaction.text.lower() in said:
+        return True
+    return other_name.lower() in said and "hour" in said
+
+
+def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact) -> Finding | None:
+    interaction = drug.interaction
+    routes = interaction.magnesium_routes if interaction is not None else ("oral",)
+    if magnesium.route is not None and magnesium.route not in routes:
+        return None  # e.g. IV magnesium does not meet the drug in the gut
+    mg_name = magnesium_name(magnesium)
+    other = drug.name if target is magnesium else "magnesium"
+    if _spacing_stated(target.medication, drug, other):
+        return None
+    spacing = spacing_phrase(drug.name, interaction)
+    if target is magnesium:
+        summary = f"{mg_name} with {drug.name}: {spacing}"
+    else:
+        summary = f"{drug.name.capitalize()} with {mg_name.lower()} on file: {spacing}"
+    paragraphs = [f"**{drug.name}** ({drug.group.display.lower()}): {drug.effect.text}"]
+    proposals: tuple[Proposal, ...] = ()
+    if interaction is not None:
+        paragraphs.append(interaction.text)
+        has_figure = interaction.hours_before is not None or interaction.hours_after is not None
+        if has_figure and target.medication.source.resource_id:
+            text = interaction.text
+            if drug.name.lower() not in text.lower():
+                text = f"{drug.name.capitalize()}: {text}"
+            proposals = (
+                Proposal(
+                    kind="add-dosage-instruction",
+                    label=f"Add the spacing to the order: {spacing}",
+                    order=target.medication,
+                    recommended=True,
+                    text=text,
+                ),
+            )
+    else:
+        paragraphs.append("No separation time is on file for this drug: follow its label.")
+    if magnesium.route is None:
+        paragraphs.append("The magnesium's route is not stated; it is taken to be by mouth.")
+    unverified = tuple(
+        fact.text
+        for fact in (interaction, drug.effect)
+        if fact is not None and fact.status == "unverified"
+    )
+    pair = sorted((magnesium.medication.source.reference, drug.fact.medication.source.reference))
+    return Finding(
+        rule_id=RULE_ID,
+        indicator="warning",
+        summary=summary,
+        detail="\n\n".join(paragraphs),
+        evidence=(order_evidence(magnesium, with_dose=False), order_evidence(drug.fact)),
+        source_ids=tuple(
+            dict.fromkeys(
+                (*(interaction.source_ids if interaction else ()), *drug.effect.source_ids)
+            )
+        ),
+        key=f"{RULE_ID}:{'|'.join(pair)}",
+        proposals=proposals,
+        order=target.medication,
+        unverified=unverified,
+    )

@@ -1,0 +1,140 @@
+"""Drugs that can worsen myasthenia gravis (fluoroquinolone boxed warning; aminoglycosides and
+polymyxins listed by the reference; neuromuscular blockers potentiated by parenteral
+magnesium, magnesium sulfate injection label §7).
+
+Fires on draft orders only, for a patient whose myasthenia is coded or implied by an MG
+therapy (``myasthenia.myasthenia_evidence``). The indicator is what the knowledge file says
+the label's wording warrants (a boxed warning to avoid the drug is critical), else the rule's
+default. Topical products (eye and ear drops share the ingredient codes) are not flagged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from cds_service.knowledge import Knowledge
+from cds_service.knowledge.model import DrugEffect, DrugGroup
+from cds_service.rules.derived import ingredient_in, is_systemic_magnesium, order_evidence
+from cds_service.rules.findings import Evidence, Finding, Proposal, as_indicator
+from cds_service.rules.myasthenia import myasthenia_evidence
+from cds_service.rules.picture import ClinicalPicture, MedicationFact
+
+RULE_ID = "myasthenia-aggravating-drug"
+AGGRAVATES = "aggravates-myasthenia"
+POTENTIATED_BY_IV_MG = "potentiated-by-iv-magnesium"
+
+
+def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
+    if hook == "patient-view":
+        return
+    mg_evidence = myasthenia_evidence(picture)
+    if not mg_evidence:
+        return
+    for fact in picture.drafts:
+        if fact.is_magnesium or fact.route == "topical":
+            continue
+        for group_id in sorted(fact.groups):
+            group = knowledge.drug_group(group_id)
+            effect = group.effect(AGGRAVATES)
+            if effect is not None:
+                yield _aggravating(fact, group, effect, mg_evidence, knowledge)
+                break
+            effect = group.effect(POTENTIATED_BY_IV_MG)
+            parenteral_mg = _parenteral_magnesium(picture, fact)
+            if effect is not None and parenteral_mg:
+                yield _potentiated(fact, group, effect, mg_evidence, parenteral_mg, knowledge)
+                break
+
+
+def _drug_name(fact: MedicationFact, knowledge: Knowledge, group: DrugGroup) -> str:
+    ingredient = ingredient_in(fact, knowledge, group.id)
+    return ingredient.name if ingredient is not None else fact.medication.display
+
+
+def _parenteral_magnesium(
+    picture: ClinicalPicture, order: MedicationFact
+) -> tuple[MedicationFact, ...]:
+    others = (*picture.medications, *(d for d in picture.drafts if d is not order))
+    return tuple(f for f in others if is_systemic_magnesium(f) and f.route == "parenteral")
+
+
+def _aggravating(
+    fact: MedicationFact,
+    group: DrugGroup,
+    effect: DrugEffect,
+    mg_evidence: tuple[Evidence, ...],
+    knowledge: Knowledge,
+) -> Finding:
+    name = _drug_name(fact, knowledge, group)
+    rule = knowledge.rule(RULE_ID)
+    indicator = effect.indicator or rule.indicator
+    verb = "Avoid" if indicator == "critical" else "Caution with"
+    summary = (
+        f"{verb} {name} in myasthenia gravis: {group.display.lower()} can worsen muscle weakness"
+    )
+    detail = [
+        f"**{name}** belongs to {group.display.lower()}. {effect.text}",
+        "Choose another drug where one is suitable; if it must be given, watch for worsening "
+        "muscle weakness.",
+    ]
+    return _finding(
+        fact, indicator, summary, detail, mg_evidence, effect, (), knowledge, name, rule.id
+    )
+
+
+def _potentiated(
+    fact: MedicationFact,
+    group: DrugGroup,
+    effect: DrugEffect,
+    mg_evidence: tuple[Evidence, ...],
+    parenteral_mg: tuple[MedicationFact, ...],
+    knowledge: Knowledge,
+) -> Finding:
+    name = _drug_name(fact, knowledge, group)
+    summary = (
+        f"{name} with IV/IM magnesium in myasthenia gravis: "
+        "magnesium potentiates neuromuscular blockade"
+    )
+    detail = [f"**{name}** ({group.display.lower()}): {effect.text}"]
+    extra = tuple(order_evidence(m) for m in parenteral_mg)
+    return _finding(
+        fact, "warning", summary, detail, mg_evidence, effect, extra, knowledge, name, RULE_ID
+    )
+
+
+def _finding(
+    fact: MedicationFact,
+    indicator: str,
+    summary: str,
+    detail: list[str],
+    mg_evidence: tuple[Evidence, ...],
+    effect: DrugEffect,
+    extra: tuple[Evidence, ...],
+    knowledge: Knowledge,
+    name: str,
+    rule_id: str,
+) -> Finding:
+    medication = fact.medication
+    proposals: tuple[Proposal, ...] = ()
+    if medication.source.resource_id:
+        proposals = (
+            Proposal(
+                kind="remove-order",
+                label=f"Remove the {name} order",
+                order=medication,
+                recommended=indicator == "critical",
+            ),
+        )
+    order = order_evidence(fact)
+    return Finding(
+        rule_id=rule_id,
+        indicator=as_indicator(indicator),
+        summary=summary,
+        detail="\n\n".join(detail),
+        evidence=(*mg_evidence, order, *extra),
+        source_ids=effect.source_ids,
+        key=f"{rule_id}:{medication.source.reference}",
+        proposals=proposals,
+        order=medication,
+        unverified=(effect.text,) if effect.status == "unverified" else (),
+    )

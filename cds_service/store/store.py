@@ -1,0 +1,244 @@
+"""FeedbackStore: records the cards we issue and the feedback clients send about them.
+
+Every write is one short transaction; on SQLite it takes the write lock up front (see
+``engine.py``), so concurrent writers from several processes queue instead of failing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from cds_service.store import migrate
+from cds_service.store.engine import WRITE, make_engine, redacted
+from cds_service.store.models import FLAG_OTHER_SERVICE, FLAG_UNKNOWN_CARD, Feedback, IssuedCard
+
+# What "the database is not there right now" looks like, as opposed to a bug.
+_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+
+
+class StoreUnavailable(RuntimeError):
+    """The database could not be reached or stayed locked; the write did not happen."""
+
+
+@dataclass(frozen=True)
+class CardRecord:
+    """What is kept of one issued card: no patient or user data."""
+
+    card_uuid: str
+    rule_id: str
+    indicator: str
+
+
+@dataclass(frozen=True)
+class FeedbackEntry:
+    """One validated item of a feedback request."""
+
+    card_uuid: str
+    outcome: str
+    outcome_at: datetime
+    accepted_suggestions: tuple[str, ...] = ()
+    reason_system: str | None = None
+    reason_code: str | None = None
+    reason_display: str | None = None
+    user_comment: str | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    stored: int
+    unknown_cards: tuple[str, ...]  # never issued here
+    other_service_cards: tuple[str, ...]  # issued by another service id
+
+
+class FeedbackStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, database_url: str, *, migrate_schema: bool = True) -> FeedbackStore:
+        """Connect and bring the schema to head (creating the SQLite file if needed)."""
+        store = cls(make_engine(database_url))
+        if migrate_schema:
+            migrate.upgrade(store.engine)
+        # gunicorn forks after this: leave no pooled connection behind in the master.
+        store.engine.dispose()
+        return store
+
+    @property
+    def url(self) -> str:
+        return redacted(self.engine.url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    def readiness(self) -> str | None:
+        """For /readyz: None when the database answers, else why not."""
+        try:
+            self.ping()
+        except StoreUnavailable as exc:
+            return f"unavailable: {exc}"
+        return None
+
+    def _write(self) -> Connection:
+        return self.engine.connect().execution_options(**{WRITE: True})
+
+    def record_cards(
+        self,
+        service_id: str,
+        hook_instance: str,
+        cards: Iterable[CardRecord],
+        issued_at: datetime | None = None,
+    ) -> int:
+        """Store each card once; a retried hookInstance yields the same uuids and adds nothing.
+
+        Returns how many rows were new.
+        """
+        issued_at = issued_at or datetime.now(UTC)
+        rows = {
+            card.card_uuid.lower(): {
+                "card_uuid": card.card_uuid.lower(),
+                "service_id": service_id,
+                "rule_id": card.rule_id,
+                "indicator": card.indicator,
+                "hook_instance": hook_instance,
+                "issued_at": issued_at,
+            }
+            for card in cards
+        }
+        if not rows:
+            return 0
+        try:
+            with self._write() as connection, connection.begin():
+                return _insert_cards_once(connection, list(rows.values()))
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    def store_feedback(
+        self, service_id: str, entries: Sequence[FeedbackEntry], received_at: datetime | None = None
+    ) -> FeedbackReceipt:
+        """Store every entry in one transaction, flagging those that match no card of ours."""
+        received_at = received_at or datetime.now(UTC)
+        try:
+            return self._store_feedback(service_id, entries, received_at)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    def _store_feedback(
+        self, service_id: str, entries: Sequence[FeedbackEntry], received_at: datetime
+    ) -> FeedbackReceipt:
+        uuids = sorted({entry.card_uuid.lower() for entry in entries})
+        with self._write() as connection, connection.begin():
+            issued_by: dict[str, str] = {}
+            for chunk in _chunks(uuids, 500):  # stay under any backend's bound-parameter limit
+                issued_by.update(
+                    connection.execute(
+                        select(IssuedCard.card_uuid, IssuedCard.service_id).where(
+                            IssuedCard.card_uuid.in_(chunk)
+                        )
+                    ).all()
+                )
+            unknown: list[str] = []
+            other: list[str] = []
+            rows: list[dict[str, Any]] = []
+            for entry in entries:
+                card = entry.card_uuid.lower()
+                flag = None
+                if card not in issued_by:
+                    flag = FLAG_UNKNOWN_CARD
+                    unknown.append(card)
+                elif issued_by[card] != service_id:
+                    flag = FLAG_OTHER_SERVICE
+                    other.append(card)
+                rows.append({
+                    "card_uuid": card,
+                    "service_id": service_id,
+                    "outcome": entry.outcome,
+                    "outcome_at": entry.outcome_at,
+                    "received_at": received_at,
+                    "accepted_suggestions": list(entry.accepted_suggestions) or None,
+                    "override_reason_system": entry.reason_system,
+                    "override_reason_code": entry.reason_code,
+                    "override_reason_display": entry.reason_display,
+                    "user_comment": entry.user_comment,
+                    "flag": flag,
+                })
+            if rows:
+                connection.execute(insert(Feedback), rows)
+        return FeedbackReceipt(
+            len(rows), tuple(dict.fromkeys(unknown)), tuple(dict.fromkeys(other))
+        )
+
+
+def check_reportable(database_url: str) -> str | None:
+    """Why a report cannot be read from this database, or None. Never creates or migrates:
+    a report is read-only, and only the service itself upgrades the schema."""
+    url = make_url(database_url)
+    on_disk = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+    if on_disk and not Path(str(url.database)).exists():
+        return f"no feedback database at {url.database} (the service creates it at start-up)"
+    engine = make_engine(url)
+    try:
+        revision = migrate.current_revision(engine)
+    except _UNAVAILABLE as exc:
+        return f"cannot reach {redacted(url)}: {type(exc).__name__}"
+    finally:
+        engine.dispose()
+    head = migrate.head_revision()
+    if revision != head:
+        return (
+            f"the feedback store at {redacted(url)} has schema revision {revision or 'none'}, "
+            f"this version reads {head}: start the service once to migrate it"
+        )
+    return None
+
+
+def _insert_cards_once(connection: Connection, rows: list[dict[str, Any]]) -> int:
+    dialect = connection.dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        insert_fn = sqlite_insert if dialect == "sqlite" else postgresql_insert
+        statement = (
+            insert_fn(IssuedCard)
+            .on_conflict_do_nothing(index_elements=["card_uuid"])
+            .returning(IssuedCard.id)  # rowcount is not reliable with RETURNING-capable drivers
+        )
+        return sum(len(connection.execute(statement, row).all()) for row in rows)
+    # Other backends: skip what exists; a concurrent insert of the same uuid is a retry of the
+    # same hookInstance, so losing that race loses nothing.
+    wanted = [row["card_uuid"] for row in rows]
+    existing = set(
+        connection.scalars(select(IssuedCard.card_uuid).where(IssuedCard.card_uuid.in_(wanted)))
+    )
+    added = 0
+    for row in rows:
+        if row["card_uuid"] in existing:
+            continue
+        try:
+            with connection.begin_nested():
+                connection.execute(insert(IssuedCard), row)
+            added += 1
+        except IntegrityError:
+            pass
+    return added
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

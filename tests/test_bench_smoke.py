@@ -1,0 +1,124 @@
+"""Smoke test of the benchmark (``python -m bench``): workloads and one call of each.
+
+Nothing here is about time: it checks that the generated workloads are what the README says,
+that they are valid FHIR with the intended clinical content, and that the service answers
+each with the expected card, so that ``python -m bench`` measures real work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import inprocess, servers
+from bench.floor_app import app as floor_app
+from bench.workloads import (
+    IRRELEVANT_CONDITIONS,
+    IRRELEVANT_MEDICATIONS,
+    LOINC,
+    NO_PREFETCH_MISSING,
+    OTHER_LABS,
+    BodyTemplate,
+    all_workloads,
+    large,
+    typical,
+)
+from cds_service.context.model import Coding
+from cds_service.context.normalise import model_problems
+from cds_service.knowledge import default_knowledge
+from cds_service.protocol.services import PREFETCH_KEYS
+
+
+def _counts(resources: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for resource in resources:
+        out[resource["resourceType"]] = out.get(resource["resourceType"], 0) + 1
+    return out
+
+
+def test_workloads_are_deterministic_and_sized_as_documented() -> None:
+    assert json.dumps(large().request) == json.dumps(large().request)
+    assert _counts(typical().patient) == {
+        "Patient": 1,
+        "Condition": 20,
+        "MedicationRequest": 12,
+        "MedicationStatement": 3,
+        "Observation": 10,
+    }
+    big = large()
+    counts = _counts(big.patient)
+    assert counts["Condition"] == 1000
+    assert counts["MedicationRequest"] + counts["MedicationStatement"] == 500
+    assert counts["Observation"] == 500
+    assert len(big.request["context"]["draftOrders"]["entry"]) == 3
+
+
+def test_prefetch_keys_are_the_services_own() -> None:
+    names = {key.name for key in PREFETCH_KEYS}
+    for workload in all_workloads():
+        present = set(workload.request["prefetch"])
+        assert present == names - set(workload.missing_keys)
+    no_prefetch = [w for w in all_workloads() if w.missing_keys]
+    assert {w.fhir_server_delay_ms for w in no_prefetch} == {0, 50}
+    assert all(set(w.missing_keys) == set(NO_PREFETCH_MISSING) for w in no_prefetch)
+    assert "medicationStatements" not in NO_PREFETCH_MISSING
+
+
+def test_noise_codes_match_nothing_in_the_knowledge_base() -> None:
+    knowledge = default_knowledge()
+    for icd, snomed, _ in IRRELEVANT_CONDITIONS:
+        codings = [
+            Coding("http://hl7.org/fhir/sid/icd-10-cm", icd),
+            Coding("http://snomed.info/sct", snomed),
+        ]
+        assert not knowledge.condition_groups(codings), icd
+    for code, name, text in IRRELEVANT_MEDICATIONS:
+        codings = [Coding("http://www.nlm.nih.gov/research/umls/rxnorm", code, name)]
+        assert knowledge.drug_groups(codings, f"{name} ({text})") == (frozenset(), None), name
+        assert knowledge.match_magnesium(codings, f"{name} ({text})") is None, name
+    for lab in OTHER_LABS:
+        assert knowledge.lab_kind([Coding(LOINC, lab[0])]) is None, lab[1]
+
+
+def test_generated_resources_are_valid_fhir_r4() -> None:
+    workload = typical()
+    drafts = [e["resource"] for e in workload.request["context"]["draftOrders"]["entry"]]
+    drafts += [e["resource"] for e in large().request["context"]["draftOrders"]["entry"]]
+    for resource in [*workload.patient, *drafts]:
+        assert model_problems(resource, "R4") == [], resource["id"]
+
+
+def test_each_request_has_its_own_hook_instance() -> None:
+    template = BodyTemplate(typical().request)
+    first, second = json.loads(template.render(1)), json.loads(template.render(2))
+    assert first["hookInstance"] != second["hookInstance"]
+    assert len(template.render(1)) == template.size
+    first.pop("hookInstance"), second.pop("hookInstance")
+    assert first == second
+
+
+def test_one_call_of_each_workload_answers_with_the_expected_card(tmp_path: Path) -> None:
+    workloads = all_workloads()
+    # tune_gc=False: the garbage collector settings of a server are not for the test session.
+    app = inprocess.make_app(tmp_path, "smoke", tune_gc=False)
+    prefetched = [w for w in workloads if w.fhir_server_delay_ms is None]
+    fetched = [w for w in workloads if w.fhir_server_delay_ms is not None]
+    results = [inprocess.run(app, w, iterations=1, warmup=0) for w in prefetched]
+    with servers.fixture_servers(fetched, tmp_path, [0, 50]) as urls:
+        for workload in fetched:
+            url = urls[workload.fhir_server_delay_ms or 0]
+            results.append(inprocess.run(app, workload, 1, 0, fhir_server=url))
+    for workload, result in zip([*prefetched, *fetched], results, strict=True):
+        assert dict(result.statuses) == {200: 1}, workload.name
+        assert workload.expected_rule_ids <= set(result.rule_ids), workload.name
+        stages = set(result.stages_ms)
+        assert {"parse", "validation", "context", "rules", "cards", "record"} <= stages
+
+
+def test_the_floor_parses_and_answers_no_cards() -> None:
+    client = floor_app.test_client()
+    body = BodyTemplate(typical().request).render(0)
+    path = "/cds-services/magnesium-order-sign"
+    response = client.post(path, data=body, content_type="application/json")
+    assert response.status_code == 200
+    assert response.get_json() == {"cards": []}

@@ -1,0 +1,201 @@
+"""Skipping facts no rule can use (``KnowledgeRelevance``) must change no answer.
+
+The pipeline lets the context layer skip normalising resources whose codes match nothing in
+the knowledge base (most of a chronic patient's chart). These tests build every request both
+ways and require the same clinical picture, the same findings and the same data issues.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.workloads import large, typical
+from cds_service.context.builder import (
+    DataUnavailable,
+    build_patient_context,
+    default_client_factory,
+)
+from cds_service.context.model import PatientContext
+from cds_service.knowledge import default_knowledge
+from cds_service.protocol.hook_request import HookRequest
+from cds_service.protocol.services import SERVICES
+from cds_service.rules import engine
+from cds_service.rules.picture import KnowledgeRelevance, build_picture
+from cds_service.settings import Settings
+
+REQUESTS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "requests"
+TODAY = date(2026, 11, 25)
+DRAFT_KEY = {service.hook: service.draft_orders_context_key for service in SERVICES}
+
+
+def _both_ways(body: dict[str, Any]) -> tuple[PatientContext, PatientContext]:
+    request = HookRequest.from_json(body)
+    make_client = default_client_factory(Settings(fhir_read_timeout=5))
+    key = DRAFT_KEY[request.hook]
+    everything = build_patient_context(request, make_client, key)
+    filtered = build_patient_context(
+        request, make_client, key, KnowledgeRelevance(default_knowledge())
+    )
+    return everything, filtered
+
+
+def _assert_same_answer(body: dict[str, Any]) -> PatientContext | None:
+    try:
+        everything, filtered = _both_ways(body)
+    except DataUnavailable as exc:
+        with pytest.raises(DataUnavailable) as again:
+            build_patient_context(
+                HookRequest.from_json(body),
+                default_client_factory(Settings(fhir_read_timeout=5)),
+                DRAFT_KEY[body["hook"]],
+            )
+        assert again.value.missing == exc.missing
+        return None
+    knowledge = default_knowledge()
+    assert filtered.issues == everything.issues
+    assert filtered.patient == everything.patient
+    assert filtered.draft_orders == everything.draft_orders
+    full = build_picture(everything, knowledge, TODAY)
+    lean = build_picture(filtered, knowledge, TODAY)
+    # Every fact a rule can match is there; only facts matching nothing are left out.
+    assert lean.conditions == full.conditions
+    assert lean.medications == tuple(
+        fact for fact in full.medications if fact.groups or fact.is_magnesium
+    )
+    assert lean.drafts == full.drafts
+    assert lean.labs == full.labs
+    hook = body["hook"]
+    assert engine.evaluate(filtered, knowledge, hook, TODAY) == engine.evaluate(
+        everything, knowledge, hook, TODAY
+    )
+    return filtered
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in REQUESTS_DIR.glob("*.json")))
+def test_fixture_requests_get_the_same_answer(name: str, fixture_fhir_server: str) -> None:
+    body = json.loads((REQUESTS_DIR / name).read_text(encoding="utf-8"))
+    body["fhirServer"] = fixture_fhir_server  # keys left out of prefetch are fetched
+    _assert_same_answer(body)
+
+
+@pytest.mark.parametrize("make", [typical, large], ids=["typical", "large"])
+def test_benchmark_workloads_get_the_same_answer_with_fewer_facts(make: Any) -> None:
+    workload = make()
+    filtered = _assert_same_answer(workload.request)
+    assert filtered is not None
+    prefetched = len(workload.patient) - 1  # all but the Patient
+    kept = len(filtered.conditions) + len(filtered.medications) + len(filtered.labs)
+    assert kept < prefetched  # irrelevant codes were skipped, not normalised
+
+
+def test_odd_shapes_are_kept_or_reported_exactly_as_before() -> None:
+    """Text-only and code-less resources, contained drugs, another patient's resources."""
+    body = copy.deepcopy(typical().request)
+    patient_id = body["context"]["patientId"]
+    subject = {"reference": f"Patient/{patient_id}"}
+    extra_conditions = [
+        {
+            "resourceType": "Condition",
+            "id": "text-only",
+            "subject": subject,
+            "code": {"text": "Myasthenia gravis (free text)"},
+        },
+        {"resourceType": "Condition", "id": "no-code", "subject": subject},
+        {
+            "resourceType": "Condition",
+            "id": "other-patient",
+            "subject": {"reference": "Patient/someone-else"},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "91637004"}]},
+        },
+        {
+            "resourceType": "Condition",
+            "id": "bare-code",
+            "subject": subject,
+            "code": ["G70.00", {"coding": {"code": 38341003}}],
+        },
+    ]
+    extra_statements = [
+        {
+            "resourceType": "MedicationStatement",
+            "id": "epsom",
+            "status": "active",
+            "subject": subject,
+            "medicationCodeableConcept": {"text": "Epsom salt soaks"},
+        },
+        {
+            "resourceType": "MedicationStatement",
+            "id": "no-drug",
+            "status": "active",
+            "subject": subject,
+        },
+    ]
+    extra_requests = [
+        {
+            "resourceType": "MedicationRequest",
+            "id": "by-display",
+            "status": "active",
+            "intent": "order",
+            "subject": subject,
+            "medicationReference": {"display": "Mag-Ox 400"},
+        },
+        {
+            "resourceType": "MedicationRequest",
+            "id": "contained",
+            "status": "active",
+            "intent": "order",
+            "subject": subject,
+            "contained": [
+                {
+                    "resourceType": "Medication",
+                    "id": "m1",
+                    "code": {"text": "Mineral supplement"},
+                    "ingredient": [
+                        {
+                            "itemCodeableConcept": {
+                                "coding": [
+                                    {
+                                        "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                        "code": "6581",
+                                        "display": "magnesium oxide",
+                                    }
+                                ]
+                            }
+                        }
+                    ],
+                }
+            ],
+            "medicationReference": {"reference": "#m1"},
+        },
+    ]
+    extra_labs = [
+        {"resourceType": "Observation", "id": "no-code", "status": "final", "subject": subject},
+        {
+            "resourceType": "Observation",
+            "id": "mg-text",
+            "status": "final",
+            "subject": subject,
+            "code": {"text": "Magnesium"},
+            "valueQuantity": {"value": 1.1, "unit": "mg/dL"},
+        },
+    ]
+    prefetch = body["prefetch"]
+    for key, extra in (
+        ("conditions", extra_conditions),
+        ("medicationStatements", extra_statements),
+        ("medicationRequests", extra_requests),
+        ("observations", extra_labs),
+    ):
+        prefetch[key]["entry"].extend({"resource": resource} for resource in extra)
+    filtered = _assert_same_answer(body)
+    assert filtered is not None
+    kept = {fact.source.resource_id for fact in (*filtered.conditions, *filtered.medications)}
+    assert {"text-only", "epsom", "by-display", "contained"} <= kept
+    assert "bare-code" not in kept  # codes without a system match no knowledge entry
+    reported = {issue.where for issue in filtered.issues}
+    assert len(reported) >= 4  # code-less condition/lab, drugless statement, other patient

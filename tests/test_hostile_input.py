@@ -1,0 +1,320 @@
+"""Hostile and broken input: every answer is a deliberate status with a JSON body, never a 500.
+
+Authentication is off here (``Settings(auth="off")``): these are the checks behind it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+from cds_service.app import create_app
+from cds_service.fixture_server import serve_in_background
+from cds_service.settings import Settings
+
+REQUESTS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "requests"
+SERVICE = "/cds-services/magnesium-order-select"
+
+
+def load(name: str) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads((REQUESTS_DIR / name).read_text(encoding="utf-8"))
+    body.pop("fhirServer", None)  # everything prefetched: no network in these tests
+    return body
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Flask:
+    database = tmp_path_factory.mktemp("hostile") / "cds.sqlite3"
+    return create_app(
+        Settings(auth="off", database_url=f"sqlite:///{database}", max_request_bytes=1_000_000)
+    )
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def live_url(app: Flask) -> Iterator[str]:
+    with serve_in_background(app) as url:
+        yield url
+
+
+def post(client: FlaskClient, data: bytes | str, content_type: str = "application/json") -> Any:
+    response = client.post(SERVICE, data=data, content_type=content_type)
+    assert response.is_json, response.data[:200]
+    return response
+
+
+def problems(response: Any) -> list[str]:
+    return [p["path"] for p in response.get_json().get("problems", [])]
+
+
+# --- size ----------------------------------------------------------------------------------
+
+
+def test_a_body_over_the_limit_gets_413(client: FlaskClient) -> None:
+    response = post(client, b'{"hook": "' + b"x" * 1_000_001 + b'"}')
+    assert response.status_code == 413
+    assert response.get_json()["error"] == "request-too-large"
+
+
+def test_a_chunked_body_over_the_limit_gets_413_too(live_url: str) -> None:
+    # No Content-Length: the limit must hold while streaming, not be silently truncated.
+    def chunks() -> Iterator[bytes]:
+        yield b'{"hook": "'
+        for _ in range(30):
+            yield b"x" * 50_000
+        yield b'"}'
+
+    response = requests.post(
+        live_url + SERVICE, data=chunks(), headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 413
+    assert response.json()["error"] == "request-too-large"
+
+
+def test_the_default_limit_admits_large_prefetch_bundles(tmp_path: Path) -> None:
+    assert Settings().max_request_bytes >= 10_000_000
+    app = create_app(Settings(auth="off", database_url=f"sqlite:///{tmp_path / 'db.sqlite3'}"))
+    body = load("mg-pyridostigmine.order-select.json")
+    entries = body["prefetch"]["observations"].setdefault("entry", [])
+    filler = {
+        "resourceType": "Observation",
+        "id": "filler",
+        "status": "final",
+        "code": {"text": "unrelated"},
+        "subject": {"reference": "Patient/mg-pyridostigmine"},
+        "valueString": "y" * 1000,
+    }
+    entries.extend({"resource": {**filler, "id": f"filler-{n}"}} for n in range(5000))
+    data = json.dumps(body)
+    assert len(data) > 5_000_000
+    response = app.test_client().post(SERVICE, data=data, content_type="application/json")
+    assert response.status_code == 200
+
+
+# --- JSON that is not what it seems --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+    ],
+    ids=["deep-array", "deep-object"],
+)
+def test_absurd_nesting_gets_400_not_a_recursion_error(client: FlaskClient, data: bytes) -> None:
+    response = post(client, data)
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "invalid-json"
+
+
+@pytest.mark.parametrize("depth", [50, 500, 900, 990])
+@pytest.mark.parametrize("where", ["draft", "prefetch", "context"])
+def test_deep_nesting_inside_a_valid_request_is_survived(
+    client: FlaskClient, depth: int, where: str
+) -> None:
+    body = load("mg-pyridostigmine.order-select.json")
+    if where == "draft":
+        body["context"]["draftOrders"]["entry"][0]["resource"]["note"] = "@@"
+    elif where == "prefetch":
+        body["prefetch"]["patient"]["extension"] = "@@"
+    else:
+        body["context"]["extension"] = "@@"
+    nested = '{"a":' * depth + "1" + "}" * depth
+    response = post(client, json.dumps(body).replace('"@@"', nested))
+    assert response.status_code in {200, 400}
+
+
+@pytest.mark.parametrize(
+    "data",
+    ['{"hook": NaN}', '{"hook": Infinity}', '{"hook": -Infinity}', '{"hook": ' + "9" * 5000 + "}"],
+    ids=["nan", "inf", "-inf", "5000-digit-int"],
+)
+def test_numbers_json_does_not_have_get_400(client: FlaskClient, data: str) -> None:
+    response = post(client, data)
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "invalid-json"
+
+
+def test_nan_in_a_dose_is_refused_not_compared(client: FlaskClient) -> None:
+    body = load("mg-pyridostigmine.order-select.json")
+    resource = body["context"]["draftOrders"]["entry"][0]["resource"]
+    resource["dosageInstruction"] = [{"doseAndRate": [{"doseQuantity": {"value": "@@"}}]}]
+    assert post(client, json.dumps(body).replace('"@@"', "NaN")).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"hook": "\xe9"}', "{}".encode("utf-16"), b'{"hook": "\xc3\x28"}', b"\xff\xfe\x00"],
+    ids=["latin-1", "utf-16", "bad-continuation", "garbage"],
+)
+def test_non_utf8_gets_400(client: FlaskClient, data: bytes) -> None:
+    response = post(client, data)
+    assert response.status_code == 400
+    assert "UTF-8" in response.get_json()["message"]
+
+
+@pytest.mark.parametrize("data", ["[]", '"hook"', "null", "42", "true", ""])
+def test_a_body_that_is_not_an_object_gets_400(client: FlaskClient, data: str) -> None:
+    response = post(client, data)
+    assert response.status_code == 400
+    assert problems(response)[0].startswith("$")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
+def test_not_json_content_gets_415(client: FlaskClient, content_type: str) -> None:
+    body = json.dumps(load("mg-pyridostigmine.order-select.json"))
+    response = client.post(SERVICE, data=body, content_type=content_type or None)
+    assert response.status_code == 415
+    assert response.is_json
+
+
+# --- wrong types: 400 naming the path ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path"),
+    [
+        (lambda b: b.update(hook=5), "$.hook"),
+        (lambda b: b.update(hookInstance=["x"]), "$.hookInstance"),
+        (lambda b: b.update(context=[]), "$.context"),
+        (lambda b: b.update(context=None), "$.context"),
+        (lambda b: b.update(prefetch="everything"), "$.prefetch"),
+        (lambda b: b.update(fhirServer=42), "$.fhirServer"),
+        (lambda b: b["context"].update(patientId=7), "$.context.patientId"),
+        (lambda b: b["context"].update(userId={"id": "x"}), "$.context.userId"),
+        (lambda b: b["context"].update(selections="MedicationRequest/1"), "$.context.selections"),
+        (lambda b: b["context"].update(draftOrders=[]), "$.context.draftOrders"),
+        (lambda b: b["context"]["draftOrders"].update(entry={}), "$.context.draftOrders.entry"),
+        (lambda b: b["prefetch"].update(patient="Patient/1"), "$.prefetch.patient"),
+        (
+            lambda b: b.update(
+                fhirServer="http://127.0.0.1:1",
+                fhirAuthorization={
+                    "access_token": "t",
+                    "token_type": "Bearer",
+                    "expires_in": "soon",
+                    "scope": "s",
+                    "subject": "x",
+                },
+            ),
+            "$.fhirAuthorization.expires_in",
+        ),
+        (lambda b: b.pop("context"), "$.context"),
+    ],
+)
+def test_wrong_types_get_400_naming_the_path(client: FlaskClient, mutate: Any, path: str) -> None:
+    body = load("mg-pyridostigmine.order-select.json")
+    mutate(body)
+    response = post(client, json.dumps(body))
+    assert response.status_code == 400, response.get_json()
+    assert path in problems(response), problems(response)
+
+
+# --- prefetch that is not to be trusted ----------------------------------------------------
+
+
+def myasthenia_condition(subject: str) -> dict[str, Any]:
+    conditions = load("mg-pyridostigmine.order-select.json")["prefetch"]["conditions"]
+    resource = copy.deepcopy(conditions["entry"][0]["resource"])
+    assert resource["resourceType"] == "Condition"
+    resource["id"] = "injected-myasthenia"
+    resource["subject"] = {"reference": subject}
+    return resource
+
+
+def call_with_condition(client: FlaskClient, key: str, condition: dict[str, Any]) -> Any:
+    body = load("no-relevant.order-select.json")
+    bundle = body["prefetch"].get(key) or {"resourceType": "Bundle", "type": "searchset"}
+    bundle.setdefault("entry", []).append({"resource": condition})
+    body["prefetch"][key] = bundle
+    response = post(client, json.dumps(body))
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def indicators(answer: dict[str, Any]) -> list[str]:
+    return [card["indicator"] for card in answer["cards"]]
+
+
+def data_issues(answer: dict[str, Any]) -> list[dict[str, str]]:
+    return answer.get("extension", {}).get("org.magnesium-cds", {}).get("dataIssues", [])
+
+
+def test_the_injected_condition_counts_when_it_is_the_patients(client: FlaskClient) -> None:
+    # Control: the same condition for the right patient does raise the critical card.
+    answer = call_with_condition(client, "conditions", myasthenia_condition("Patient/no-relevant"))
+    assert "critical" in indicators(answer)
+
+
+def test_prefetch_for_another_patient_is_ignored_and_reported(client: FlaskClient) -> None:
+    answer = call_with_condition(client, "conditions", myasthenia_condition("Patient/someone-else"))
+    assert "critical" not in indicators(answer)
+    issues = data_issues(answer)
+    assert any("another patient" in i["problem"] and "conditions" in i["where"] for i in issues)
+
+
+def test_prefetch_of_the_wrong_type_is_ignored_and_reported(client: FlaskClient) -> None:
+    answer = call_with_condition(
+        client, "observations", myasthenia_condition("Patient/no-relevant")
+    )
+    assert "critical" not in indicators(answer)
+    issues = data_issues(answer)
+    assert any("Condition" in i["problem"] and "observations" in i["where"] for i in issues)
+
+
+def test_a_prefetched_patient_of_another_id_is_not_taken(client: FlaskClient) -> None:
+    body = load("no-relevant.order-select.json")
+    body["prefetch"]["patient"] = {**body["prefetch"]["patient"], "id": "someone-else"}
+    response = post(client, json.dumps(body))
+    assert response.status_code in {200, 412}
+    if response.status_code == 200:
+        issues = data_issues(response.get_json())
+        assert any("prefetch.patient" in i["where"] for i in issues)
+
+
+# --- wrong types everywhere: every field of a real request, one at a time ------------------
+
+
+def _leaf_paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    if prefix:
+        yield prefix
+    children = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, child in children:
+        yield from _leaf_paths(child, (*prefix, key))
+
+
+def test_every_field_replaced_by_a_wrong_type_gets_a_deliberate_answer(client: FlaskClient) -> None:
+    base = load("mg-pyridostigmine.order-select.json")
+    failures = []
+    for path in _leaf_paths(base):
+        for wrong in ({"wrong": 1}, [1], None):  # truthy: `x or default` must not hide them
+            body = copy.deepcopy(base)
+            parent = body
+            for part in path[:-1]:
+                parent = parent[part]
+            parent[path[-1]] = wrong
+            response = client.post(SERVICE, data=json.dumps(body), content_type="application/json")
+            if response.status_code not in {200, 400, 412} or not response.is_json:
+                failures.append((path, wrong, response.status_code))
+            elif response.status_code == 400 and not problems(response):
+                failures.append((path, wrong, "400 without problems"))
+    assert not failures, failures[:10]

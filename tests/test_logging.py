@@ -1,0 +1,110 @@
+"""The log of a full authenticated request: what an operator needs, and nothing secret.
+
+One request line per call with hookInstance, service id, status, latency and rule ids; never
+the CDS Hooks JWT, the EHR's FHIR access token, the patient's name or identifiers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from auth_support import JwtIssuer
+
+from cds_service.logging_setup import REQUEST_LOGGER, JsonFormatter
+
+REQUESTS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "requests"
+SERVICE_PATH = "/cds-services/magnesium-order-select"
+SERVICE_URL = "http://localhost" + SERVICE_PATH
+FHIR_ACCESS_TOKEN = "ehr-fhir-access-token-7b1f9e2c"
+# Loggers of the test's own fixture FHIR server (it plays the EHR): not the service's log.
+EHR_SIDE = ("werkzeug", "cds_service.fixture_server")
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """Every log line the process writes, formatted exactly as in production (JSON)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(lambda record: not record.name.startswith(EHR_SIDE))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("log_level", ["INFO", "DEBUG"])
+def test_a_full_request_logs_what_is_needed_and_no_secret(
+    auth_app_factory: Any,
+    jwt_issuer: JwtIssuer,
+    fixture_fhir_server: str,
+    captured: io.StringIO,
+    log_level: str,
+) -> None:
+    # No prefetch: the service fetches from the FHIR server with the EHR's access token.
+    body = json.loads((REQUESTS_DIR / "mg-pyridostigmine.order-select.noprefetch.json").read_text())
+    body["fhirServer"] = fixture_fhir_server
+    body["fhirAuthorization"]["access_token"] = FHIR_ACCESS_TOKEN
+    patient = json.loads((REQUESTS_DIR / "mg-pyridostigmine.order-select.json").read_text())[
+        "prefetch"
+    ]["patient"]
+    app = auth_app_factory(log_level=log_level)
+    logging.getLogger().setLevel(log_level)  # create_app set it; keep it for the request
+    jwt_token = jwt_issuer.token_for(SERVICE_URL)
+    response = app.test_client().post(
+        SERVICE_PATH, json=body, headers={"Authorization": f"Bearer {jwt_token}"}
+    )
+    assert response.status_code == 200, response.get_json()
+    cards = response.get_json()["cards"]
+    assert cards
+
+    text = captured.getvalue()
+    secrets = {
+        "JWT": jwt_token,
+        "JWT signature": jwt_token.rsplit(".", 1)[1],
+        "JWT payload": jwt_token.split(".")[1],
+        "FHIR access token": FHIR_ACCESS_TOKEN,
+        "patient id": body["context"]["patientId"],
+        "patient family name": patient["name"][0]["family"],
+        "patient given name": patient["name"][0]["given"][0],
+        "patient identifier": patient["identifier"][0]["value"],
+        "birth date": patient["birthDate"],
+    }
+    leaked = [what for what, value in secrets.items() if value in text]
+    assert not leaked, f"the log holds: {leaked}"
+
+    [request_line] = [e for e in lines(captured) if e.get("event") == "request"]
+    assert request_line["logger"] == REQUEST_LOGGER
+    assert request_line["hookInstance"] == body["hookInstance"]
+    assert request_line["serviceId"] == "magnesium-order-select"
+    assert request_line["status"] == 200
+    assert isinstance(request_line["latency_ms"], float | int)
+    assert request_line["ruleIds"] and all(isinstance(r, str) for r in request_line["ruleIds"])
+
+
+def test_a_refused_request_logs_the_reason_and_no_token(
+    auth_app_factory: Any, jwt_issuer: JwtIssuer, captured: io.StringIO
+) -> None:
+    app = auth_app_factory()
+    token = jwt_issuer.token_for("http://localhost/somewhere-else")
+    response = app.test_client().post(
+        SERVICE_PATH, json={}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 401
+    entries = lines(captured)
+    assert any(e["message"].startswith("authentication failed: aud") for e in entries)
+    assert [e["status"] for e in entries if e.get("event") == "request"] == [401]
+    for part in token.split("."):
+        assert part not in captured.getvalue()

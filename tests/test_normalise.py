@@ -1,0 +1,189 @@
+"""Lenient FHIR extraction: R4, STU3 and DSTU2 shapes, and what real clients get wrong."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+import requests
+
+from cds_service.context import normalise as fhir
+from cds_service.context.fhir_client import FhirClient, FhirClientConfig
+from cds_service.context.model import Coding
+
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+
+def _order(**fields: object) -> dict[str, object]:
+    return {
+        "resourceType": "MedicationRequest",
+        "id": "o1",
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "medicationCodeableConcept": {
+            "text": "magnesium oxide 400 MG Oral Tablet",
+            "coding": [{"system": RXNORM, "code": "198741"}],
+        },
+        **fields,
+    }
+
+
+def test_r4_dose_and_timing_give_amount_and_frequency_per_day() -> None:
+    order = _order(
+        dosageInstruction=[
+            {
+                "timing": {"repeat": {"frequency": 3, "period": 1, "periodUnit": "d"}},
+                "route": {"coding": [{"system": "http://snomed.info/sct", "code": "26643006"}]},
+                "doseAndRate": [{"doseQuantity": {"value": 2, "unit": "tablet", "code": "{tbl}"}}],
+            }
+        ]
+    )
+    medication = fhir.to_medication(order, "context:draftOrders", is_draft=True)
+    assert medication is not None
+    [dose] = medication.doses
+    assert dose.quantity is not None and dose.quantity.value == 2 and dose.quantity.unit == "{tbl}"
+    assert dose.frequency_per_day == 3
+    assert medication.route[0].code == "26643006"
+    assert medication.codings == (Coding(RXNORM, "198741"),)
+
+
+def test_stu3_and_dstu2_dose_shapes() -> None:
+    stu3 = _order(
+        dosageInstruction=[
+            {
+                "doseQuantity": {"value": 1},
+                "timing": {"repeat": {"frequency": 1, "period": 12, "periodUnit": "h"}},
+            }
+        ]
+    )
+    dstu2 = {
+        **_order(),
+        "resourceType": "MedicationOrder",
+        "patient": {"reference": "Patient/p1"},
+        "dosageInstruction": [
+            {
+                "doseQuantity": {"value": 1},
+                "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnits": "d"}},
+            }
+        ],
+        "dateWritten": "2026-11-24",
+    }
+    stu3_med = fhir.to_medication(stu3, "x", is_draft=True)
+    dstu2_med = fhir.to_medication(dstu2, "x", is_draft=True)
+    assert stu3_med is not None and stu3_med.doses[0].frequency_per_day == 2
+    assert dstu2_med is not None and dstu2_med.doses[0].frequency_per_day == 1
+    assert dstu2_med.authored == datetime(2026, 11, 24, tzinfo=UTC)
+    assert fhir.subject_id(dstu2) == "p1"
+
+
+def test_contained_medication_supplies_codes_and_ingredients() -> None:
+    order = _order(
+        medicationReference={"reference": "#med"},
+        contained=[
+            {
+                "resourceType": "Medication",
+                "id": "med",
+                "code": {"text": "Antacid suspension"},
+                "ingredient": [
+                    {"itemCodeableConcept": {"coding": [{"system": RXNORM, "code": "6581"}]}},
+                    {"itemCodeableConcept": {"coding": [{"system": RXNORM, "code": "612"}]}},
+                ],
+            }
+        ],
+    )
+    del order["medicationCodeableConcept"]
+    medication = fhir.to_medication(order, "x", is_draft=True)
+    assert medication is not None
+    assert medication.text == "Antacid suspension"
+    assert [c.code for c in medication.ingredient_codings] == ["6581", "612"]
+
+
+def test_order_without_a_drug_yields_nothing() -> None:
+    order = _order()
+    del order["medicationCodeableConcept"]
+    assert fhir.to_medication(order, "x", is_draft=True) is None
+
+
+def test_statuses_as_codes_or_concepts_and_partial_dates() -> None:
+    r4 = {
+        "resourceType": "Condition",
+        "clinicalStatus": {"coding": [{"code": "active"}]},
+        "verificationStatus": {"coding": [{"code": "confirmed"}]},
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "G70.00"}]},
+        "onsetDateTime": "2019-03",
+    }
+    dstu2 = {**r4, "clinicalStatus": "active", "verificationStatus": "confirmed"}
+    for resource in (r4, dstu2):
+        condition = fhir.to_condition(resource, "x")
+        assert condition is not None
+        assert (condition.clinical_status, condition.verification_status) == ("active", "confirmed")
+        assert condition.onset == datetime(2019, 3, 1, tzinfo=UTC)
+    assert fhir.parse_date("1980") == date(1980, 1, 1)
+    assert fhir.parse_datetime("not a date") is None
+
+
+def test_single_objects_where_arrays_belong_are_read_and_repaired() -> None:
+    order = _order(category={"text": "community"}, reasonCode={"text": "cramps"})
+    repaired, notes = fhir.repair_draft(order)
+    assert isinstance(repaired["category"], list) and isinstance(repaired["reasonCode"], list)
+    assert notes == [
+        "category was a single object, read as a list",
+        "reasonCode was a single object, read as a list",
+    ]
+    assert fhir.model_problems(order, "R4")  # strict R4B rejects the original
+    assert fhir.model_problems(repaired, "R4") == []
+
+
+def test_bundle_without_type_and_outcome_entries() -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "entry": [
+            {"resource": _order()},
+            {
+                "resource": {"resourceType": "OperationOutcome", "issue": []},
+                "search": {"mode": "outcome"},
+            },
+            {"fullUrl": "urn:uuid:1"},
+        ],
+    }
+    found = list(fhir.iter_resources(bundle, "context.draftOrders"))
+    assert [(where, problem) for where, _, problem in found] == [
+        ("context.draftOrders.entry[0]", None),
+        ("context.draftOrders.entry[2]", "has no resource"),
+    ]
+
+
+def test_version_detection() -> None:
+    assert (
+        fhir.detect_fhir_version([{"resourceType": "MedicationOrder"}], "order-select") == "DSTU2"
+    )
+    assert (
+        fhir.detect_fhir_version([_order(dosageInstruction=[{"doseQuantity": {"value": 1}}])], "x")
+        == "STU3"
+    )
+    assert fhir.detect_fhir_version([_order(dosageInstruction=[{"doseAndRate": []}])], "x") == "R4"
+    assert fhir.detect_fhir_version([], "medication-prescribe") == "STU3"
+
+
+def test_fhir_client_follows_next_links_up_to_the_page_bound(fixture_fhir_server: str) -> None:
+    config = FhirClientConfig(
+        connect_timeout=2, read_timeout=5, max_pages=2, max_workers=2, max_response_bytes=1_000_000
+    )
+    client = FhirClient(fixture_fhir_server, config, session=requests.Session())
+    query = "Observation?patient=mg-pyridostigmine&_count=1"
+    total = requests.get(f"{fixture_fhir_server}/{query}", timeout=5).json()["total"]
+    assert total > 2
+    result = client.fetch("observations", query)
+    assert result.problem is None and result.resource is not None
+    assert len(result.resource["entry"]) == 2  # two pages of one, then the bound stops it
+    unbounded = FhirClient(fixture_fhir_server, FhirClientConfig(2, 5, 100, 2, 1_000_000))
+    assert len(unbounded.fetch("observations", query).resource["entry"]) == total  # type: ignore[index]
+
+
+def test_fhir_client_reports_outcomes_and_http_errors(fixture_fhir_server: str) -> None:
+    client = FhirClient(fixture_fhir_server, FhirClientConfig(2, 5, 2, 2, 1_000_000))
+    missing = client.fetch("patient", "Patient/nobody")
+    assert missing.resource is None
+    assert missing.problem is not None and "HTTP 404" in missing.problem
+    bad = client.fetch("observations", "Observation?_count=lots")
+    assert bad.problem is not None and "HTTP 400" in bad.problem
