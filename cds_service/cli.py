@@ -100,11 +100,16 @@ def _fixture_server(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    import os
     import threading
 
     from cds_service.fixture_server import run_fixture_server
     from cds_service.server import run_gunicorn
 
+    if "CDS_AUTH" not in os.environ:
+        # The demo serves synthetic patients on this machine: without JWTs, so that curl and
+        # the public sandbox work out of the box. Saying CDS_AUTH=on keeps authentication.
+        settings = settings.with_overrides(auth="off")
     fixture_url = f"http://{settings.fixture_server_host}:{settings.fixture_server_port}"
     threading.Thread(
         target=run_fixture_server,
@@ -113,7 +118,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         daemon=True,
     ).start()
     print(
-        f"CDS service:        http://{settings.host}:{settings.port}/cds-services\n"
+        f"CDS service:         http://{settings.host}:{settings.port}/cds-services"
+        f" (authentication {settings.auth})\n"
         f"Fixture FHIR server: {fixture_url} (patients: see fixtures/README.md)",
         file=sys.stderr,
         flush=True,

@@ -227,3 +227,31 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one() -> None:
     assert readme.index(run_command) < readme.index("##")  # before any section
     assert run_command.endswith("cds-service demo")
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_demo_runs_service_and_fixture_server_together_without_auth(tmp_path: Path) -> None:
+    """What the README's first command starts: the noprefetch request is answered end to end."""
+    port, fhir_port = free_port(), free_port()
+    env = {
+        "CDS_PORT": str(port),
+        "CDS_FIXTURE_SERVER_PORT": str(fhir_port),
+        "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
+        "CDS_WORKERS": "1",
+    }
+    clean_env = {k: v for k, v in os.environ.items() if k != "CDS_AUTH"}
+    process = subprocess.Popen(
+        [CDS, "demo"], env={**clean_env, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", process)
+        wait_until_up(f"http://127.0.0.1:{fhir_port}/metadata", process)
+        body = json.loads(MG_NO_PREFETCH.read_text())
+        body["fhirServer"] = f"http://127.0.0.1:{fhir_port}"
+        response = requests.post(
+            f"http://127.0.0.1:{port}/cds-services/magnesium-order-select", json=body, timeout=15
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["cards"][0]["indicator"] == "critical"
+    finally:
+        stop(process)
+    assert b"AUTHENTICATION IS OFF" in process.stderr.read()  # type: ignore[union-attr]

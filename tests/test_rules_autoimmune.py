@@ -79,15 +79,24 @@ def test_no_switch_for_good_or_unrated_forms(order: Medication) -> None:
     assert finding.proposals == ()
 
 
-def test_hashimoto_with_levothyroxine_gets_the_spacing() -> None:
+def test_hashimoto_spacing_is_general_advice_without_thyroid_hormone_on_file() -> None:
+    ctx = context(conditions=[condition("E06.3")], drafts=[draft(MG_OXIDE_400)])
+    [finding] = run(autoimmune.evaluate, ctx)
+    assert "Space magnesium from thyroid hormone replacement" in finding.detail
+
+
+def test_hashimoto_with_levothyroxine_points_to_the_interaction_card_instead() -> None:
+    # The chelation-interaction card carries the spacing and its one-click fix; saying it
+    # again here would be noise.
     ctx = context(
         conditions=[condition("E06.3")],
         medications=[medication(LEVOTHYROXINE, text="levothyroxine 100 MCG Oral Tablet")],
         drafts=[draft(MG_OXIDE_400)],
     )
     [finding] = run(autoimmune.evaluate, ctx)
-    assert "so this applies now" in finding.detail and "4 hours" in finding.detail
-    assert "stockley-levothyroxine-antacids" in finding.source_ids
+    assert "Space magnesium from thyroid hormone replacement" not in finding.detail
+    assert "levothyroxine 100 MCG Oral Tablet is on file" in finding.detail
+    assert "interaction card" in finding.detail
 
 
 @pytest.mark.parametrize(

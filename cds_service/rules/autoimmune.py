@@ -24,8 +24,6 @@ from cds_service.knowledge.model import RXNORM, ConditionGroup, MagnesiumProduct
 from cds_service.rules.derived import (
     SerumMagnesium,
     autoimmune_related,
-    ingredient_in,
-    ingredient_key,
     kidney_function,
     lower_first,
     magnesium_name,
@@ -39,6 +37,7 @@ from cds_service.rules.picture import ClinicalPicture, ConditionFact, Medication
 
 RULE_ID = "autoimmune-guidance"
 THYROID_HORMONE = "thyroid-hormone"
+THYROID_SPACING = "thyroid-spacing"  # guidance item id in conditions.json
 THYROID_GROUP = "hashimoto"
 
 
@@ -94,25 +93,22 @@ def _finding(
     unverified: list[str] = []
     sources: list[str] = []
 
+    thyroid = picture.medications_in(THYROID_HORMONE)
+    hashimoto = any(group.id == THYROID_GROUP for _, group in related)
     paragraphs = [rule.statement("case-by-case").text]
     for _, group in related:
         for item in group.guidance:
+            if item.id == THYROID_SPACING and thyroid:
+                continue  # the chelation-interaction card says it, with a one-click fix
             paragraphs.append(f"{group.display}: {item.text}")
             sources += item.source_ids
             if item.status == "unverified":
                 unverified.append(item.text)
-
-    thyroid = picture.medications_in(THYROID_HORMONE)
-    if thyroid and any(group.id == THYROID_GROUP for _, group in related):
-        for hormone in thyroid:
-            ingredient = ingredient_in(hormone, knowledge, THYROID_HORMONE)
-            interaction = knowledge.interaction_for(THYROID_HORMONE, ingredient_key(ingredient))
-            if interaction is not None:
-                paragraphs.append(
-                    f"{hormone.medication.display} is on file, so this applies now: "
-                    f"{interaction.text}"
-                )
-                sources += interaction.source_ids
+    if thyroid and hashimoto:
+        names = ", ".join(hormone.medication.display for hormone in thyroid)
+        paragraphs.append(
+            f"{names} is on file: the interaction card on this order gives the spacing."
+        )
 
     forms = [s for s in knowledge.magnesium_salts if s.autoimmune_use is not None]
     lines = []
