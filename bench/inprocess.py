@@ -66,10 +66,11 @@ def silence_service_logs() -> None:
             handler.setStream(_devnull())
 
 
-def make_app(workdir: Path, name: str, *, tune_gc: bool = True, **overrides: Any) -> Flask:
+def make_app(workdir: Path, name: str, *, process_wide: bool = True, **overrides: Any) -> Flask:
     """The service as production builds it, auth off unless overridden, SQLite in ``workdir``.
 
-    ``tune_gc``: apply the process settings ``cds-service serve`` applies (process-wide).
+    ``process_wide``: also apply the process settings ``cds-service serve`` applies (garbage
+    collector) and send the service's logs to /dev/null; off inside a test session.
     """
     values: dict[str, Any] = {
         "auth": "off",
@@ -77,10 +78,12 @@ def make_app(workdir: Path, name: str, *, tune_gc: bool = True, **overrides: Any
         **overrides,
     }
     settings = Settings(**values)
-    with contextlib.redirect_stderr(_devnull()):  # start-up logs (migrations, auth warnings)
+    if not process_wide:
         app = create_app(settings)
-    silence_service_logs()
-    if tune_gc:
+    else:
+        with contextlib.redirect_stderr(_devnull()):  # start-up logs (migrations, auth)
+            app = create_app(settings)
+        silence_service_logs()
         server.tune_gc()
     # Registered before the first request (Flask refuses set-up after it).
     timings: list[dict[str, float]] = []

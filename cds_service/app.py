@@ -12,7 +12,7 @@ from cds_service.context.builder import ClientFactory, default_client_factory
 from cds_service.knowledge import Knowledge, default_knowledge, load_knowledge
 from cds_service.logging_setup import configure_logging, install_request_logging
 from cds_service.pipeline import HookPipeline
-from cds_service.protocol.auth import install_auth
+from cds_service.protocol.auth import install_auth, shared_replay_guard
 from cds_service.protocol.blueprint import CARD_RECORDER_EXTENSION, PIPELINE_EXTENSION, bp
 from cds_service.protocol.cors import install_cors
 from cds_service.protocol.errors import register_error_handlers
@@ -67,7 +67,8 @@ def create_app(
     install_request_logging(app)
     # CORS first: preflight is answered before authentication, which it cannot carry.
     install_cors(app, settings)
-    install_auth(app, settings)
+    # The store is shared by every worker and instance: so is the jti replay cache.
+    install_auth(app, settings, replay_guard=shared_replay_guard(store.remember_token))
     app.register_blueprint(bp)
     app.register_blueprint(feedback_bp)
 

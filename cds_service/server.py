@@ -52,9 +52,9 @@ class _GunicornApp(BaseApplication):  # type: ignore[misc]
         return self._app
 
 
-# A request parses its JSON into tens of thousands of objects (a large chart: ~300,000) that
-# all live until the answer is sent. CPython's default threshold (700 allocations) then runs
-# collection after collection mid-request, full ones included, each walking everything the
+# A request parses its JSON into thousands of containers (a large chart: ~40,000 dicts and
+# lists) that all live until the answer is sent. CPython's default threshold (700 allocations)
+# then runs collection after collection mid-request, full ones included, each walking what the
 # request holds: that doubled a large chart's latency (bench/). Reference counting frees
 # request data, so the cycle collector runs every GC_THRESHOLD allocations instead.
 GC_THRESHOLD = 50_000

@@ -99,8 +99,8 @@ def test_each_request_has_its_own_hook_instance() -> None:
 
 def test_one_call_of_each_workload_answers_with_the_expected_card(tmp_path: Path) -> None:
     workloads = all_workloads()
-    # tune_gc=False: the garbage collector settings of a server are not for the test session.
-    app = inprocess.make_app(tmp_path, "smoke", tune_gc=False)
+    # Not process-wide: a server's GC settings and silenced logs are not for a test session.
+    app = inprocess.make_app(tmp_path, "smoke", process_wide=False)
     prefetched = [w for w in workloads if w.fhir_server_delay_ms is None]
     fetched = [w for w in workloads if w.fhir_server_delay_ms is not None]
     results = [inprocess.run(app, w, iterations=1, warmup=0) for w in prefetched]

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import requests
+from requests.adapters import HTTPAdapter
+
 from cds_service.context import normalise as fhir
 from cds_service.context.fhir_client import FetchResult, FhirClient, FhirClientConfig
 from cds_service.context.model import (
@@ -78,9 +81,15 @@ def client_config(settings: Settings) -> FhirClientConfig:
 
 def default_client_factory(settings: Settings) -> ClientFactory:
     config = client_config(settings)
+    # One connection pool per process, so consecutive calls to the same EHR reuse their
+    # connections; each call still gets its own Session (no cookies shared between calls).
+    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=max(10, config.max_workers * 4))
 
     def make(base_url: str, token: str | None) -> FhirClient:
-        return FhirClient(base_url, config, access_token=token)
+        session = requests.Session()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return FhirClient(base_url, config, access_token=token, session=session)
 
     return make
 

@@ -6,12 +6,15 @@ a key of the issuer's JWK Set, ``iss`` trusted, ``jku`` allowlisted for that iss
 exact URL called, ``exp``/``iat`` with leeway, ``jti`` not seen before, ``tenant`` allowed.
 Any failure answers 401 with a generic body; the reason goes to the log, never the token.
 
-The replay cache lives in process memory: with several gunicorn workers, a token replayed to
-another worker within its lifetime is not caught.
+Replays are caught at two levels: a bounded cache in process memory (no database round trip
+for a replay to the same worker), then a ``replay_guard`` shared by every worker and instance
+(``create_app`` backs it with the database). If the shared guard cannot answer, the token is
+refused: fail closed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import logging
@@ -19,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,10 @@ SANDBOX_JWKS_FILE = Path(__file__).with_name("sandbox-jwks.json")
 TRUSTED_ISSUERS_SCHEMA = "trusted-issuers.schema.json"
 
 UNAUTHORIZED_BODY = {"error": "unauthorized", "message": "authentication failed"}
+
+# Records ``(iss, jti)`` until ``expires_at`` (epoch seconds): True on first use, False on a
+# replay; raises when it cannot tell (the token is then refused).
+ReplayGuard = Callable[[tuple[str, str], float], bool]
 
 
 class AuthError(Exception):
@@ -166,11 +174,31 @@ class ReplayCache:
             self._expiry[key] = expires_at
             heapq.heappush(self._heap, (expires_at, key))
 
+    def forget(self, key: tuple[str, str]) -> None:
+        """Drop ``key``: its token was refused after all, so it was never used."""
+        with self._lock:
+            self._expiry.pop(key, None)  # its heap entry no longer matches and is skipped
+
     def _purge(self, now: float) -> None:
         while self._heap and self._heap[0][0] <= now:
             expires_at, key = heapq.heappop(self._heap)
             if self._expiry.get(key) == expires_at:
                 del self._expiry[key]
+
+
+def replay_token_key(iss: str, jti: str) -> str:
+    """What the shared replay cache keeps of a token: a digest, never the jti or the token."""
+    # surrogatepass: a JSON jti may hold a lone surrogate; it must still hash, not raise.
+    return hashlib.sha256(f"{iss}\n{jti}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def shared_replay_guard(remember_token: Callable[[str, datetime], bool]) -> ReplayGuard:
+    """A ReplayGuard over a shared store's ``remember_token(token_key, expires_at)``."""
+
+    def guard(key: tuple[str, str], expires_at: float) -> bool:
+        return remember_token(replay_token_key(*key), datetime.fromtimestamp(expires_at, UTC))
+
+    return guard
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -187,10 +215,12 @@ class TokenVerifier:
         replay: ReplayCache,
         leeway: float,
         clock: Callable[[], float] = time.time,
+        replay_guard: ReplayGuard | None = None,
     ) -> None:
         self.issuers = dict(issuers)
         self.jwks = jwks
         self.replay = replay
+        self.replay_guard = replay_guard
         self.leeway = leeway
         self._clock = clock
 
@@ -251,8 +281,23 @@ class TokenVerifier:
         if allowed is not None and (not isinstance(tenant, str) or tenant not in allowed):
             raise AuthError(f"tenant {_show(tenant)} is not allowed for {iss}")
         # Last, so that a token refused for another reason cannot burn a jti.
-        self.replay.remember((iss, jti), exp + self.leeway)
+        self._check_replay((iss, jti), exp + self.leeway)
         return claims
+
+    def _check_replay(self, key: tuple[str, str], expires_at: float) -> None:
+        self.replay.remember(key, expires_at)  # this process first: no database round trip
+        if self.replay_guard is None:
+            return
+        try:
+            first_use = self.replay_guard(key, expires_at)
+        except Exception as exc:
+            # Fail closed; and the token was not used, so a retry may pass once the guard is back.
+            self.replay.forget(key)
+            raise AuthError(
+                f"shared replay cache unavailable ({type(exc).__name__}: {_show(str(exc))})"
+            ) from None
+        if not first_use:
+            raise AuthError("jti was already used (replay, seen by another worker or instance)")
 
     def _key(self, issuer: TrustedIssuer, jku: Any, kid: str) -> SigningKey:
         if jku is not None and jku not in issuer.jku:
@@ -305,25 +350,39 @@ def unauthorized() -> Response:
     return response
 
 
-def build_verifier(settings: Settings, jwks: JwksCache | None = None) -> TokenVerifier:
+def build_verifier(
+    settings: Settings,
+    jwks: JwksCache | None = None,
+    replay_guard: ReplayGuard | None = None,
+) -> TokenVerifier:
     issuers = trusted_issuers(settings)
     return TokenVerifier(
         issuers,
         jwks or JwksCache(ttl=settings.jwks_cache_seconds, timeout=settings.jwks_timeout_seconds),
         ReplayCache(settings.jti_cache_max),
         leeway=settings.jwt_leeway_seconds,
+        replay_guard=replay_guard,
     )
 
 
-def install_auth(app: Flask, settings: Settings, *, jwks: JwksCache | None = None) -> None:
-    """Guard every ``/cds-services`` request; ``CDS_AUTH=off`` installs nothing, loudly."""
+def install_auth(
+    app: Flask,
+    settings: Settings,
+    *,
+    jwks: JwksCache | None = None,
+    replay_guard: ReplayGuard | None = None,
+) -> None:
+    """Guard every ``/cds-services`` request; ``CDS_AUTH=off`` installs nothing, loudly.
+
+    Without ``replay_guard`` a replay is caught only by the process that saw the token first.
+    """
     if settings.auth == "off":
         log.warning(
             "AUTHENTICATION IS OFF (CDS_AUTH=off): anyone who can reach this service can call "
             "it. For local demos only; never expose it."
         )
         return
-    verifier = build_verifier(settings, jwks)
+    verifier = build_verifier(settings, jwks, replay_guard)
     if not verifier.issuers:
         log.error(
             "authentication is on but no issuer is trusted: every CDS Hooks call will get 401. "

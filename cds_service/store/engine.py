@@ -26,7 +26,9 @@ WRITE = "cds_write"
 
 def make_engine(database_url: str | URL) -> Engine:
     url = make_url(database_url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # A server connection can die between requests; a local SQLite file cannot, so it skips
+    # the extra round trip on every checkout.
+    kwargs: dict[str, Any] = {"pool_pre_ping": url.get_backend_name() != "sqlite"}
     if url.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {
             "check_same_thread": False,  # the pool hands connections to gunicorn's threads
@@ -55,6 +57,10 @@ def _configure_sqlite(engine: Engine, *, in_memory: bool) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             if not in_memory:
                 cursor.execute("PRAGMA journal_mode = WAL")
+                # In WAL mode, NORMAL syncs at checkpoints rather than at every commit: a
+                # crash of the service loses nothing; a power cut may lose the last commits
+                # of an audit trail, not clinical data. It halves the cost of every call.
+                cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
             cursor.close()

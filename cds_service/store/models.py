@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import CHAR, JSON, DateTime, Index, Integer, MetaData, String, Text, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -96,3 +96,17 @@ class Feedback(Base):
     flag: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     __table_args__ = (Index("ix_feedback_card_uuid", "card_uuid"),)
+
+
+class SeenToken(Base):
+    """A JWT already accepted, kept until it expires: the replay cache shared by every worker
+    and instance. Only a digest of its ``iss`` and ``jti`` is kept, never the jti or token."""
+
+    __tablename__ = "seen_tokens"
+
+    # sha256 hex of iss + "\n" + jti: the primary key makes a second insert collide.
+    token_key: Mapped[str] = mapped_column(CHAR(64), primary_key=True)
+    # exp + leeway: until then the same iss/jti is a replay.
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index("ix_seen_tokens_expires_at", "expires_at"),)

@@ -1,4 +1,5 @@
-"""FeedbackStore: records the cards we issue and the feedback clients send about them.
+"""FeedbackStore: records the cards we issue and the feedback clients send about them, and
+keeps the JWT replay cache that every worker and instance shares.
 
 Every write is one short transaction; on SQLite it takes the write lock up front (see
 ``engine.py``), so concurrent writers from several processes queue instead of failing.
@@ -6,13 +7,15 @@ Every write is one short transaction; on SQLite it takes the write lock up front
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, text
+from sqlalchemy import Connection, Engine, delete, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -21,10 +24,23 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from cds_service.store import migrate
 from cds_service.store.engine import WRITE, make_engine, redacted
-from cds_service.store.models import FLAG_OTHER_SERVICE, FLAG_UNKNOWN_CARD, Feedback, IssuedCard
+from cds_service.store.models import (
+    FLAG_OTHER_SERVICE,
+    FLAG_UNKNOWN_CARD,
+    Feedback,
+    IssuedCard,
+    SeenToken,
+)
+
+log = logging.getLogger(__name__)
 
 # What "the database is not there right now" looks like, as opposed to a bug.
 _UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+# Expired replay-cache rows are deleted once every this many tokens (per process): cheap
+# enough, and the table stays near the number of tokens live at once.
+TOKEN_PURGE_EVERY = 500
+# Backends whose INSERT ... ON CONFLICT ... RETURNING decides a token in one statement.
+_UPSERT_DIALECTS = frozenset({"sqlite", "postgresql"})
 
 
 class StoreUnavailable(RuntimeError):
@@ -64,6 +80,8 @@ class FeedbackReceipt:
 class FeedbackStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.token_purge_every = TOKEN_PURGE_EVERY
+        self._tokens_remembered = itertools.count(1)  # next() is atomic under the GIL
 
     @classmethod
     def open(cls, database_url: str, *, migrate_schema: bool = True) -> FeedbackStore:
@@ -187,6 +205,40 @@ class FeedbackStore:
         )
 
 
+    def remember_token(
+        self, token_key: str, expires_at: datetime, *, now: datetime | None = None
+    ) -> bool:
+        """Record an accepted JWT until ``expires_at``: True on first use, False on a replay.
+
+        One INSERT on the primary key, so of concurrent calls with the same key (any worker,
+        any instance) exactly one gets True. A row already expired at ``now`` is taken over:
+        once a token has expired its jti may be used again. StoreUnavailable when the
+        database cannot say; the caller must then refuse the token.
+        """
+        now = now or datetime.now(UTC)
+        try:
+            with self._write() as connection, connection.begin():
+                first_use = _remember_token(connection, token_key, expires_at, now)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        if next(self._tokens_remembered) % self.token_purge_every == 0:
+            try:
+                self.purge_expired_tokens(now)
+            except StoreUnavailable as exc:  # the token is recorded; the next purge catches up
+                log.warning("could not purge expired replay-cache rows: %s", exc)
+        return first_use
+
+    def purge_expired_tokens(self, now: datetime | None = None) -> int:
+        """Delete the replay-cache rows of tokens expired at ``now``; returns how many."""
+        now = now or datetime.now(UTC)
+        try:
+            with self._write() as connection, connection.begin():
+                result = connection.execute(delete(SeenToken).where(SeenToken.expires_at < now))
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        return int(result.rowcount)
+
+
 def check_reportable(database_url: str) -> str | None:
     """Why a report cannot be read from this database, or None. Never creates or migrates:
     a report is read-only, and only the service itself upgrades the schema."""
@@ -237,6 +289,38 @@ def _insert_cards_once(connection: Connection, rows: list[dict[str, Any]]) -> in
         except IntegrityError:
             pass
     return added
+
+
+def _remember_token(
+    connection: Connection, token_key: str, expires_at: datetime, now: datetime
+) -> bool:
+    row = {"token_key": token_key, "expires_at": expires_at}
+    # A row expiring exactly now still guards a token the verifier would accept (exp is
+    # inclusive), so only strictly earlier ones may be taken over.
+    expired = SeenToken.expires_at < now
+    dialect = connection.dialect.name
+    if dialect in _UPSERT_DIALECTS:
+        insert_fn = sqlite_insert if dialect == "sqlite" else postgresql_insert
+        statement = insert_fn(SeenToken).values(row)
+        statement = statement.on_conflict_do_update(
+            index_elements=["token_key"],
+            set_={"expires_at": statement.excluded.expires_at},
+            where=expired,
+        ).returning(SeenToken.token_key)  # a row back: inserted, or an expired one taken over
+        return connection.execute(statement).first() is not None
+    # Other backends: the primary key refuses the second insert; the savepoint keeps the
+    # transaction usable for taking over an expired row.
+    try:
+        with connection.begin_nested():
+            connection.execute(insert(SeenToken), row)
+        return True
+    except IntegrityError:
+        taken_over = connection.execute(
+            update(SeenToken)
+            .where(SeenToken.token_key == token_key, expired)
+            .values(expires_at=expires_at)
+        )
+        return taken_over.rowcount == 1
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
