@@ -2,20 +2,18 @@
 
 It reads and parses the same request JSON and answers ``{"cards": []}``. Whatever the real
 service costs above this is ours; below it nothing can go. Run: ``python -m bench.floor_app``
-(binds ``CDS_HOST:CDS_PORT`` with ``gunicorn_options(Settings.from_env())`` and the same
-process settings, ``tune_gc``, as ``cds-service serve``).
+(binds ``CDS_HOST:CDS_PORT`` through ``run_wsgi_app``, the same gunicorn options and process
+settings as ``cds-service serve``).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
-from gunicorn.app.base import BaseApplication
 
-from cds_service.server import gunicorn_options, tune_gc
+from cds_service.server import run_wsgi_app
 from cds_service.settings import Settings
 
 app = Flask(__name__)
@@ -32,25 +30,8 @@ def healthz() -> ResponseReturnValue:
     return jsonify({"status": "ok"})
 
 
-class FloorServer(BaseApplication):  # type: ignore[misc]
-    """Same loading as ``cds_service.server``: options set verbatim, the app preloaded."""
-
-    def __init__(self, options: dict[str, Any]) -> None:
-        self._options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self._options.items():
-            if key in self.cfg.settings and value is not None:
-                self.cfg.set(key, value)
-
-    def load(self) -> Flask:
-        return app
-
-
 def main() -> None:
-    tune_gc()  # the same process settings as `cds-service serve`
-    FloorServer(gunicorn_options(Settings.from_env())).run()
+    run_wsgi_app(app, Settings.from_env())  # exactly how `cds-service serve` runs ours
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-class _GunicornApp(BaseApplication):  # type: ignore[misc]
+class GunicornApp(BaseApplication):  # type: ignore[misc]
     def __init__(self, app: Flask, options: dict[str, Any]) -> None:
         self._app = app
         self._options = options
@@ -71,7 +71,12 @@ def tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD)
 
 
-def run_gunicorn(settings: Settings) -> None:
-    app = create_app(settings)
+def run_wsgi_app(app: Flask, settings: Settings) -> None:
+    """Serve any Flask app with the production gunicorn configuration (the benchmark's floor
+    uses it too, so both are measured under identical settings)."""
     tune_gc()  # preload_app: the workers fork from this process
-    _GunicornApp(app, gunicorn_options(settings)).run()
+    GunicornApp(app, gunicorn_options(settings)).run()
+
+
+def run_gunicorn(settings: Settings) -> None:
+    run_wsgi_app(create_app(settings), settings)

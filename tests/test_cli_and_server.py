@@ -6,10 +6,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 import zipfile
 from collections.abc import Iterator
@@ -17,102 +15,50 @@ from pathlib import Path
 
 import pytest
 import requests
+from processes import CDS, Served, free_port, run_cds, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-CDS = str(BIN / "cds-service")
 MG_REQUEST = ROOT / "fixtures" / "requests" / "mg-pyridostigmine.order-select.json"
 MG_NO_PREFETCH = ROOT / "fixtures" / "requests" / "mg-pyridostigmine.order-select.noprefetch.json"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until_up(url: str, process: subprocess.Popen[bytes], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(
-                f"process exited with {process.returncode}: {process.stderr.read()!r}"
-            )  # type: ignore[union-attr]
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} did not come up in {seconds} s")
-
-
-def start(args: list[str], env: dict[str, str], probe_url: str) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [CDS, *args], env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    wait_until_up(probe_url, process)
-    return process
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+@pytest.fixture(scope="module")
+def fixture_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("fixture-server") / "fixture-server.log"
+    command = ["fixture-server", "--host", "127.0.0.1", "--port", str(port)]
+    with run_cds(command, {}, log, port=port, probe="/metadata") as served:
+        yield served.url
 
 
 @pytest.fixture(scope="module")
-def fixture_server_process() -> Iterator[str]:
+def gunicorn_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = start(
-        ["fixture-server", "--host", "127.0.0.1", "--port", str(port)], {}, f"{url}/metadata"
-    )
-    yield url
-    stop(process)
-
-
-@pytest.fixture(scope="module")
-def gunicorn_service(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    database = tmp_path_factory.mktemp("gunicorn") / "cds.sqlite3"
+    directory = tmp_path_factory.mktemp("gunicorn")
     env = {
         "CDS_AUTH": "off",
         "CDS_WORKERS": "2",
         "CDS_THREADS": "2",
-        "CDS_DATABASE_URL": f"sqlite:///{database}",
+        "CDS_DATABASE_URL": f"sqlite:///{directory / 'cds.sqlite3'}",
     }
-    process = start(["serve", "--host", "127.0.0.1", "--port", str(port)], env, f"{url}/healthz")
-    yield url, process
-    stop(process)
+    command = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    with run_cds(command, env, directory / "serve.log", port=port, workers=2) as served:
+        yield served
 
 
-def test_serve_runs_gunicorn_with_the_configured_workers(
-    gunicorn_service: tuple[str, subprocess.Popen[bytes]],
-) -> None:
-    url, process = gunicorn_service
-    # Workers boot one after another; the first may answer before the second is forked.
-    deadline = time.monotonic() + 20
-    while True:
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        if len(children) >= 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert len(children) == 2  # CDS_WORKERS=2 gunicorn workers under the master
+def test_serve_runs_gunicorn_with_the_configured_workers(gunicorn_service: Served) -> None:
+    assert len(gunicorn_service.workers()) == 2  # CDS_WORKERS=2 workers under the master
+    url = gunicorn_service.url
     assert requests.get(f"{url}/readyz", timeout=5).json()["status"] == "ready"
     services = requests.get(f"{url}/cds-services", timeout=5).json()["services"]
     assert len(services) == 4
 
 
 def test_gunicorn_answers_the_myasthenia_request_with_the_critical_card(
-    gunicorn_service: tuple[str, subprocess.Popen[bytes]],
+    gunicorn_service: Served,
 ) -> None:
-    url, _ = gunicorn_service
+    url = gunicorn_service.url
     body = json.loads(MG_REQUEST.read_text())
     response = requests.post(f"{url}/cds-services/magnesium-order-select", json=body, timeout=15)
     assert response.status_code == 200
@@ -229,7 +175,9 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one() -> None:
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
-def test_demo_runs_service_and_fixture_server_together_without_auth(tmp_path: Path) -> None:
+def test_demo_runs_service_and_fixture_server_together_without_auth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What the README's first command starts: the noprefetch request is answered end to end."""
     port, fhir_port = free_port(), free_port()
     env = {
@@ -238,20 +186,14 @@ def test_demo_runs_service_and_fixture_server_together_without_auth(tmp_path: Pa
         "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
         "CDS_WORKERS": "1",
     }
-    clean_env = {k: v for k, v in os.environ.items() if k != "CDS_AUTH"}
-    process = subprocess.Popen(
-        [CDS, "demo"], env={**clean_env, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/healthz", process)
-        wait_until_up(f"http://127.0.0.1:{fhir_port}/metadata", process)
+    monkeypatch.delenv("CDS_AUTH", raising=False)  # the demo's own default applies
+    with run_cds(["demo"], env, tmp_path / "demo.log", port=port) as served:
+        wait_until_up(f"http://127.0.0.1:{fhir_port}/metadata", served.process)
         body = json.loads(MG_NO_PREFETCH.read_text())
         body["fhirServer"] = f"http://127.0.0.1:{fhir_port}"
         response = requests.post(
-            f"http://127.0.0.1:{port}/cds-services/magnesium-order-select", json=body, timeout=15
+            f"{served.url}/cds-services/magnesium-order-select", json=body, timeout=15
         )
         assert response.status_code == 200, response.text
         assert response.json()["cards"][0]["indicator"] == "critical"
-    finally:
-        stop(process)
-    assert b"AUTHENTICATION IS OFF" in process.stderr.read()  # type: ignore[union-attr]
+        assert any("AUTHENTICATION IS OFF" in line for line in served.log_lines())

@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
+from processes import free_port, run_cds
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -243,50 +239,17 @@ def test_feedback_needs_a_jwt_when_auth_is_on(auth_app_factory: Any, jwt_issuer:
 # --- a real `cds-service serve`: gunicorn, two workers, one SQLite file ------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(base URL, database URL) of `cds-service serve` with 2 workers on a fresh SQLite file."""
     directory = tmp_path_factory.mktemp("gunicorn-feedback")
     database_url = f"sqlite:///{directory / 'cds.sqlite3'}"
-    # A file, not a pipe: a full pipe nobody reads would block the server.
-    log = (directory / "serve.log").open("wb")
     port = free_port()
-    env = {**os.environ, "CDS_AUTH": "off", "CDS_WORKERS": "2", "CDS_THREADS": "4",
+    env = {"CDS_AUTH": "off", "CDS_WORKERS": "2", "CDS_THREADS": "4",
            "CDS_DATABASE_URL": database_url, "CDS_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "cds-service"), "serve", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"serve exited: {(directory / 'serve.log').read_text()}")
-            try:
-                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("cds-service serve did not become ready in 60 s")
-            time.sleep(0.2)
-        yield url, database_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    command = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    with run_cds(command, env, directory / "serve.log", port=port, probe="/readyz") as served:
+        yield served.url, database_url
 
 
 def test_gunicorn_workers_lose_no_card_and_no_feedback(gunicorn: tuple[str, str]) -> None:

@@ -9,10 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +19,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
+from processes import free_port, run_cds, worker_pids
 
 from cds_service.app import create_app
 from cds_service.context.builder import client_config
@@ -351,17 +348,6 @@ def test_fuzzed_fhir_resources_get_deliberate_json_answers(
 # --- real gunicorn: the workers survive ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _workers(master: int) -> set[int]:
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return {int(pid) for pid in children}
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -375,59 +361,22 @@ def gunicorn_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     """(base URL, master pid, log file) of ``cds-service serve`` under real gunicorn."""
     if not Path("/proc/self/task").exists():
         pytest.skip("needs /proc to find gunicorn's workers")
-    port = _free_port()
+    port = free_port()
     directory = tmp_path_factory.mktemp("fuzz-gunicorn")
-    database = directory / "cds.sqlite3"
-    log_path = directory / "gunicorn.log"
-    log_file = log_path.open("wb")
     env = {
-        **os.environ,
         "CDS_AUTH": "off",
         "CDS_WORKERS": "2",
         "CDS_THREADS": "4",
-        "CDS_DATABASE_URL": f"sqlite:///{database}",
+        "CDS_DATABASE_URL": f"sqlite:///{directory / 'cds.sqlite3'}",
         "CDS_MAX_REQUEST_BYTES": "1000000",
         "CDS_FHIR_CONNECT_TIMEOUT": "0.5",
         "CDS_FHIR_READ_TIMEOUT": "0.5",
         "CDS_LOG_LEVEL": "WARNING",
     }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cds_service.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=log_file,
-        stderr=log_file,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        assert process.poll() is None, "gunicorn exited at start-up"
-        try:
-            if (
-                requests.get(f"{url}/healthz", timeout=1).status_code == 200
-                and len(_workers(process.pid)) == 2
-            ):
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, "gunicorn did not come up"
-        time.sleep(0.2)
-    yield url, process.pid, log_path
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    log_file.close()
+    command = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    log_path = directory / "gunicorn.log"
+    with run_cds(command, env, log_path, port=port, workers=2, seconds=30) as served:
+        yield served.url, served.process.pid, log_path
 
 
 def _hostile_bodies() -> Iterator[tuple[str, bytes, str]]:
@@ -453,7 +402,7 @@ def _hostile_bodies() -> Iterator[tuple[str, bytes, str]]:
 
 def test_gunicorn_workers_survive_hostile_traffic(gunicorn_url: tuple[str, int, Path]) -> None:
     url, master, log_path = gunicorn_url
-    workers = _workers(master)
+    workers = worker_pids(master)
     assert len(workers) == 2
     # A fresh connection per request: after a 413 gunicorn drains at most 64 KiB of the unread
     # body and then closes the connection, so a reused one can be gone (not a dead worker).
@@ -505,5 +454,5 @@ def test_gunicorn_workers_survive_hostile_traffic(gunicorn_url: tuple[str, int, 
     fuzz()
 
     assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
-    assert _workers(master) == workers, "a gunicorn worker died and was replaced"
+    assert worker_pids(master) == workers, "a gunicorn worker died and was replaced"
     assert all(_alive(pid) for pid in workers)

@@ -6,14 +6,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import pytest
 import requests
 from auth_support import JwksServer, JwtIssuer, write_trusted_issuers
+from processes import Served, free_port, run_cds
 from sqlalchemy import select
 
 from cds_service.store import FeedbackStore
@@ -205,21 +204,21 @@ def test_an_unreachable_database_refuses_the_token_and_says_why(
 # --- the real thing: one gunicorn, two workers, one SQLite file ----------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Service:
-    url: str
+    served: Served
     issuer: JwtIssuer
-    process: subprocess.Popen[str]
-    log: list[str] = field(default_factory=list)  # stderr lines, read as they come
+
+    @property
+    def url(self) -> str:
+        return self.served.url
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.served.process
 
     def count(self, message: str) -> int:
-        return sum(1 for line in list(self.log) if _message(line) == message)
+        return sum(1 for line in self.served.log_lines() if _message(line) == message)
 
     def wait_for_log(self, message: str, at_least: int, seconds: float = 10) -> int:
         deadline = time.monotonic() + seconds
@@ -245,7 +244,6 @@ def two_workers(
     trusted = write_trusted_issuers(workdir / "trusted-issuers.json", issuer.issuer_entry())
     port = free_port()
     env = {
-        **os.environ,
         "CDS_AUTH": "on",
         "CDS_TRUSTED_ISSUERS_FILE": str(trusted),
         "CDS_TRUST_SANDBOX": "false",
@@ -255,47 +253,9 @@ def two_workers(
         "CDS_LOG_LEVEL": "INFO",
         "CDS_DATABASE_URL": f"sqlite:///{workdir / 'cds.sqlite3'}",
     }
-    process = subprocess.Popen(
-        [CDS, "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    service = Service(f"http://127.0.0.1:{port}", issuer, process)
-    assert process.stderr is not None
-    stderr = process.stderr
-
-    def read_log() -> None:
-        for line in stderr:
-            service.log.append(line)
-
-    threading.Thread(target=read_log, daemon=True).start()
-    try:
-        _wait_for_two_workers(service)
-        yield service
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_for_two_workers(service: Service, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    pid = service.process.pid
-    while time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            raise AssertionError(f"cds-service serve exited: {''.join(service.log)[-2000:]}")
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        try:
-            up = requests.get(f"{service.url}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            up = False
-        if up and len(children) == 2:
-            time.sleep(0.5)  # the second worker may still be between fork and accept()
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"two workers did not come up in {seconds} s")
+    command = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    with run_cds(command, env, workdir / "serve.log", port=port, workers=2) as served:
+        yield Service(served, issuer)
 
 
 def send(service: Service, token: str) -> int:
