@@ -268,7 +268,12 @@ def run_inprocess(plan: Plan, workloads: dict[str, Workload], workdir: Path) -> 
     # Authentication's cost: the typical call with a real ES256 JWT to verify.
     issuer = inprocess.JwtIssuer.create(workdir)
     jwt_app = inprocess.make_app(
-        workdir, "inprocess-jwt", auth="on", trusted_issuers_file=str(issuer.issuers_file)
+        workdir,
+        "inprocess-jwt",
+        auth="on",
+        trusted_issuers_file=str(issuer.issuers_file),
+        # What Flask's test client calls; aud is never taken from the Host header.
+        external_base_url="http://localhost",
     )
     iterations, warmup = plan.jwt_iterations
     typical = workloads["typical"]

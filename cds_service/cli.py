@@ -8,9 +8,12 @@ import sys
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cds_service.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from cds_service.protocol.errors import ApiError
 
 EXIT_INVALID = 2
 EXIT_DATA_UNAVAILABLE = 3
@@ -24,7 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"cds-service: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    return int(args.handler(args, settings) or 0)
+    try:
+        return int(args.handler(args, settings) or 0)
+    except SettingsError as exc:
+        # Found at start-up (trusted issuers, aud base URLs): one line naming it, no traceback.
+        print(f"cds-service: {exc}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,32 +140,37 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from cds_service.context.builder import DataUnavailable, default_client_factory
     from cds_service.knowledge import default_knowledge, load_knowledge
     from cds_service.pipeline import HookPipeline
+    from cds_service.protocol.errors import ApiError
     from cds_service.protocol.hook_request import HookRequest
     from cds_service.protocol.services import SERVICES, SERVICES_BY_ID
-    from cds_service.protocol.validation import schema_problems
+    from cds_service.protocol.validation import check_hook, parse_json_bytes, validate_or_400
 
+    if args.service and args.service not in SERVICES_BY_ID:
+        print(f"cds-service: unknown service {args.service!r}", file=sys.stderr)
+        return EXIT_INVALID
     try:
-        body: Any = json.loads(args.request.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        print(f"cds-service: cannot read {args.request}: {exc}", file=sys.stderr)
+        raw = args.request.read_bytes()
+    except OSError as exc:
+        print(f"cds-service: cannot read {args.request}: {exc.strerror}", file=sys.stderr)
         return EXIT_INVALID
-    if isinstance(body, dict) and args.fhir_server:
-        body["fhirServer"] = args.fhir_server
-    problems = schema_problems(body, "hook-request.schema.json")
-    if problems:
-        for item in problems:
-            print(f"invalid request: {item['path']}: {item['message']}", file=sys.stderr)
+    # The same parsing, schema and hook check as POST /cds-services/{id}: a file is refused
+    # exactly when that body would get 400 over HTTP, with the same messages.
+    try:
+        body: Any = parse_json_bytes(raw)
+        if isinstance(body, dict) and args.fhir_server:
+            body["fhirServer"] = args.fhir_server
+        validate_or_400(body, "hook-request.schema.json", "hook request")
+        if args.service:
+            service = SERVICES_BY_ID[args.service]
+        else:
+            service = next((s for s in SERVICES if s.hook == body["hook"]), None)
+            if service is None:
+                print(f"cds-service: no service answers the {body['hook']!r} hook", file=sys.stderr)
+                return EXIT_INVALID
+        check_hook(service, body)
+    except ApiError as exc:
+        _print_api_error(args.request, exc)
         return EXIT_INVALID
-    if args.service:
-        service = SERVICES_BY_ID.get(args.service)
-        if service is None:
-            print(f"cds-service: unknown service {args.service!r}", file=sys.stderr)
-            return EXIT_INVALID
-    else:
-        service = next((s for s in SERVICES if s.hook == body["hook"]), None)
-        if service is None:
-            print(f"cds-service: no service answers the {body['hook']!r} hook", file=sys.stderr)
-            return EXIT_INVALID
     knowledge = (
         load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
     )
@@ -171,6 +184,13 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     json.dump(result.response, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
+
+
+def _print_api_error(source: Path, exc: ApiError) -> None:
+    """An ApiError as HTTP would give it (code, message, each problem's path), on stderr."""
+    print(f"cds-service: {source}: {exc.message} ({exc.error})", file=sys.stderr)
+    for item in exc.problems:
+        print(f"invalid request: {item['path']}: {item['message']}", file=sys.stderr)
 
 
 def _knowledge(args: argparse.Namespace, settings: Settings) -> int:

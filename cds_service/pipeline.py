@@ -14,10 +14,10 @@ from typing import Any
 
 from cds_service.cards.builder import EXTENSION_KEY, build_cards
 from cds_service.context.builder import ClientFactory, build_patient_context
-from cds_service.context.normalise import iter_resources
+from cds_service.context.normalise import iter_resources, repair_draft
 from cds_service.knowledge import Knowledge
 from cds_service.protocol.hook_request import HookRequest
-from cds_service.protocol.services import ServiceDefinition
+from cds_service.protocol.services import ServiceDefinition, prefetch_keys_for
 from cds_service.rules import engine
 from cds_service.rules.picture import KnowledgeRelevance
 
@@ -46,6 +46,9 @@ class HookPipeline:
     def __init__(self, knowledge: Knowledge, make_client: ClientFactory) -> None:
         self.knowledge = knowledge
         self.make_client = make_client
+        # Built once, from the knowledge this app loaded: the Observation query's LOINC codes
+        # are exactly the lab groups' codes, here and at discovery.
+        self.prefetch_keys = prefetch_keys_for(knowledge)
         # "Today" for the rules (lab recency, age); tests pin it to the fixtures' date.
         self.clock: Callable[[], date] = date.today
 
@@ -61,6 +64,7 @@ class HookPipeline:
             service.draft_orders_context_key,
             # Facts no rule can use are recognised by their codes and not normalised.
             KnowledgeRelevance(self.knowledge),
+            keys=self.prefetch_keys,
         )
         after_context = time.perf_counter()
         findings = engine.evaluate(context, self.knowledge, service.hook, today or self.clock())
@@ -71,6 +75,7 @@ class HookPipeline:
             request.hook_instance,
             request.patient_id,
             _draft_resources_by_reference(request, service.draft_orders_context_key),
+            fhir_version=context.fhir_version,
         )
         response: dict[str, Any] = {"cards": [card.to_json() for card in cards]}
         if context.issues:
@@ -100,5 +105,8 @@ def _draft_resources_by_reference(
     out: dict[str, dict[str, Any]] = {}
     for _, resource, _ in iter_resources(request.context[key], key):
         if resource is not None and isinstance(resource.get("id"), str):
-            out[f"{resource.get('resourceType')}/{resource['id']}"] = resource
+            # The repaired draft (single objects read as lists), the one the rules read: an
+            # update built from the raw one would send the client's malformed shape back.
+            repaired, _notes = repair_draft(resource)
+            out[f"{resource.get('resourceType')}/{resource['id']}"] = repaired
     return out

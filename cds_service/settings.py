@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "CDS_"
 
@@ -43,7 +44,9 @@ class Settings:
     # Gunicorn's own timeout for a worker that does not answer (seconds).
     worker_timeout: int = 30
     log_level: str = "INFO"
-    # Public base URL when running behind a proxy (used for JWT `aud` and links).
+    # Comma-separated public base URL(s) the EHRs call, e.g. behind a proxy: a JWT's `aud` must
+    # be one of them + the path. Empty = the local bind addresses (never the Host header, which
+    # the caller chooses).
     external_base_url: str = ""
     knowledge_dir: str = ""
     database_url: str = "sqlite:///magnesium-cds.sqlite3"
@@ -72,6 +75,12 @@ class Settings:
             if getattr(self, name) < minimum:
                 value = getattr(self, name)
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()}={value!r} must be >= {minimum}")
+        _ = self.external_base_urls  # a malformed URL stops start-up, not the first call
+
+    @property
+    def external_base_urls(self) -> tuple[str, ...]:
+        """``CDS_EXTERNAL_BASE_URL`` split on commas, without trailing slashes."""
+        return parse_base_urls(self.external_base_url, f"{ENV_PREFIX}EXTERNAL_BASE_URL")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -91,6 +100,40 @@ class Settings:
     @property
     def knowledge_path(self) -> Path | None:
         return Path(self.knowledge_dir) if self.knowledge_dir else None
+
+
+def parse_base_urls(raw: str, env_name: str) -> tuple[str, ...]:
+    """Absolute http(s) base URLs, comma-separated; SettingsError naming ``env_name`` if not.
+
+    ``aud`` is compared exactly, so a query, fragment or user part could never match: such a
+    value is a mistake, said at start-up rather than as 401s later.
+    """
+    urls: list[str] = []
+    for part in raw.split(","):
+        url = part.strip().rstrip("/")
+        if not url:
+            continue
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # raises ValueError on a bad port
+        except ValueError:
+            raise SettingsError(f"{env_name}: {part.strip()!r} is not a URL") from None
+        if (
+            parts.scheme not in {"http", "https"}
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+            or "@" in parts.netloc
+            or url.endswith("?")
+            or url.endswith("#")
+        ):
+            raise SettingsError(
+                f"{env_name}: {part.strip()!r} must be an http(s) base URL like "
+                "https://cds.example.org (no query, fragment or user)"
+            )
+        if url not in urls:
+            urls.append(url)
+    return tuple(urls)
 
 
 def _convert(name: str, type_name: Any, raw: str) -> Any:
@@ -129,7 +172,10 @@ SETTINGS_DOC: dict[str, str] = {
     "threads": "Threads per gunicorn worker.",
     "worker_timeout": "Seconds before gunicorn restarts a silent worker.",
     "log_level": "Python log level (DEBUG, INFO, WARNING, ERROR).",
-    "external_base_url": "Public base URL behind a proxy, e.g. `https://cds.example.org`.",
+    "external_base_url": "Public base URL(s) the EHRs call, comma-separated, e.g. "
+    "`https://cds.example.org`: a JWT's `aud` must be one of them + the path. Empty: "
+    "`http://127.0.0.1:<port>` and `http://localhost:<port>` (auth on with a `0.0.0.0` "
+    "bind refuses to start).",
     "knowledge_dir": "Directory with knowledge files; empty = the bundled knowledge.",
     "database_url": "SQLAlchemy URL of the feedback store.",
     "fhir_connect_timeout": "Connect timeout (s) for FHIR fallback fetches.",

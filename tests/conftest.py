@@ -63,8 +63,9 @@ def auth_app_factory(jwt_issuer: JwtIssuer, tmp_path: Path) -> AppFactory:
 
     Keyword arguments override Settings fields; ``issuers=[entry, ...]`` replaces the
     trusted-issuers file's entries; ``create_app_kwargs={...}`` passes through (e.g.
-    ``client_factory``). Each app gets its own SQLite file. Call test-client URLs as
-    ``http://localhost/...`` when signing tokens.
+    ``client_factory``). Each app gets its own SQLite file. Its ``external_base_url`` is
+    ``http://localhost`` (what the test client calls), so sign tokens for
+    ``http://localhost/...``; the default (the bind address) would not match the test client.
     """
     from cds_service.app import create_app
 
@@ -85,6 +86,7 @@ def auth_app_factory(jwt_issuer: JwtIssuer, tmp_path: Path) -> AppFactory:
             "auth": "on",
             "trusted_issuers_file": str(trusted),
             "database_url": f"sqlite:///{tmp_path / f'auth-{n}.sqlite3'}",
+            "external_base_url": "http://localhost",
         }
         values.update(overrides)
         return create_app(Settings(**values), **(create_app_kwargs or {}))

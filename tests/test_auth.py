@@ -146,6 +146,141 @@ def test_external_base_url_is_the_audience_behind_a_proxy(
     assert_refused(discover(client, jwt_issuer.token_for(DISCOVERY)))
 
 
+# --- aud: the URL called, never taken from the caller's Host header ----------------------------
+
+OTHER_CDS = "https://other-cds.example.net/cds-services"
+
+
+@pytest.mark.parametrize("external_base_url", ["", "http://localhost"])
+def test_a_token_for_another_cds_service_is_refused_whatever_host_is_sent(
+    auth_app_factory: Any, jwt_issuer: JwtIssuer, external_base_url: str
+) -> None:
+    # The trusted EHR minted this token for another CDS service; an attacker who holds it sends
+    # that service's host name as Host. aud must be checked against our own URL, not theirs.
+    client = auth_app_factory(external_base_url=external_base_url).test_client()
+    for host in ("other-cds.example.net", "other-cds.example.net:443"):
+        response = client.get(
+            "/cds-services",
+            headers={"Host": host, **jwt_issuer.auth(OTHER_CDS)},
+            base_url="https://other-cds.example.net",
+        )
+        assert_refused(response)
+
+
+def test_without_external_base_url_aud_is_the_loopback_bind_address(
+    auth_app_factory: Any, jwt_issuer: JwtIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    client = auth_app_factory(external_base_url="", port=8080).test_client()
+    for base in ("http://127.0.0.1:8080", "http://localhost:8080"):
+        assert discover(client, jwt_issuer.token_for(base + "/cds-services")).status_code == 200
+    for aud in (DISCOVERY, "http://127.0.0.1:8081/cds-services", "https://localhost:8080/cds-services"):
+        assert_refused(discover(client, jwt_issuer.token_for(aud)))
+    # The Host header the client sends changes nothing.
+    token = jwt_issuer.token_for("http://localhost:8080/cds-services")
+    assert (
+        client.get(
+            "/cds-services", headers={"Host": "evil.example", "Authorization": f"Bearer {token}"}
+        ).status_code
+        == 200
+    )
+    messages = [r.getMessage() for r in caplog.records]
+    started = [m for m in messages if "JWT aud must name one of" in m]
+    assert started and "http://127.0.0.1:8080, http://localhost:8080" in started[-1]
+
+
+def test_several_external_base_urls_are_accepted(
+    auth_app_factory: Any, jwt_issuer: JwtIssuer
+) -> None:
+    client = auth_app_factory(
+        external_base_url="https://cds.example.org, https://cds.internal.example.org/mg/"
+    ).test_client()
+    for aud in (
+        "https://cds.example.org/cds-services",
+        "https://cds.internal.example.org/mg/cds-services",
+    ):
+        assert discover(client, jwt_issuer.token_for(aud)).status_code == 200
+    for aud in (DISCOVERY, "https://cds.internal.example.org/cds-services", OTHER_CDS):
+        assert_refused(discover(client, jwt_issuer.token_for(aud)))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "cds.example.org",
+        "ftp://cds.example.org",
+        "https://cds.example.org/?x=1",
+        "https://cds.example.org/#top",
+        "https://user@cds.example.org",
+        "https://cds.example.org:99999",
+        "https://cds.example.org, /relative",
+    ],
+)
+def test_a_malformed_external_base_url_is_refused_naming_the_variable(value: str) -> None:
+    with pytest.raises(SettingsError, match="CDS_EXTERNAL_BASE_URL"):
+        Settings.from_env({"CDS_EXTERNAL_BASE_URL": value})
+
+
+def test_external_base_urls_are_split_and_trimmed() -> None:
+    settings = Settings(external_base_url=" https://a.example.org/ ,https://b.example.org/x,, ")
+    assert settings.external_base_urls == ("https://a.example.org", "https://b.example.org/x")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]"])
+def test_a_wildcard_bind_with_auth_on_needs_an_external_base_url(
+    auth_app_factory: Any, host: str
+) -> None:
+    # Bound to every interface, the service cannot know which URL the EHRs call.
+    with pytest.raises(SettingsError, match="CDS_EXTERNAL_BASE_URL"):
+        auth_app_factory(host=host, external_base_url="")
+    assert auth_app_factory(host=host, external_base_url="https://cds.example.org")
+    assert auth_app_factory(host=host, external_base_url="", auth="off")
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        ("127.0.0.1", 8080, ("http://127.0.0.1:8080", "http://localhost:8080")),
+        ("localhost", 9000, ("http://127.0.0.1:9000", "http://localhost:9000")),
+        ("::1", 8080, ("http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080")),
+        ("10.1.2.3", 8080, ("http://10.1.2.3:8080",)),
+        (
+            "127.0.0.1",
+            80,
+            ("http://127.0.0.1:80", "http://127.0.0.1", "http://localhost:80", "http://localhost"),
+        ),
+    ],
+)
+def test_default_audience_base_urls(host: str, port: int, expected: tuple[str, ...]) -> None:
+    assert auth.audience_base_urls(Settings(host=host, port=port)) == expected
+
+
+def test_serve_on_all_interfaces_with_auth_on_refuses_to_start_without_external_base_url(
+    tmp_path: Path,
+) -> None:
+    import os
+    import subprocess
+
+    from processes import CDS, free_port
+
+    result = subprocess.run(
+        [CDS, "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={
+            **os.environ,
+            "CDS_AUTH": "on",
+            "CDS_EXTERNAL_BASE_URL": "",
+            "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        },
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "CDS_EXTERNAL_BASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_small_clock_skew_is_tolerated(client: FlaskClient, jwt_issuer: JwtIssuer) -> None:
     now = int(time.time())
     # The sandbox rounds iat, so it can lie in the future; exp just past is within leeway.
@@ -601,6 +736,45 @@ def test_sandbox_tokens_are_refused_by_default(auth_app_factory: Any) -> None:
     assert Settings().trust_sandbox is False
     client = auth_app_factory().test_client()
     assert_refused(discover(client, sandbox_token(DISCOVERY)))
+
+
+@needs_sandbox_key
+def test_demo_with_auth_on_accepts_the_sandbox_calling_loopback_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`CDS_AUTH=on CDS_TRUST_SANDBOX=true cds-service demo`, as the README's Security says."""
+    import requests
+    from processes import free_port, run_cds
+
+    port, fhir_port = free_port(), free_port()
+    env = {
+        "CDS_AUTH": "on",
+        "CDS_TRUST_SANDBOX": "true",
+        "CDS_TRUSTED_ISSUERS_FILE": "",
+        "CDS_HOST": "127.0.0.1",
+        "CDS_PORT": str(port),
+        "CDS_FIXTURE_SERVER_PORT": str(fhir_port),
+        "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
+        "CDS_WORKERS": "1",
+    }
+    monkeypatch.delenv("CDS_EXTERNAL_BASE_URL", raising=False)
+    with run_cds(["demo"], env, tmp_path / "demo.log", port=port) as served:
+
+        def status(aud: str, **headers: str) -> int:
+            token = sandbox_token(aud)
+            response = requests.get(
+                f"{served.url}/cds-services",
+                headers={"Authorization": f"Bearer {token}", **headers},
+                timeout=10,
+            )
+            return response.status_code
+
+        assert status(f"http://127.0.0.1:{port}/cds-services") == 200
+        assert status(f"http://localhost:{port}/cds-services") == 200
+        assert status(OTHER_CDS, Host="other-cds.example.net") == 401
+        evil = f"evil.example:{port}"
+        assert status(f"http://{evil}/cds-services", Host=evil) == 401
+        assert any("JWT aud must name one of" in line for line in served.log_lines())
 
 
 def test_trust_sandbox_env_variable() -> None:

@@ -12,6 +12,7 @@ import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -102,6 +103,71 @@ def test_evaluate_reports_unavailable_data_and_invalid_files(tmp_path: Path) -> 
     assert "$.hookInstance" in invalid.stderr
     missing = run_cli("evaluate", str(tmp_path / "nope.json"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def _http_answer(tmp_path: Path, service_id: str, data: bytes) -> dict[str, Any]:
+    """What the HTTP endpoint answers for the same body (in process, authentication off)."""
+    from cds_service.app import create_app
+    from cds_service.settings import Settings
+
+    app = create_app(Settings(auth="off", database_url=f"sqlite:///{tmp_path / 'http.sqlite3'}"))
+    response = app.test_client().post(
+        f"/cds-services/{service_id}", data=data, content_type="application/json"
+    )
+    assert response.status_code == 400, response.get_json()
+    answer: dict[str, Any] = response.get_json()
+    return answer
+
+
+def _assert_same_problems(stderr: str, answer: dict[str, Any]) -> None:
+    assert answer["message"] in stderr, stderr
+    for item in answer.get("problems", []):
+        assert f"{item['path']}: {item['message']}" in stderr, stderr
+
+
+def test_evaluate_refuses_a_request_for_another_hook_as_http_does(tmp_path: Path) -> None:
+    # The order-select request sent to the patient-view service: HTTP answers 400 wrong-hook.
+    answer = _http_answer(tmp_path, "magnesium-patient-view", MG_REQUEST.read_bytes())
+    assert answer["error"] == "wrong-hook"
+    result = run_cli("evaluate", str(MG_REQUEST), "--service", "magnesium-patient-view")
+    assert result.returncode == 2, result.stdout[:500]
+    assert result.stdout == ""
+    _assert_same_problems(result.stderr, answer)
+    assert "wrong-hook" in result.stderr
+    # The right service for the hook still answers.
+    ok = run_cli("evaluate", str(MG_REQUEST), "--service", "magnesium-order-select")
+    assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize(
+    "replacement",
+    [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"9" * 5000],
+    ids=["nan", "inf", "-inf", "1e400", "5000-digit-int"],
+)
+def test_evaluate_parses_json_exactly_as_http_does(tmp_path: Path, replacement: bytes) -> None:
+    body = json.loads(MG_REQUEST.read_text())
+    resource = body["context"]["draftOrders"]["entry"][0]["resource"]
+    resource["dosageInstruction"] = [{"doseAndRate": [{"doseQuantity": {"value": "@@"}}]}]
+    data = json.dumps(body).encode().replace(b'"@@"', replacement)
+    answer = _http_answer(tmp_path, "magnesium-order-select", data)
+    assert answer["error"] == "invalid-json"
+    request = tmp_path / "request.json"
+    request.write_bytes(data)
+    result = run_cli("evaluate", str(request))
+    assert result.returncode == 2, result.stdout[:500]
+    _assert_same_problems(result.stderr, answer)
+
+
+@pytest.mark.parametrize(
+    "data", [b'{"hook": "\xe9"}', b"", b"[1,"], ids=["latin-1", "empty", "truncated"]
+)
+def test_evaluate_refuses_what_http_refuses(tmp_path: Path, data: bytes) -> None:
+    answer = _http_answer(tmp_path, "magnesium-order-select", data)
+    request = tmp_path / "request.json"
+    request.write_bytes(data)
+    result = run_cli("evaluate", str(request))
+    assert result.returncode == 2
+    _assert_same_problems(result.stderr, answer)
 
 
 def test_knowledge_command_lists_rules_and_versions() -> None:

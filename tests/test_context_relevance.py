@@ -24,7 +24,7 @@ from cds_service.context.builder import (
 from cds_service.context.model import PatientContext
 from cds_service.knowledge import default_knowledge
 from cds_service.protocol.hook_request import HookRequest
-from cds_service.protocol.services import SERVICES
+from cds_service.protocol.services import PREFETCH_KEYS, SERVICES
 from cds_service.rules import engine
 from cds_service.rules.picture import KnowledgeRelevance, build_picture
 from cds_service.settings import Settings
@@ -38,9 +38,9 @@ def _both_ways(body: dict[str, Any]) -> tuple[PatientContext, PatientContext]:
     request = HookRequest.from_json(body)
     make_client = default_client_factory(Settings(fhir_read_timeout=5))
     key = DRAFT_KEY[request.hook]
-    everything = build_patient_context(request, make_client, key)
+    everything = build_patient_context(request, make_client, key, keys=PREFETCH_KEYS)
     filtered = build_patient_context(
-        request, make_client, key, KnowledgeRelevance(default_knowledge())
+        request, make_client, key, KnowledgeRelevance(default_knowledge()), keys=PREFETCH_KEYS
     )
     return everything, filtered
 
@@ -54,6 +54,7 @@ def _assert_same_answer(body: dict[str, Any]) -> PatientContext | None:
                 HookRequest.from_json(body),
                 default_client_factory(Settings(fhir_read_timeout=5)),
                 DRAFT_KEY[body["hook"]],
+                keys=PREFETCH_KEYS,
             )
         assert again.value.missing == exc.missing
         return None

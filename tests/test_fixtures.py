@@ -200,8 +200,9 @@ def test_r4_draft_orders_validate(path: Path) -> None:
                 assert order["code"]["coding"][0]["system"] == "http://loinc.org"
                 continue
             dosage = order["dosageInstruction"][0]
-            # oral, intravenous, topical
-            assert dosage["route"]["coding"][0]["code"] in ("26643006", "47625008", "6064005")
+            # Oral, intravenous, topical, ophthalmic (SNOMED CT).
+            routes = ("26643006", "47625008", "6064005", "54485002")
+            assert dosage["route"]["coding"][0]["code"] in routes
             assert dosage["doseAndRate"][0]["doseQuantity"]["value"] > 0
 
 

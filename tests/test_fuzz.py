@@ -1,7 +1,9 @@
 """Fuzzing: hook requests and FHIR resources with missing, extra, null and wrong-typed fields.
 
-Whatever arrives, the answer is one of 200/400/401/404/412/413/415, always JSON, a 200
-always passes the response schema, and (against real gunicorn) no worker dies.
+Whatever arrives, the answer is one of 200/400/401/404/412/413/415, always strict JSON (no
+NaN or Infinity), a 200 always passes the response schema, and (against real gunicorn) no
+worker dies. Numbers include the extremes: integers far beyond a double (10**400), doubles
+near their limits, and number literals no double holds (``1e400``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,10 +65,29 @@ BASES = _bases()
 
 # --- strategies ----------------------------------------------------------------------------
 
+# A string leaf that ``encode`` writes as a bare number literal: JSON a double cannot hold.
+RAW_NUMBER = "raw-json-number:"
+_RAW_NUMBER_RE = re.compile(rb'"' + RAW_NUMBER.encode() + rb'([-+.eE0-9]+)"')
+
+extreme_numbers = st.one_of(
+    # Integers past a double's range (float() raises OverflowError), bounded to stay fast.
+    st.integers(min_value=309, max_value=1000).flatmap(
+        lambda digits: st.sampled_from([10**digits, -(10**digits), 10**digits - 1])
+    ),
+    st.sampled_from([2**63, -(2**63) - 1, 2**64, 2**1024, 10**308]),
+    # Finite doubles at the edges: products and quotients of them overflow to inf.
+    st.floats(min_value=1e300, allow_infinity=False),
+    st.floats(max_value=-1e300, allow_infinity=False),
+    st.sampled_from([1.7976931348623157e308, 5e-324, 1e-308, -1e-308]),
+    st.sampled_from(["1e400", "-1e400", "1E999", "2.5e-400", "1e308", "1e-400"]).map(
+        lambda literal: RAW_NUMBER + literal
+    ),
+)
 json_leaves = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(10**20), max_value=10**20),
+    extreme_numbers,
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=24),
     st.sampled_from(["", "Patient/p1", "active", "draft", "mg", "http://loinc.org", "19123-9"]),
@@ -124,9 +146,28 @@ codeable = st.fixed_dictionaries(
 quantity = st.fixed_dictionaries(
     {},
     optional={
-        "value": maybe(st.floats(allow_nan=False, allow_infinity=False, width=32)),
+        "value": maybe(
+            st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=32), extreme_numbers)
+        ),
         "unit": maybe(st.sampled_from(["mg", "mg/dL", "mmol/L", "mL/min/{1.73_m2}", "{pill}"])),
         "code": maybe(st.sampled_from(["mg", "mg/dL", "mmol/L"])),
+    },
+)
+number = st.one_of(st.integers(min_value=-5, max_value=48), st.floats(0.01, 100), extreme_numbers)
+timing = st.fixed_dictionaries(
+    {},
+    optional={
+        "repeat": maybe(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "frequency": maybe(number),
+                    "frequencyMax": maybe(number),
+                    "period": maybe(number),
+                    "periodUnit": maybe(st.sampled_from(["s", "min", "h", "d", "wk", "mo"])),
+                },
+            )
+        )
     },
 )
 reference = st.fixed_dictionaries(
@@ -172,7 +213,7 @@ fhir_resources = st.fixed_dictionaries(
                                 )
                             ),
                             "route": maybe(codeable),
-                            "timing": json_values,
+                            "timing": maybe(timing),
                         },
                     )
                 ),
@@ -243,16 +284,27 @@ service_ids = st.one_of(
 
 
 def encode(body: Any) -> bytes:
-    return json.dumps(body, allow_nan=True).encode("utf-8", errors="surrogatepass")
+    data = json.dumps(body, allow_nan=True).encode("utf-8", errors="surrogatepass")
+    return _RAW_NUMBER_RE.sub(rb"\1", data)
+
+
+def _not_json(name: str) -> Any:
+    raise AssertionError(f"the answer holds {name}, which JSON (RFC 8259) does not have")
 
 
 def check_answer(status: int, content_type: str, data: bytes) -> None:
     assert status in ALLOWED, (status, data[:300])
     assert content_type.startswith("application/json"), (status, content_type)
-    answer = json.loads(data)
+    answer = json.loads(data, parse_constant=_not_json)
     if status == 200:
         errors = [f"{e.json_path}: {e.message}" for e in RESPONSE_SCHEMA.iter_errors(answer)]
         assert not errors, errors
+
+
+def test_encode_writes_extreme_number_literals() -> None:
+    # The fuzzer's 1e400 must reach the service as a bare literal, not as a string.
+    body = {"a": RAW_NUMBER + "1e400", "b": [RAW_NUMBER + "-1E999"], "c": 10**400}
+    assert encode(body) == b'{"a": 1e400, "b": [-1E999], "c": 1' + b"0" * 400 + b"}"
 
 
 # --- in-process: fast, many examples -------------------------------------------------------
@@ -386,6 +438,8 @@ def _hostile_bodies() -> Iterator[tuple[str, bytes, str]]:
     yield SERVICE_IDS[0], b'{"a":' * 990 + b"1" + b"}" * 990, "application/json"
     yield SERVICE_IDS[0], b'{"hook": ' + b"9" * 100_000 + b"}", "application/json"
     yield SERVICE_IDS[0], b'{"hook": NaN}', "application/json"
+    yield SERVICE_IDS[0], b'{"hook": 1e400}', "application/json"
+    yield SERVICE_IDS[0], b'{"hook": ' + str(10**400).encode() + b"}", "application/json"
     yield SERVICE_IDS[0], b"\xff\xfe" + base, "application/json"
     yield SERVICE_IDS[0], base[: len(base) // 2], "application/json"
     yield SERVICE_IDS[0], b"x" * 2_000_000, "application/json"

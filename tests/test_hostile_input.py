@@ -155,6 +155,88 @@ def test_nan_in_a_dose_is_refused_not_compared(client: FlaskClient) -> None:
     assert post(client, json.dumps(body).replace('"@@"', "NaN")).status_code == 400
 
 
+def strict_json(data: bytes) -> Any:
+    """What a strict JSON reader (RFC 8259) makes of an answer: no NaN, no Infinity."""
+
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"the answer holds {name}, which is not JSON: {data[:300]!r}")
+
+    return json.loads(data, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1E999", "123.4e5678"])
+@pytest.mark.parametrize("where", ["hook", "dose"])
+def test_a_float_beyond_the_double_range_gets_400(
+    client: FlaskClient, number: str, where: str
+) -> None:
+    # Python would read it as inf and write it back as Infinity, which is not JSON.
+    if where == "hook":
+        data = '{"hook": ' + number + "}"
+    else:
+        body = load("mg-pyridostigmine.order-select.json")
+        resource = body["context"]["draftOrders"]["entry"][0]["resource"]
+        resource["dosageInstruction"] = [{"doseAndRate": [{"doseQuantity": {"value": "@@"}}]}]
+        data = json.dumps(body).replace('"@@"', number)
+    response = post(client, data)
+    assert response.status_code == 400
+    answer = strict_json(response.data)
+    assert answer["error"] == "invalid-json"
+    assert any(number in p["message"] and "finite" in p["message"] for p in answer["problems"])
+
+
+HUGE_INT = 10**400  # valid JSON, finite, and beyond what a float holds
+
+
+def _draft_with(dosage: dict[str, Any]) -> dict[str, Any]:
+    body = load("mg-pyridostigmine.order-select.json")
+    resource = body["context"]["draftOrders"]["entry"][0]["resource"]
+    resource["dosageInstruction"] = [dosage]
+    return body
+
+
+@pytest.mark.parametrize(
+    "dosage",
+    [
+        {"doseAndRate": [{"doseQuantity": {"value": HUGE_INT, "unit": "mg"}}]},
+        {"doseAndRate": [{"doseQuantity": {"value": -HUGE_INT, "unit": "mg"}}]},
+        {"doseAndRate": [{"doseQuantity": {"value": "1e400", "unit": "mg"}}]},
+        {"doseAndRate": [{"doseQuantity": {"value": "NaN", "unit": "mg"}}]},
+        {"doseQuantity": {"value": 1.7e308, "unit": "g"}},
+        {"timing": {"repeat": {"frequency": HUGE_INT, "period": 1, "periodUnit": "d"}}},
+        {"timing": {"repeat": {"frequency": 1, "period": HUGE_INT, "periodUnit": "d"}}},
+        {"timing": {"repeat": {"frequencyMax": HUGE_INT, "period": 1, "periodUnit": "h"}}},
+        {"timing": {"repeat": {"frequency": 1e308, "period": 1e-308, "periodUnit": "min"}}},
+        {
+            "doseAndRate": [{"doseQuantity": {"value": 1e308, "unit": "mg"}}],
+            "timing": {"repeat": {"frequency": 1e308, "period": 1e-300, "periodUnit": "s"}},
+        },
+        {
+            "doseAndRate": [{"doseQuantity": {"value": 1.7e308, "unit": "g"}}],
+            "timing": {"repeat": {"frequency": 1000, "period": 1, "periodUnit": "h"}},
+        },
+    ],
+    ids=[
+        "dose-huge-int",
+        "dose-huge-negative-int",
+        "dose-string-1e400",
+        "dose-string-nan",
+        "dose-near-max-float-grams",
+        "frequency-huge-int",
+        "period-huge-int",
+        "frequency-max-huge-int",
+        "frequency-overflows-per-day",
+        "frequency-times-period-overflows",
+        "grams-times-frequency-overflows",
+    ],
+)
+def test_huge_but_valid_numbers_get_a_json_answer_not_a_500(
+    client: FlaskClient, dosage: dict[str, Any]
+) -> None:
+    response = post(client, json.dumps(_draft_with(dosage)))
+    assert response.status_code == 200, response.data[:300]
+    strict_json(response.data)  # no Infinity or NaN written back
+
+
 @pytest.mark.parametrize(
     "data",
     [b'{"hook": "\xe9"}', "{}".encode("utf-16"), b'{"hook": "\xc3\x28"}', b"\xff\xfe\x00"],

@@ -95,7 +95,7 @@ def icd(code: str, system: str = ICD10CM) -> Coding:
 
 def test_bundled_knowledge_loads_and_is_cached(kb: Knowledge) -> None:
     assert default_knowledge() is kb
-    assert re.fullmatch(r"2026\.11\.1\+[0-9a-f]{8}", kb.version)
+    assert re.fullmatch(r"2026\.11\.2\+[0-9a-f]{8}", kb.version)
     manifest = raw("manifest.json")
     assert set(kb.file_versions) == {"manifest.json", *manifest["files"]}
     for name, version in kb.file_versions.items():
@@ -944,3 +944,52 @@ def test_rule_facts_added_for_the_clinical_rules(kb: Knowledge) -> None:
     recent = kb.threshold("serum-magnesium-recent-days")
     assert (recent.value, recent.status, recent.sources) == (30.0, "unverified", ("local-policy",))
     assert kb.source("local-policy").status == "unverified"
+
+
+# --- route vocabulary (one, for every drug) and MG-specific drugs ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "route"),
+    [
+        ("26643006", "oral"),
+        ("po", "oral"),
+        ("47625008", "parenteral"),
+        ("IVINFUS", "parenteral"),
+        ("6064005", "topical"),
+        ("54485002", "topical"),  # ophthalmic: local, so not systemic
+        ("10547007", "topical"),  # otic
+        ("46713006", "topical"),  # nasal
+        ("18679011", "topical"),  # inhalation
+        ("37161004", None),  # rectal: magnesium enemas are absorbed, so not listed
+    ],
+)
+def test_route_codes(kb: Knowledge, code: str, route: str | None) -> None:
+    assert kb.route_of_codings((Coding(SNOMED, code),)) == route
+
+
+@pytest.mark.parametrize(
+    ("text", "route"),
+    [
+        ("ciprofloxacin 400 MG in 200 ML IV infusion", "parenteral"),
+        ("ciprofloxacin 3 MG/ML Ophthalmic Solution", "topical"),
+        ("ciprofloxacin 0.3% otic suspension", "topical"),  # the site wins over the form
+        ("ciprofloxacin 500 MG Oral Tablet", "oral"),
+        ("tobramycin eye drops", "topical"),
+        ("magnesium sulfate inhalation", "topical"),
+        ("injectable suspension", None),  # conflicting forms say nothing
+        ("ciprofloxacin", None),
+    ],
+)
+def test_route_words(kb: Knowledge, text: str, route: str | None) -> None:
+    assert kb.route_from_text(text) == route
+
+
+def test_only_mg_specific_drugs_imply_myasthenia(kb: Knowledge) -> None:
+    implying = {
+        ingredient.name
+        for group_id in kb.drug_group_ids
+        for ingredient in kb.drug_group(group_id).ingredients
+        if ingredient.implies_myasthenia is not None
+    }
+    assert implying == {"pyridostigmine", "efgartigimod alfa", "rozanolixizumab", "zilucoplan"}

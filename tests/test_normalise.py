@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
+import pytest
 import requests
 
 from cds_service.context import normalise as fhir
@@ -187,3 +188,54 @@ def test_fhir_client_reports_outcomes_and_http_errors(fixture_fhir_server: str) 
     assert missing.problem is not None and "HTTP 404" in missing.problem
     bad = client.fetch("observations", "Observation?_count=lots")
     assert bad.problem is not None and "HTTP 400" in bad.problem
+
+
+def _timing(**repeat: object) -> dict[str, object]:
+    return _order(
+        dosageInstruction=[{"timing": {"repeat": {"period": 1, "periodUnit": "d", **repeat}}}]
+    )
+
+
+def test_frequency_is_the_stated_one_and_zero_is_unknown() -> None:
+    def per_day(**repeat: object) -> float | None:
+        medication = fhir.to_medication(_timing(**repeat), "context:draftOrders", is_draft=True)
+        assert medication is not None
+        return medication.doses[0].frequency_per_day
+
+    assert per_day(frequency=2, frequencyMax=4) == 2  # "up to 4" is not the dose
+    assert per_day(frequency=0) is None
+    assert per_day(frequencyMax=3) is None
+    assert per_day() == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "abated"),
+    [
+        ({"abatementDateTime": "2024-01-01"}, True),
+        ({"abatementPeriod": {"start": "2024-01-01"}}, True),
+        ({"abatementAge": {"value": 40, "unit": "a"}}, True),
+        ({"abatementString": "in childhood"}, True),
+        ({"abatementBoolean": True}, True),
+        ({"abatementBoolean": False}, False),
+        ({}, False),
+    ],
+)
+def test_condition_abatement_marks_it_abated(fields: dict[str, object], abated: bool) -> None:
+    resource = {
+        "resourceType": "Condition",
+        "id": "c1",
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "G70.00"}]},
+        **fields,
+    }
+    condition = fhir.to_condition(resource, "prefetch:conditions")
+    assert condition is not None and condition.abated is abated
+
+
+@pytest.mark.parametrize(
+    ("fields", "not_taken"),
+    [({"taken": "n"}, True), ({"wasNotTaken": True}, True), ({"taken": "y"}, False), ({}, False)],
+)
+def test_statement_not_taken(fields: dict[str, object], not_taken: bool) -> None:
+    statement = _order(resourceType="MedicationStatement", **fields)
+    medication = fhir.to_medication(statement, "prefetch:medicationStatements", is_draft=False)
+    assert medication is not None and medication.not_taken is not_taken

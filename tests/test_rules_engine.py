@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from rule_builders import (
     CIPROFLOXACIN,
     CKD4,
@@ -53,8 +52,7 @@ def test_order_select_caps_at_warning_except_myasthenia() -> None:
     assert shape(run_all(myasthenia, "order-select")) == [("myasthenia-magnesium", "critical")]
 
 
-@pytest.mark.parametrize("hook", ["order-sign", "medication-prescribe"])
-def test_signing_drops_info_but_keeps_warnings(hook: str) -> None:
+def test_signing_drops_info_but_keeps_warnings() -> None:
     ctx = context(
         conditions=[RA, condition("N18.31")],
         medications=[medication(LEVOTHYROXINE)],
@@ -63,7 +61,20 @@ def test_signing_drops_info_but_keeps_warnings(hook: str) -> None:
     at_select = shape(run_all(ctx, "order-select"))
     assert ("autoimmune-guidance", "info") in at_select
     assert ("renal-magnesium", "info") in at_select
-    assert shape(run_all(ctx, hook)) == [("chelation-interaction", "warning")]
+    assert shape(run_all(ctx, "order-sign")) == [("chelation-interaction", "warning")]
+
+
+def test_medication_prescribe_is_advised_like_order_select() -> None:
+    # It fires while the prescription is written: info is kept, criticals are capped.
+    ctx = context(
+        conditions=[RA, condition("N18.31")],
+        medications=[medication(LEVOTHYROXINE)],
+        drafts=[draft(MG_CITRATE_SOLN, dose=(10, "mL"))],
+    )
+    assert shape(run_all(ctx, "medication-prescribe")) == shape(run_all(ctx, "order-select"))
+    iv = draft(MG_SULFATE_INJ, MG_SULFATE, route="iv", dose=(2, "g"))
+    renal = context(conditions=[CKD4], drafts=[iv])
+    assert shape(run_all(renal, "medication-prescribe")) == [("renal-magnesium", "warning")]
 
 
 def test_lab_suggestion_not_repeated_once_the_test_is_among_the_drafts() -> None:

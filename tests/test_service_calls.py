@@ -175,7 +175,10 @@ def test_dstu2_client_gets_its_medication_orders_fetched_as_medication_order(
         body["fhirServer"] = base_url
         result = assert_conformant(call(cds_url, "magnesium-order-select", body))
     assert only_card(result)["indicator"] == "critical"
-    assert server.paths == ["/MedicationOrder?patient=mg-pyridostigmine&status=active"]
+    assert server.paths == [
+        "/MedicationOrder?patient=mg-pyridostigmine&status=active"
+        "&_include=MedicationOrder:medication&_count=100"
+    ]
 
 
 def test_sandbox_quirks_are_reported_in_the_response(cds_url: str) -> None:

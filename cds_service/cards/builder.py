@@ -28,16 +28,26 @@ def card_uuid(hook_instance: str, finding_key: str) -> str:
     return str(uuid.uuid5(_CARD_NAMESPACE, f"{hook_instance}|{finding_key}"))
 
 
+def suggestion_uuid(card: str, proposal: Proposal) -> str:
+    """Stable for one proposal of one card: a retried hookInstance gets the same uuids, so
+    feedback naming an accepted suggestion matches whichever answer the EHR showed."""
+    order = proposal.order.source.reference if proposal.order is not None else ""
+    code = f"{proposal.code.system}|{proposal.code.code}" if proposal.code is not None else ""
+    return str(uuid.uuid5(uuid.UUID(card), f"{proposal.kind}|{order}|{code}|{proposal.label}"))
+
+
 def build_cards(
     findings: list[Finding],
     knowledge: Knowledge,
     hook_instance: str,
     patient_id: str,
     draft_resources: Mapping[str, dict[str, Any]],
+    fhir_version: str = "R4",
 ) -> list[Card]:
-    """``draft_resources`` maps ``"MedicationRequest/id"`` to the draft order's JSON."""
+    """``draft_resources`` maps ``"MedicationRequest/id"`` to the (repaired) draft order's JSON;
+    ``fhir_version`` is the client's ("R4", "STU3" or "DSTU2"): suggestions are in its shapes."""
     return [
-        build_card(finding, knowledge, hook_instance, patient_id, draft_resources)
+        build_card(finding, knowledge, hook_instance, patient_id, draft_resources, fhir_version)
         for finding in findings
     ]
 
@@ -48,27 +58,47 @@ def build_card(
     hook_instance: str,
     patient_id: str,
     draft_resources: Mapping[str, dict[str, Any]],
+    fhir_version: str = "R4",
 ) -> Card:
     rule = knowledge.rule(finding.rule_id)
     source_ids = tuple(dict.fromkeys((*finding.source_ids, *rule.source_ids)))
     sources = [knowledge.source(source_id) for source_id in source_ids]
     primary = sources[0] if sources else None
-    suggestions = tuple(
-        suggestion
-        for proposal in finding.proposals
-        if (suggestion := _suggestion(proposal, patient_id, draft_resources)) is not None
-    )
+    uuid_of_card = card_uuid(hook_instance, finding.key)
+    suggestions: list[Suggestion] = []
+    notes: list[str] = []
+    for proposal in finding.proposals:
+        if proposal.kind == "order-lab" and fhir_version == "DSTU2":
+            # DSTU2 has no ServiceRequest/ProcedureRequest; its DiagnosticOrder differs enough
+            # that a guessed shape could be applied wrongly. Say it in words instead.
+            if proposal.code is not None:
+                notes.append(
+                    f"**To do by hand:** {proposal.label} (LOINC {proposal.code.code}); no "
+                    "one-click order is offered to a FHIR DSTU2 EHR."
+                )
+            continue
+        action = _action(proposal, patient_id, draft_resources, fhir_version)
+        if action is not None:
+            suggestions.append(
+                Suggestion(
+                    label=proposal.label,
+                    actions=(action,),
+                    is_recommended=proposal.recommended,
+                    uuid=suggestion_uuid(uuid_of_card, proposal),
+                )
+            )
+    detail = "\n\n".join([_detail(finding, sources), *notes])
     return Card(
-        uuid=card_uuid(hook_instance, finding.key),
+        uuid=uuid_of_card,
         summary=shorten(finding.summary),
         indicator=finding.indicator,
-        detail=_detail(finding, sources),
+        detail=detail,
         source=Source(
             label=primary.title if primary else rule.title,
             url=primary.url if primary and primary.url else "",
             topic=CardCoding(RULE_TOPIC_SYSTEM, finding.rule_id, rule.title),
         ),
-        suggestions=suggestions,
+        suggestions=tuple(suggestions),
         selection_behavior="at-most-one" if suggestions else None,
         override_reasons=tuple(_card_coding(c) for c in rule.override_reasons),
         extension={
@@ -103,33 +133,39 @@ def _detail(finding: Finding, sources: list[Any]) -> str:
     return "\n\n".join(part for part in parts if part)
 
 
-def _suggestion(
-    proposal: Proposal, patient_id: str, draft_resources: Mapping[str, dict[str, Any]]
-) -> Suggestion | None:
+def _action(
+    proposal: Proposal,
+    patient_id: str,
+    draft_resources: Mapping[str, dict[str, Any]],
+    fhir_version: str,
+) -> Action | None:
     order = proposal.order
     reference = order.source.reference if order is not None else ""
     if proposal.kind == "remove-order":
         if order is None or not order.source.resource_id:
             return None
-        action = Action("delete", f"Remove the draft order {order.display}", resource_id=reference)
-    elif proposal.kind == "order-lab":
+        return Action("delete", f"Remove the draft order {order.display}", resource_id=reference)
+    if proposal.kind == "order-lab":
         if proposal.code is None:
             return None
-        action = Action("create", proposal.label, resource=_lab_order(proposal, patient_id))
-    elif proposal.kind in ("add-dosage-instruction", "replace-medication"):
+        return Action(
+            "create", proposal.label, resource=_lab_order(proposal, patient_id, fhir_version)
+        )
+    if proposal.kind in ("add-dosage-instruction", "replace-medication"):
         original = draft_resources.get(reference)
         if original is None:
             return None
-        action = Action("update", proposal.label, resource=_updated_order(proposal, original))
-    else:
-        return None
-    return Suggestion(label=proposal.label, actions=(action,), is_recommended=proposal.recommended)
+        return Action(
+            "update", proposal.label, resource=_updated_order(proposal, original, fhir_version)
+        )
+    return None
 
 
-def _lab_order(proposal: Proposal, patient_id: str) -> dict[str, Any]:
+def _lab_order(proposal: Proposal, patient_id: str, fhir_version: str) -> dict[str, Any]:
+    """A draft laboratory order: R4 ServiceRequest, STU3 ProcedureRequest (same fields here)."""
     assert proposal.code is not None
-    return {
-        "resourceType": "ServiceRequest",
+    resource: dict[str, Any] = {
+        "resourceType": "ProcedureRequest" if fhir_version == "STU3" else "ServiceRequest",
         "status": "draft",
         "intent": "order",
         "category": [
@@ -154,14 +190,47 @@ def _lab_order(proposal: Proposal, patient_id: str) -> dict[str, Any]:
             "text": proposal.code.display or proposal.code.code,
         },
         "subject": {"reference": f"Patient/{patient_id}"},
-        "reasonCode": [{"text": proposal.text}] if proposal.text else [],
     }
+    if proposal.text:  # an empty list is not allowed in FHIR JSON
+        resource["reasonCode"] = [{"text": proposal.text}]
+    return resource
 
 
-def _updated_order(proposal: Proposal, original: dict[str, Any]) -> dict[str, Any]:
+# Per-administration amounts and rates of the old product (R4 doseAndRate; STU3/DSTU2 dose[x]
+# and rate[x] directly on the instruction) and its free-text dose: none carries over to
+# another product.
+_PRODUCT_DOSE_FIELDS = frozenset(
+    {
+        "doseAndRate",
+        "doseQuantity",
+        "doseRange",
+        "doseSimpleQuantity",
+        "rateRatio",
+        "rateRange",
+        "rateQuantity",
+        "rateSimpleQuantity",
+        "maxDosePerAdministration",
+        "maxDosePerPeriod",
+        "maxDosePerLifetime",
+        "text",
+    }
+)
+# dispenseRequest fields that count units of the old product (DSTU2 also names it there).
+_PRODUCT_DISPENSE_FIELDS = frozenset(
+    {"quantity", "medicationCodeableConcept", "medicationReference"}
+)
+
+
+def _updated_order(
+    proposal: Proposal, original: dict[str, Any], fhir_version: str
+) -> dict[str, Any]:
     resource = copy.deepcopy(original)
+    # A lone instruction object (as some clients send it) is the first instruction, not none.
+    if isinstance(resource.get("dosageInstruction"), dict):
+        resource["dosageInstruction"] = [resource["dosageInstruction"]]
     if proposal.kind == "replace-medication" and proposal.code is not None:
         display = proposal.code.display or proposal.text
+        old_reference = resource.pop("medicationReference", None)
         resource["medicationCodeableConcept"] = {
             "text": display,
             "coding": [
@@ -172,25 +241,52 @@ def _updated_order(proposal: Proposal, original: dict[str, Any]) -> dict[str, An
                 }
             ],
         }
-        resource.pop("medicationReference", None)
+        _drop_contained(resource, old_reference)
         # A dose of the old product does not carry over (10 mL of a solution is not 10
-        # tablets): keep timing and route, drop the amount for the prescriber to re-enter.
+        # tablets): keep timing and route, drop the amounts for the prescriber to re-enter.
         instructions = resource.get("dosageInstruction")
         if isinstance(instructions, list):
             resource["dosageInstruction"] = [
-                {k: v for k, v in i.items() if k not in ("doseAndRate", "doseQuantity", "text")}
+                {k: v for k, v in i.items() if k not in _PRODUCT_DOSE_FIELDS}
                 if isinstance(i, dict)
                 else i
                 for i in instructions
             ]
+        # Nor does a dispensed quantity (60 tablets of one product are not 60 of another).
+        dispense = resource.get("dispenseRequest")
+        if isinstance(dispense, dict):
+            kept = {k: v for k, v in dispense.items() if k not in _PRODUCT_DISPENSE_FIELDS}
+            if kept:
+                resource["dispenseRequest"] = kept
+            else:
+                resource.pop("dispenseRequest")
     elif proposal.kind == "add-dosage-instruction":
         instructions = resource.get("dosageInstruction")
         if not isinstance(instructions, list) or not instructions:
             instructions = [{}]
         first = dict(instructions[0]) if isinstance(instructions[0], dict) else {}
-        existing = first.get("patientInstruction")
-        first["patientInstruction"] = (
-            f"{existing} {proposal.text}".strip() if existing else proposal.text
+        # DSTU2's dosage instruction has no patientInstruction (STU3 and R4 do): there the
+        # advice goes into the instruction's text.
+        field_name = "text" if fhir_version == "DSTU2" else "patientInstruction"
+        existing = first.get(field_name)
+        first[field_name] = (
+            f"{existing} {proposal.text}".strip()
+            if isinstance(existing, str) and existing.strip()
+            else proposal.text
         )
         resource["dosageInstruction"] = [first, *instructions[1:]]
     return resource
+
+
+def _drop_contained(resource: dict[str, Any], old_reference: Any) -> None:
+    """Remove the contained Medication the replaced reference pointed to: a contained
+    resource nothing references is invalid FHIR (dom-3)."""
+    ref = old_reference.get("reference") if isinstance(old_reference, dict) else None
+    contained = resource.get("contained")
+    if not isinstance(ref, str) or not ref.startswith("#") or not isinstance(contained, list):
+        return
+    kept = [c for c in contained if not (isinstance(c, dict) and c.get("id") == ref[1:])]
+    if kept:
+        resource["contained"] = kept
+    else:
+        resource.pop("contained")

@@ -8,15 +8,16 @@ a required key that still has no data makes the whole call fail with ``DataUnava
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from cds_service.context import normalise as fhir
-from cds_service.context.fhir_client import FetchResult, FhirClient, FhirClientConfig
+from cds_service.context.fhir_client import FetchResult, FhirClient, FhirClientConfig, next_link
 from cds_service.context.model import (
     Coding,
     Condition,
@@ -27,9 +28,7 @@ from cds_service.context.model import (
     PatientContext,
     PatientInfo,
 )
-from cds_service.context.prefetch import UnresolvedToken, render_template
-from cds_service.protocol.hook_request import HookRequest
-from cds_service.protocol.services import PREFETCH_KEYS, PrefetchKey
+from cds_service.context.prefetch import PrefetchKey, UnresolvedToken, render_template
 from cds_service.settings import Settings
 
 
@@ -52,6 +51,29 @@ class DataUnavailable(Exception):
 
 
 ClientFactory = Callable[[str, str | None], FhirClient]
+
+
+class HookRequest(Protocol):
+    """What this layer reads of a hook call (``protocol.hook_request.HookRequest`` is one):
+    a structural type, so that the context layer does not depend on the protocol layer."""
+
+    @property
+    def hook(self) -> str: ...
+
+    @property
+    def context(self) -> dict[str, Any]: ...
+
+    @property
+    def fhir_server(self) -> str | None: ...
+
+    @property
+    def access_token(self) -> str | None: ...
+
+    @property
+    def prefetch(self) -> dict[str, Any]: ...
+
+    @property
+    def patient_id(self) -> str: ...
 
 
 class Relevance(Protocol):
@@ -95,19 +117,54 @@ def default_client_factory(settings: Settings) -> ClientFactory:
 
 
 _ABSENT = object()
+# Distinct Medication resources read one by one for unresolved medicationReferences; a chart
+# (or a hostile prefetch) referencing thousands must not turn into thousands of requests.
+MAX_MEDICATION_READS = 50
+# A server that answers these to a MedicationRequest search does not know the type: DSTU2.
+_UNKNOWN_TYPE_STATUSES = frozenset({400, 404})
+
+
+class FhirFallback:
+    """The one FhirClient of a hook call (made when first needed): every fallback read of
+    the call shares its token, connection pool and concurrency bound."""
+
+    def __init__(self, request: HookRequest, make_client: ClientFactory) -> None:
+        self._request = request
+        self._make_client = make_client
+        self._client: FhirClient | None = None
+
+    @property
+    def available(self) -> bool:
+        return bool(self._request.fhir_server)
+
+    def client(self) -> FhirClient:
+        if self._client is None:
+            assert self._request.fhir_server
+            self._client = self._make_client(self._request.fhir_server, self._request.access_token)
+        return self._client
+
+
+@dataclass
+class Gathered:
+    resolved: dict[str, tuple[str, Any]]  # key → (origin, data)
+    issues: list[DataIssue]
+    # The version detected up front, or DSTU2 when the server turned out not to know
+    # MedicationRequest.
+    fhir_version: str
 
 
 def gather_prefetch(
     request: HookRequest,
-    make_client: ClientFactory,
-    fhir_version: str = "R4",
-    keys: tuple[PrefetchKey, ...] = PREFETCH_KEYS,
-) -> tuple[dict[str, tuple[str, Any]], list[DataIssue]]:
+    fallback: FhirFallback,
+    fhir_version: str,
+    keys: tuple[PrefetchKey, ...],
+) -> Gathered:
     """Each key → (origin, data). Raises DataUnavailable for a required key with no data."""
     resolved: dict[str, tuple[str, Any]] = {}
     issues: list[DataIssue] = []
     problems: dict[str, str] = {}
     to_fetch: dict[str, str] = {}
+    continuations: dict[str, dict[str, Any]] = {}
     for key in keys:
         value = request.prefetch.get(key.name, _ABSENT)
         if value is None and key.resource_type != "Patient":
@@ -121,6 +178,23 @@ def gather_prefetch(
             )
         elif isinstance(value, dict | list) and value is not _ABSENT:
             resolved[key.name] = (f"prefetch:{key.name}", value)
+            # A searchset with a next page: the rest is read from fhirServer (same origin only).
+            if (
+                isinstance(value, dict)
+                and value.get("resourceType") == "Bundle"
+                and next_link(value) is not None
+            ):
+                if fallback.available:
+                    continuations[key.name] = value
+                else:
+                    issues.append(
+                        DataIssue(
+                            f"prefetch.{key.name}",
+                            "only the first page was prefetched (the searchset has a next "
+                            "page) and the request has no fhirServer to read the rest; "
+                            "checks ran with the first page",
+                        )
+                    )
             continue
         elif value is not _ABSENT and value is not None:
             issues.append(
@@ -134,13 +208,48 @@ def gather_prefetch(
             problems[key.name] = str(exc)
             to_fetch.pop(key.name, None)
 
-    if to_fetch and request.fhir_server:
-        client = make_client(request.fhir_server, request.access_token)
-        results: dict[str, FetchResult] = client.fetch_all(to_fetch)
+    if (to_fetch or continuations) and fallback.available:
+        results = fallback.client().fetch_all(to_fetch, continuations)
+        retry = _dstu2_retries(results, keys, fhir_version, request)
+        if retry:
+            retried = fallback.client().fetch_all(retry)
+            medication_key = next(k.name for k in keys if k.resource_type == "MedicationRequest")
+            if retried.get(medication_key, FetchResult("", None)).resource is not None:
+                fhir_version = "DSTU2"
+                issues.append(
+                    DataIssue(
+                        f"prefetch.{medication_key}",
+                        "the FHIR server does not know MedicationRequest "
+                        f"(HTTP {results[medication_key].status}); read as DSTU2 "
+                        "MedicationOrder instead",
+                    )
+                )
+            results.update(
+                {name: result for name, result in retried.items() if result.resource is not None}
+            )
         for name, result in results.items():
-            if result.resource is not None:
+            if name in continuations:
+                if result.resource is not None:
+                    resolved[name] = (f"prefetch:{name}", result.resource)
+                if result.incomplete:
+                    issues.append(
+                        DataIssue(
+                            f"prefetch.{name}",
+                            f"only the first page was prefetched; the searchset "
+                            f"{result.incomplete}; checks ran with the pages read",
+                        )
+                    )
+            elif result.resource is not None:
                 resolved[name] = (f"fhir:{name}", result.resource)
                 problems.pop(name, None)
+                if result.incomplete:
+                    issues.append(
+                        DataIssue(
+                            f"prefetch.{name}",
+                            f"the fetched searchset {result.incomplete}; checks ran with the "
+                            "pages read",
+                        )
+                    )
             else:
                 problems[name] = f"not prefetched, and {result.problem}"
     elif to_fetch:
@@ -161,7 +270,44 @@ def gather_prefetch(
             issues.append(
                 DataIssue(f"prefetch.{key.name}", f"{problems[key.name]}; checks ran without it")
             )
-    return resolved, issues
+    return Gathered(resolved, issues, fhir_version)
+
+
+def _dstu2_retries(
+    results: dict[str, FetchResult],
+    keys: tuple[PrefetchKey, ...],
+    fhir_version: str,
+    request: HookRequest,
+) -> dict[str, str]:
+    """The DSTU2 queries to try once when the server rejected the MedicationRequest search.
+
+    Nothing in a patient-view call may tell a DSTU2 server apart: its 404/400 to an R4 type
+    does. Every key that failed the same way and has a DSTU2 query is retried with it.
+    """
+    if fhir_version == "DSTU2":
+        return {}
+    medication = next((k for k in keys if k.resource_type == "MedicationRequest"), None)
+    if medication is None:
+        return {}
+    first = results.get(medication.name)
+    if first is None or first.resource is not None:
+        return {}
+    if first.status not in _UNKNOWN_TYPE_STATUSES:
+        return {}
+    retry: dict[str, str] = {}
+    for key in keys:
+        result = results.get(key.name)
+        if (
+            result is not None
+            and result.resource is None
+            and result.status in _UNKNOWN_TYPE_STATUSES
+            and key.dstu2_template
+        ):
+            try:
+                retry[key.name] = render_template(key.dstu2_template, request.context)
+            except UnresolvedToken:
+                continue
+    return retry
 
 
 def build_patient_context(
@@ -169,21 +315,31 @@ def build_patient_context(
     make_client: ClientFactory,
     draft_orders_key: str | None,
     relevant: Relevance | None = None,
+    *,
+    keys: tuple[PrefetchKey, ...],
 ) -> PatientContext:
-    """``relevant``: skip normalising prefetched facts it rules out (draft orders never are)."""
+    """``relevant``: skip normalising prefetched facts it rules out (draft orders never are).
+
+    ``keys``: the prefetch keys (their queries carry the knowledge base's LOINC codes).
+    """
     issues: list[DataIssue] = []
     draft_resources = _draft_resources(request, draft_orders_key, issues)
     draft_lab_orders = _draft_lab_orders(request, draft_orders_key)
-    fhir_version = fhir.detect_fhir_version((r for _, r in draft_resources), request.hook)
-    resolved, prefetch_issues = gather_prefetch(request, make_client, fhir_version)
-    issues.extend(prefetch_issues)
+    fhir_version = fhir.detect_fhir_version(
+        (r for _, r in draft_resources), request.hook, _prefetched_resources(request, keys)
+    )
+    fallback = FhirFallback(request, make_client)
+    gathered = gather_prefetch(request, fallback, fhir_version, keys)
+    resolved, fhir_version = gathered.resolved, gathered.fhir_version
+    issues.extend(gathered.issues)
     patient_id = request.patient_id
 
+    # Medication resources that came with the data (_include, the draft Bundle), for orders
+    # and statements that name their drug by medicationReference.
+    referenced: dict[str, dict[str, Any]] = {}
+    kept: list[tuple[str, str, dict[str, Any], str]] = []  # (key, origin, resource, where)
     patient = PatientInfo(id=patient_id)
-    conditions: list[Condition] = []
-    medications: list[Medication] = []
-    labs: list[Lab] = []
-    for key in PREFETCH_KEYS:
+    for key in keys:
         if key.name not in resolved:
             continue
         origin, value = resolved[key.name]
@@ -196,6 +352,8 @@ def build_patient_context(
             resource_type = resource.get("resourceType")
             if key.resource_type == "MedicationRequest" and resource_type == "MedicationOrder":
                 pass  # DSTU2 servers answer MedicationRequest searches with MedicationOrder
+            elif resource_type == "Medication" and key.resource_type in fhir.MEDICATION_TYPES:
+                continue  # a supporting resource (_include), indexed below
             elif resource_type != key.resource_type:
                 issues.append(
                     DataIssue(where, f"is a {resource_type}, not a {key.resource_type}; ignored")
@@ -205,19 +363,35 @@ def build_patient_context(
             if owner != patient_id:
                 issues.append(DataIssue(where, "belongs to another patient (or to none); ignored"))
                 continue
-            if relevant is not None and not _may_matter(resource, resource_type, relevant):
-                continue
-            if resource_type == "Patient":
-                patient = fhir.to_patient(resource, origin, patient_id)
-            elif resource_type == "Condition":
-                _append(
-                    conditions, fhir.to_condition(resource, origin), issues, where, "has no code"
-                )
-            elif resource_type in fhir.MEDICATION_TYPES:
-                medication = fhir.to_medication(resource, origin, is_draft=False)
-                _append(medications, medication, issues, where, "names no medication")
-            elif resource_type == "Observation":
-                _append(labs, fhir.to_lab(resource, origin), issues, where, "has no code")
+            kept.append((key.name, origin, resource, where))
+        if key.resource_type in fhir.MEDICATION_TYPES:
+            referenced.update(_medication_index(value))
+    if draft_orders_key is not None and draft_orders_key in request.context:
+        referenced.update(_medication_index(request.context[draft_orders_key]))
+    _read_referenced_medications(
+        [(where, r) for _, _, r, where in kept if r.get("resourceType") in fhir.MEDICATION_TYPES]
+        + draft_resources,
+        referenced,
+        fallback,
+        issues,
+    )
+
+    conditions: list[Condition] = []
+    medications: list[Medication] = []
+    labs: list[Lab] = []
+    for _, origin, resource, where in kept:
+        resource_type = resource.get("resourceType")
+        if relevant is not None and not _may_matter(resource, resource_type, relevant, referenced):
+            continue
+        if resource_type == "Patient":
+            patient = fhir.to_patient(resource, origin, patient_id)
+        elif resource_type == "Condition":
+            _append(conditions, fhir.to_condition(resource, origin), issues, where, "has no code")
+        elif resource_type in fhir.MEDICATION_TYPES:
+            medication = fhir.to_medication(resource, origin, is_draft=False, referenced=referenced)
+            _append(medications, medication, issues, where, "names no medication")
+        elif resource_type == "Observation":
+            _append(labs, fhir.to_lab(resource, origin), issues, where, "has no code")
 
     drafts: list[Medication] = []
     for where, resource in draft_resources:
@@ -235,7 +409,9 @@ def build_patient_context(
                     f"is not valid FHIR {fhir_version} ({'; '.join(problems)}); read leniently",
                 )
             )
-        medication = fhir.to_medication(repaired, f"context:{draft_orders_key}", is_draft=True)
+        medication = fhir.to_medication(
+            repaired, f"context:{draft_orders_key}", is_draft=True, referenced=referenced
+        )
         _append(drafts, medication, issues, where, "names no medication yet; nothing to check")
 
     return PatientContext(
@@ -247,10 +423,124 @@ def build_patient_context(
         issues=tuple(issues),
         fhir_version=fhir_version,
         draft_lab_orders=draft_lab_orders,
+        selections=_selections(request),
     )
 
 
-def _may_matter(resource: dict[str, Any], resource_type: Any, relevant: Relevance) -> bool:
+def _prefetched_resources(
+    request: HookRequest, keys: tuple[PrefetchKey, ...]
+) -> Iterator[dict[str, Any]]:
+    """Every prefetched resource, for telling the client's FHIR version."""
+    for key in keys:
+        value = request.prefetch.get(key.name)
+        if isinstance(value, dict | list):
+            for _, resource, _ in fhir.iter_resources(value, key.name):
+                if resource is not None:
+                    yield resource
+
+
+def _medication_index(value: Any) -> dict[str, dict[str, Any]]:
+    """Medication resources of a Bundle (or list) by ``"Medication/id"`` and entry fullUrl."""
+    index: dict[str, dict[str, Any]] = {}
+    bundles = value if isinstance(value, list) else [value]
+    for bundle in bundles:
+        if not isinstance(bundle, dict):
+            continue
+        if bundle.get("resourceType") == "Medication":
+            entries: list[Any] = [{"resource": bundle}]
+        elif bundle.get("resourceType") == "Bundle":
+            entries = fhir.as_list(bundle.get("entry"))
+        else:
+            continue
+        for entry in entries:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict) or resource.get("resourceType") != "Medication":
+                continue
+            if isinstance(resource.get("id"), str) and resource["id"]:
+                index[f"Medication/{resource['id']}"] = resource
+            full_url = entry.get("fullUrl")
+            if isinstance(full_url, str) and full_url:
+                key = fhir.medication_reference_key({"reference": full_url})
+                index[key or full_url] = resource
+    return index
+
+
+def _read_referenced_medications(
+    resources: list[tuple[str, dict[str, Any]]],
+    referenced: dict[str, dict[str, Any]],
+    fallback: FhirFallback,
+    issues: list[DataIssue],
+) -> None:
+    """Read from ``fhirServer`` the Medications referenced but not sent; add them to
+    ``referenced``. A Medication that cannot be had is a data issue, never a 412: the order
+    is still read (by its reference's display text, if any)."""
+    wanted: dict[str, list[str]] = {}  # "Medication/id" → where it is referenced
+    for where, resource in resources:
+        if resource.get("medicationCodeableConcept") is not None:
+            continue
+        reference = resource.get("medicationReference")
+        ref = fhir.medication_reference_key(reference)
+        if ref is None:
+            continue
+        if ref not in referenced:
+            wanted.setdefault(ref, []).append(where)
+    if not wanted:
+        return
+    # The id comes from the client's data: quoted, so it can only ever name one resource.
+    readable = {
+        ref: f"Medication/{quote(ref.removeprefix('Medication/'), safe='')}"
+        for ref in wanted
+        if ref.startswith("Medication/")
+    }
+    problems: dict[str, str] = {
+        ref: "is not in the data and cannot be read by itself"
+        for ref in wanted
+        if ref not in readable
+    }
+    if len(readable) > MAX_MEDICATION_READS:
+        for ref in list(readable)[MAX_MEDICATION_READS:]:
+            problems[ref] = f"is one of more than {MAX_MEDICATION_READS} to read; not read"
+            del readable[ref]
+    if readable and fallback.available:
+        for ref, result in fallback.client().fetch_all(readable).items():
+            resource = result.resource
+            if (
+                resource is not None
+                and resource.get("resourceType") == "Medication"
+                and f"Medication/{resource.get('id')}" == ref
+            ):
+                referenced[ref] = resource
+            else:
+                problems[ref] = (
+                    f"could not be read from fhirServer ({result.problem})"
+                    if result.problem
+                    else "was answered by fhirServer with something other than that Medication"
+                )
+    else:
+        for ref in readable:
+            problems[ref] = "is not in the data and the request has no fhirServer to read it"
+    for ref, problem in problems.items():
+        for where in wanted[ref]:
+            issues.append(DataIssue(where, f"references {ref}, which {problem}; read without it"))
+
+
+def _selections(request: HookRequest) -> tuple[str, ...]:
+    """order-select's ``context.selections`` ("MedicationRequest/123"): the orders to advise
+    on; the other drafts are context. Other hooks, or no usable list: every draft counts."""
+    if request.hook != "order-select":
+        return ()
+    selections = request.context.get("selections")
+    if not isinstance(selections, list):
+        return ()
+    return tuple(s.strip() for s in selections if isinstance(s, str) and s.strip())
+
+
+def _may_matter(
+    resource: dict[str, Any],
+    resource_type: Any,
+    relevant: Relevance,
+    referenced: dict[str, dict[str, Any]],
+) -> bool:
     """False only for a resource with usable codes (or drug text) that no rule can use."""
     if resource_type == "Condition":
         codings = fhir.code_codings(resource)
@@ -259,7 +549,7 @@ def _may_matter(resource: dict[str, Any], resource_type: Any, relevant: Relevanc
         codings = fhir.code_codings(resource)
         return not codings or relevant.lab(codings)
     if resource_type in fhir.MEDICATION_TYPES:
-        codings, ingredient_codings, text = fhir.medication_codes(resource)
+        codings, ingredient_codings, text = fhir.medication_codes(resource, referenced)
         if not codings and not ingredient_codings and not text:
             return True  # reported as naming no medication
         return relevant.medication(codings + ingredient_codings, text)

@@ -73,6 +73,8 @@ class Condition:
     verification_status: str | None  # unconfirmed | provisional | differential | confirmed | ...
     onset: datetime | None
     source: SourceRef
+    # abatement[x] is present (a date, period, age, text or true): the condition has ended.
+    abated: bool = False
 
     @property
     def display(self) -> str:
@@ -108,6 +110,8 @@ class Medication:
     # Ingredient codings of a contained/referenced Medication resource, when present.
     ingredient_codings: tuple[Coding, ...] = ()
     dispense_quantity: Quantity | None = None
+    # A statement that the drug is not taken (STU3 taken "n", DSTU2 wasNotTaken true).
+    not_taken: bool = False
 
     @property
     def display(self) -> str:
@@ -175,3 +179,6 @@ class PatientContext:
     fhir_version: str = "R4"
     # Laboratory orders among this hook's draft orders (so a suggested test is not re-suggested).
     draft_lab_orders: tuple[LabOrder, ...] = ()
+    # order-select: references ("MedicationRequest/123") of the draft orders the user selected;
+    # empty means every draft order is selected.
+    selections: tuple[str, ...] = ()

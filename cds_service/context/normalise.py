@@ -9,8 +9,9 @@ additionally checked against the fhir.resources model of their FHIR version.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -170,7 +171,9 @@ def quantity_of(value: Any) -> Quantity | None:
         return None
     try:
         amount = float(number)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond a double (10**400)
+        return None
+    if not math.isfinite(amount):  # "NaN", "1e400": no comparison in the rules would hold
         return None
     unit = _text(value.get("code")) or _text(value.get("unit"))
     return Quantity(amount, unit)
@@ -253,7 +256,21 @@ def to_condition(resource: dict[str, Any], origin: str) -> Condition | None:
         verification_status=status_code(resource.get("verificationStatus")),
         onset=parse_datetime(resource.get("onsetDateTime") or resource.get("recordedDate")),
         source=source_ref(resource, origin),
+        abated=_abated(resource),
     )
+
+
+_ABATEMENT_KEYS = (
+    "abatementDateTime", "abatementPeriod", "abatementAge", "abatementRange", "abatementString",
+    "abatementDate",  # DSTU2
+)  # fmt: skip
+
+
+def _abated(resource: dict[str, Any]) -> bool:
+    """abatement[x] says the condition ended (abatementBoolean false says it did not)."""
+    if resource.get("abatementBoolean") is True:
+        return True
+    return any(resource.get(key) not in (None, "", {}, []) for key in _ABATEMENT_KEYS)
 
 
 def _contained(resource: dict[str, Any], reference: Any) -> dict[str, Any] | None:
@@ -270,7 +287,16 @@ def _frequency_per_day(timing: Any) -> float | None:
     repeat = timing.get("repeat") if isinstance(timing, dict) else None
     if not isinstance(repeat, dict):
         return None
-    frequency = repeat.get("frequencyMax") or repeat.get("frequency") or 1
+    # The stated frequency; frequencyMax is an "up to" bound, not the dose. With only a
+    # maximum the frequency is unknown; with neither, once per period (FHIR's default).
+    if "frequency" in repeat:
+        frequency = repeat["frequency"]
+    elif "frequencyMax" in repeat:
+        return None
+    else:
+        frequency = 1
+    if isinstance(frequency, bool) or not isinstance(frequency, int | float) or frequency <= 0:
+        return None  # 0 times a period says nothing usable
     period = repeat.get("period")
     unit = repeat.get("periodUnit") or repeat.get("periodUnits")  # R4/STU3, DSTU2
     if not isinstance(period, int | float) or isinstance(period, bool) or period <= 0:
@@ -280,7 +306,12 @@ def _frequency_per_day(timing: Any) -> float | None:
         return None
     if unit not in _PERIOD_PER_DAY:
         return None
-    return float(frequency) / float(period) * _PERIOD_PER_DAY[unit]
+    try:
+        per_day = float(frequency) / float(period) * _PERIOD_PER_DAY[unit]
+    except OverflowError:  # an integer beyond a double (10**400)
+        return None
+    # 1e308 per 1e-308 min overflows to inf: unusable, like a missing frequency.
+    return per_day if math.isfinite(per_day) else None
 
 
 def _doses(resource: dict[str, Any]) -> tuple[Dose, ...]:
@@ -320,15 +351,40 @@ def code_codings(resource: dict[str, Any]) -> tuple[Coding, ...]:
     return codings_of(resource.get("code"))
 
 
+def medication_reference_key(reference: Any) -> str | None:
+    """``"Medication/x"`` for a (relative or absolute, versioned or not) reference to a
+    Medication resource, else None (contained ``#x`` references are resolved elsewhere)."""
+    ref = reference.get("reference") if isinstance(reference, dict) else None
+    if not isinstance(ref, str) or ref.startswith("#"):
+        return None
+    if ref.startswith("urn:uuid:"):
+        return ref  # a Bundle entry's fullUrl
+    parts = [part for part in ref.split("?")[0].split("/") if part]
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) >= 2 and parts[-2] == "Medication" and parts[-1]:
+        return f"Medication/{parts[-1]}"
+    return None
+
+
 def medication_codes(
     resource: dict[str, Any],
+    referenced: Mapping[str, dict[str, Any]] | None = None,
 ) -> tuple[tuple[Coding, ...], tuple[Coding, ...], str]:
-    """What names the drug of an order or statement: (codings, ingredient codings, text)."""
+    """What names the drug of an order or statement: (codings, ingredient codings, text).
+
+    ``referenced``: Medication resources by ``"Medication/id"`` (or entry fullUrl) that came
+    with the data (``_include``, the draft Bundle) or were fetched, for ``medicationReference``.
+    """
     concept = resource.get("medicationCodeableConcept")
     ingredient_codings: tuple[Coding, ...] = ()
     codings = codings_of(concept)
     text = concept_text(concept)
-    medication = _contained(resource, resource.get("medicationReference"))
+    reference = resource.get("medicationReference")
+    medication = _contained(resource, reference)
+    if medication is None and referenced:
+        key = medication_reference_key(reference)
+        medication = referenced.get(key) if key is not None else None
     if medication is not None:
         codings = codings or codings_of(medication.get("code"))
         text = text or concept_text(medication.get("code"))
@@ -344,9 +400,15 @@ def medication_codes(
     return codings, ingredient_codings, text
 
 
-def to_medication(resource: dict[str, Any], origin: str, *, is_draft: bool) -> Medication | None:
+def to_medication(
+    resource: dict[str, Any],
+    origin: str,
+    *,
+    is_draft: bool,
+    referenced: Mapping[str, dict[str, Any]] | None = None,
+) -> Medication | None:
     """A MedicationRequest / MedicationStatement / MedicationOrder, or None if it names no drug."""
-    codings, ingredient_codings, text = medication_codes(resource)
+    codings, ingredient_codings, text = medication_codes(resource, referenced)
     if not codings and not text and not ingredient_codings:
         return None
     route_codings, route_text = _routes(resource)
@@ -371,6 +433,8 @@ def to_medication(resource: dict[str, Any], origin: str, *, is_draft: bool) -> M
         dispense_quantity=quantity_of(dispense.get("quantity"))
         if isinstance(dispense, dict)
         else None,
+        # STU3 taken "n" and DSTU2 wasNotTaken (R4 uses status "not-taken").
+        not_taken=resource.get("taken") == "n" or resource.get("wasNotTaken") is True,
     )
 
 
@@ -490,11 +554,47 @@ def _model_class(fhir_version: str, resource_type: str) -> Any:
     return _MODEL_CACHE[key]
 
 
-def detect_fhir_version(resources: Iterable[dict[str, Any]], hook: str) -> str:
-    """R4 unless the draft orders look DSTU2 (MedicationOrder) or STU3."""
+def detect_fhir_version(
+    resources: Iterable[dict[str, Any]],
+    hook: str,
+    prefetched: Iterable[dict[str, Any]] = (),
+) -> str:
+    """R4 unless the draft orders look DSTU2 (MedicationOrder) or STU3.
+
+    Without a telling draft order (patient-view has none), the prefetched resources decide:
+    a DSTU2 server's answers must be recognised, or the fallback asks it for types it lacks.
+    """
     resources = list(resources)
     if any(r.get("resourceType") == "MedicationOrder" for r in resources):
         return "DSTU2"
+    found = _draft_version(resources)
+    if found is not None:
+        return found
+    prefetched = list(prefetched)
+    if any(_looks_dstu2(r) for r in prefetched):
+        return "DSTU2"
+    found = _draft_version([r for r in prefetched if r.get("resourceType") == "MedicationRequest"])
+    if found is not None:
+        return found
+    return "STU3" if hook == "medication-prescribe" else "R4"
+
+
+def _looks_dstu2(resource: dict[str, Any]) -> bool:
+    """MedicationOrder, or a Condition naming its patient by ``patient`` (``subject`` since
+    STU3) with a plain-code ``clinicalStatus`` (a CodeableConcept in R4)."""
+    resource_type = resource.get("resourceType")
+    if resource_type == "MedicationOrder":
+        return True
+    return (
+        resource_type == "Condition"
+        and "patient" in resource
+        and "subject" not in resource
+        and isinstance(resource.get("clinicalStatus", ""), str)
+    )
+
+
+def _draft_version(resources: list[dict[str, Any]]) -> str | None:
+    """R4 or STU3 from the shape of medication orders, None when they do not tell."""
     for resource in resources:
         for instruction in as_list(resource.get("dosageInstruction")):
             if isinstance(instruction, dict):
@@ -504,7 +604,7 @@ def detect_fhir_version(resources: Iterable[dict[str, Any]], hook: str) -> str:
                     return "STU3"
         if "context" in resource and "encounter" not in resource:
             return "STU3"
-    return "STU3" if hook == "medication-prescribe" else "R4"
+    return None
 
 
 def data_issue(where: str, problem: str) -> DataIssue:

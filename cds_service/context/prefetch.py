@@ -1,9 +1,11 @@
-"""Prefetch templates: rendering the CDS Hooks 2.0 tokens into FHIR queries."""
+"""Prefetch keys and templates: what the context needs, and rendering the CDS Hooks 2.0 tokens
+into FHIR queries."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 _TOKEN = re.compile(r"\{\{\s*([A-Za-z0-9_.]+)\s*\}\}")
@@ -46,3 +48,93 @@ def render_template(template: str, context: Mapping[str, Any]) -> str:
         return values[token]
 
     return _TOKEN.sub(substitute, template)
+
+
+# --- the prefetch keys ----------------------------------------------------------------------
+
+# Per searchset page: enough for a typical chart in one page; larger charts are paged
+# (``link[next]``) by the fallback, bounded by ``CDS_FHIR_MAX_PAGES``.
+PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class PrefetchKey:
+    """One datum the patient context needs, with the FHIR query that gets it.
+
+    The key names are also the prefetch keys the services advertise at discovery.
+    ``required``: without it the rules cannot run (HTTP 412 when it can be neither prefetched
+    nor fetched).
+    """
+
+    name: str
+    template: str
+    resource_type: str
+    required: bool
+    description: str
+    # The query used instead when the client speaks DSTU2 (the public sandbox's default
+    # server): no MedicationRequest there, and Condition has no clinical-status parameter.
+    dstu2_template: str | None = None
+
+    def template_for(self, fhir_version: str) -> str:
+        return (
+            self.dstu2_template
+            if fhir_version == "DSTU2" and self.dstu2_template
+            else self.template
+        )
+
+
+def prefetch_keys(observation_loinc_codes: Iterable[str]) -> tuple[PrefetchKey, ...]:
+    """The keys, with the Observation query asking for exactly these LOINC codes.
+
+    The codes come from the knowledge base's lab groups (see ``protocol.services``), so the
+    query can never drift from what the rules read.
+    """
+    codes = ",".join(f"http://loinc.org|{code}" for code in dict.fromkeys(observation_loinc_codes))
+    patient = "{{context.patientId}}"
+    return (
+        PrefetchKey(
+            "patient",
+            f"Patient/{patient}",
+            "Patient",
+            True,
+            "the patient (birth date and sex for dose limits)",
+        ),
+        PrefetchKey(
+            "conditions",
+            f"Condition?patient={patient}&clinical-status=active,recurrence,relapse"
+            f"&_count={PAGE_SIZE}",
+            "Condition",
+            True,
+            "active conditions (myasthenia gravis, kidney disease, autoimmune disease)",
+            # clinical-status arrived in STU3; a DSTU2 server may reject it as unknown.
+            dstu2_template=f"Condition?patient={patient}&_count={PAGE_SIZE}",
+        ),
+        PrefetchKey(
+            "medicationRequests",
+            # _include: most R4 EHRs name the drug by medicationReference, so the Medication
+            # resources come along in the same answer instead of one read each.
+            f"MedicationRequest?patient={patient}&status=active"
+            f"&_include=MedicationRequest:medication&_count={PAGE_SIZE}",
+            "MedicationRequest",
+            True,
+            "active medication orders (interacting drugs, myasthenia therapy, magnesium)",
+            dstu2_template=f"MedicationOrder?patient={patient}&status=active"
+            f"&_include=MedicationOrder:medication&_count={PAGE_SIZE}",
+        ),
+        PrefetchKey(
+            "medicationStatements",
+            f"MedicationStatement?patient={patient}&status=active"
+            f"&_include=MedicationStatement:medication&_count={PAGE_SIZE}",
+            "MedicationStatement",
+            False,
+            "medications the patient reports taking (supplements bought over the counter)",
+        ),
+        PrefetchKey(
+            "observations",
+            # Every parameter here (patient, code, _sort=-date, _count) is DSTU2 core too.
+            f"Observation?patient={patient}&code={codes}&_sort=-date&_count={PAGE_SIZE}",
+            "Observation",
+            True,
+            "recent serum magnesium, eGFR and creatinine results",
+        ),
+    )

@@ -47,6 +47,9 @@ ROUTES = {
     "oral": {"coding": [{"system": SNOMED, "code": "26643006", "display": "Oral route"}]},
     "iv": {"coding": [{"system": SNOMED, "code": "47625008", "display": "Intravenous route"}]},
     "topical": {"coding": [{"system": SNOMED, "code": "6064005", "display": "Topical route"}]},
+    "ophthalmic": {
+        "coding": [{"system": SNOMED, "code": "54485002", "display": "Ophthalmic route"}]
+    },
 }
 # Draft laboratory orders (ServiceRequest): LOINC code and display.
 LAB_ORDERS = {
@@ -144,6 +147,16 @@ PRODUCTS: dict[str, Product] = {
          "frequency": 1, "period": 1, "periodUnit": "d"},
         "500 mg by mouth once daily for 7 days",
     ),
+    # Eye drops share the ingredient code with the tablets: local, not systemic.
+    "ciprofloxacin-eye": Product(
+        "draft-ciprofloxacin-eye",
+        (("2551", "ciprofloxacin"),),
+        "ciprofloxacin 3 MG/ML Ophthalmic Solution",
+        "ophthalmic",
+        (1, "drop", "[drp]"),
+        {"frequency": 4, "period": 1, "periodUnit": "d"},
+        "1 drop in the affected eye four times daily",
+    ),
 }
 
 
@@ -210,6 +223,16 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("ra-low-magnesium", "patient-view"),
     Scenario("doxycycline", "order-select", ("mg-oxide",)),
     Scenario("mg-supplement", "order-select", ("levofloxacin",), "levofloxacin"),
+    # Review fixes: MG inferred from an MG-specific drug (no code) is only "possible"; coded
+    # hypermagnesemia; eye drops are not systemic; order-select advises on the selection only
+    # (the last order is the selected one).
+    Scenario("pyridostigmine-uncoded", "order-select", ("mg-oxide",)),
+    Scenario("pyridostigmine-uncoded", "order-sign", ("ciprofloxacin",), "ciprofloxacin"),
+    Scenario("hypermagnesemia", "order-select", ("mg-oxide",)),
+    Scenario(MG, "order-select", ("ciprofloxacin-eye",), "eye-drops"),
+    Scenario(
+        "ckd4-low-egfr", "order-select", ("mg-oxide", "ciprofloxacin"), "selected-ciprofloxacin"
+    ),
 )
 
 

@@ -38,6 +38,9 @@ from cds_service.knowledge.model import (
 )
 
 _ICD_SYSTEMS = (ICD10CM, ICD10)
+# Routes the rules tell apart: a local route (eye, ear, nose, airway) is not systemic and does
+# not reach the gut, exactly like a topical one.
+_LOCAL_AS = {"local": "topical"}
 _T = TypeVar("_T")
 _NOT_ALNUM = re.compile(r"[^A-Z0-9]")
 
@@ -108,6 +111,7 @@ class Knowledge:
         thresholds: tuple[Threshold, ...],
         rules: tuple[RuleInfo, ...],
         unverified: tuple[str, ...] = (),
+        route_codes: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.version = version
         self.file_versions: dict[str, str] = dict(file_versions)
@@ -131,6 +135,13 @@ class Knowledge:
             route_hints,
         )
         self._build_drug_index(drug_groups)
+        # One route vocabulary for every drug; "local" (eye, ear, nose, airway) acts where it is
+        # applied, so for every rule it is topical.
+        self._route_of_code = {
+            code.upper(): _LOCAL_AS.get(route, route)
+            for route, codes in (route_codes or {}).items()
+            for code in codes
+        }
         self._loinc = {c.code: g.id for g in lab_groups for c in g.codes}
         self._units = {
             self._unit_key(spelling): conv
@@ -181,9 +192,14 @@ class Knowledge:
         self._excipients = _PhraseMatcher(excipient_phrases)
         self._combination_markers = _PhraseMatcher(combination_markers)
         self._route_hint_of = {
-            word: route for route, words in route_hints.items() for word in words
+            word: route
+            for route, words in route_hints.items()
+            if route != "local"
+            for word in words
         }
         self._route_hints = _PhraseMatcher(self._route_hint_of)
+        # Site words win over dose-form words: an "otic suspension" is an ear drop.
+        self._local_hints = _PhraseMatcher(route_hints.get("local", ()))
         forms = {f.form for salt in salts for f in salt.fractions}
         self._forms = _PhraseMatcher(forms)
 
@@ -366,9 +382,25 @@ class Knowledge:
         return self._excipients.remove(" | ".join(p for p in parts if p).lower())
 
     def _route_from_text(self, words: str) -> str | None:
+        if self._local_hints.find(words):
+            return _LOCAL_AS["local"]
         routes = {self._route_hint_of[w] for w in self._route_hints.find(words)}
         # Conflicting hints ("oral" and "injection") say nothing reliable.
         return routes.pop() if len(routes) == 1 else None
+
+    # ------------------------------------------------------------------ routes
+
+    def route_of_codings(self, codings: Iterable[Coding]) -> str | None:
+        """'oral' | 'parenteral' | 'topical' from a route coding (SNOMED CT or HL7 v3 code)."""
+        for coding in codings:
+            route = self._route_of_code.get(coding.code.strip().upper())
+            if route is not None:
+                return route
+        return None
+
+    def route_from_text(self, text: str) -> str | None:
+        """The route the words say ("IV infusion", "eye drops"), None when unclear."""
+        return self._route_from_text(text.lower()) if text else None
 
     # ------------------------------------------------------------------ other drugs
 

@@ -523,6 +523,10 @@ def _build(
         combination_markers=tuple(mg["combination_markers"]),
         combination_synonyms=tuple((c["synonym"], c["salt"]) for c in mg["combination_synonyms"]),
         route_hints={route: tuple(words) for route, words in mg["route_hints"].items()},
+        route_codes={
+            route: tuple(entry["code"] for entry in entries)
+            for route, entries in mg["route_codes"].items()
+        },
         drug_groups=drug_groups,
         interactions=interactions,
         lab_groups=lab_groups,
@@ -636,13 +640,12 @@ def _drug_group(g: Json) -> DrugGroup:
                 text_synonyms=tuple(i.get("text_synonyms", [i["name"]])),
                 group=g["id"],
                 note=i.get("note", ""),
+                implies_myasthenia=(i.get("implies_myasthenia") or {}).get("status"),
             )
             for i in g["ingredients"]
         ),
         effects=tuple(
-            DrugEffect(
-                e["kind"], e["text"], e["status"], tuple(e["sources"]), e.get("indicator")
-            )
+            DrugEffect(e["kind"], e["text"], e["status"], tuple(e["sources"]), e.get("indicator"))
             for e in g["effects"]
         ),
         source_ids=tuple(g["sources"]),

@@ -117,6 +117,9 @@ class Ingredient:
     text_synonyms: tuple[str, ...]  # words used for last-resort text matching
     group: str  # drug group id
     note: str = ""
+    # Status of the claim that this drug is specific to myasthenia gravis therapy (so that it
+    # stands for an uncoded diagnosis); None: it has other common uses and implies nothing.
+    implies_myasthenia: str | None = None
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Every request under ``/cds-services`` (except CORS preflight) needs ``Authorization: Bearer
 <JWT>``, verified as CDS Hooks 2.0 prescribes: asymmetric alg from an allowlist, signature by
 a key of the issuer's JWK Set, ``iss`` trusted, ``jku`` allowlisted for that issuer, ``aud`` the
-exact URL called, ``exp``/``iat`` with leeway, ``jti`` not seen before, ``tenant`` allowed.
+exact URL called (a configured base URL + the path: never built from the Host header, which the
+caller chooses), ``exp``/``iat`` with leeway, ``jti`` not seen before, ``tenant`` allowed.
 Any failure answers 401 with a generic body; the reason goes to the log, never the token.
 
 Replays are caught at two levels: a bounded cache in process memory (no database round trip
@@ -20,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -224,8 +225,12 @@ class TokenVerifier:
         self.leeway = leeway
         self._clock = clock
 
-    def verify(self, token: str, audience: str) -> dict[str, Any]:
-        """The token's claims, or AuthError naming the first problem found."""
+    def verify(self, token: str, audience: str | Sequence[str]) -> dict[str, Any]:
+        """The token's claims, or AuthError naming the first problem found.
+
+        ``audience``: the URL called, or every form of it the service answers to; ``aud``
+        must name one of them.
+        """
         if len(token) > MAX_TOKEN_CHARS:
             raise AuthError(f"token longer than {MAX_TOKEN_CHARS} characters")
         try:
@@ -267,7 +272,8 @@ class TokenVerifier:
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError(f"claim {exc.claim!r} is missing") from None
         except jwt.InvalidAudienceError:
-            raise AuthError(f"aud does not name the URL called ({audience})") from None
+            called = audience if isinstance(audience, str) else " or ".join(audience)
+            raise AuthError(f"aud does not name the URL called ({called})") from None
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid JWT ({type(exc).__name__}: {_show(str(exc))})") from None
         jti = claims["jti"]
@@ -332,11 +338,42 @@ def _check_key_fits(key: SigningKey, alg: str) -> None:
         raise AuthError(f"RSA key {key.kid} is shorter than {MIN_RSA_BITS} bits")
 
 
-def expected_audience(external_base_url: str) -> str:
-    """The exact URL called, as the EHR names it in ``aud``: the public URL behind a proxy."""
-    if external_base_url:
-        return external_base_url.rstrip("/") + request.path
-    return request.base_url
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def audience_base_urls(settings: Settings) -> tuple[str, ...]:
+    """The base URLs a JWT's ``aud`` may name (+ the path called); SettingsError if unknowable.
+
+    ``CDS_EXTERNAL_BASE_URL`` when set. Otherwise the addresses the service is bound to: the
+    Host header cannot stand in, because the caller chooses it, so a token a trusted issuer
+    minted for another CDS service would pass with that service's host name sent. A wildcard
+    bind has no such address: the public URL must then be configured.
+    """
+    if settings.external_base_urls:
+        return settings.external_base_urls
+    host = settings.host.strip("[]")
+    if host in WILDCARD_HOSTS:
+        raise SettingsError(
+            f"CDS_EXTERNAL_BASE_URL is required when authentication is on and the service binds "
+            f"to all interfaces (CDS_HOST={settings.host!r}): set it to the URL(s) the EHRs call, "
+            "e.g. https://cds.example.org, so that a JWT's aud can be checked"
+        )
+    hosts = ["127.0.0.1", "localhost"] if host in LOOPBACK_HOSTS else []
+    if host not in hosts:
+        hosts.append(host)
+    bases = []
+    for name in hosts:
+        shown = f"[{name}]" if ":" in name else name
+        bases.append(f"http://{shown}:{settings.port}")
+        if settings.port == 80:  # a client calling the default port leaves it out of the URL
+            bases.append(f"http://{shown}")
+    return tuple(bases)
+
+
+def expected_audiences(base_urls: Sequence[str]) -> list[str]:
+    """The URL called, as an EHR names it in ``aud``, under each accepted base URL."""
+    return [base + request.path for base in base_urls]
 
 
 def is_protected(path: str) -> bool:
@@ -382,6 +419,13 @@ def install_auth(
             "it. For local demos only; never expose it."
         )
         return
+    # First: a service that cannot tell which aud to accept must not start at all.
+    base_urls = audience_base_urls(settings)
+    log.info(
+        "JWT aud must name one of %s + the path called%s",
+        ", ".join(base_urls),
+        "" if settings.external_base_url else " (set CDS_EXTERNAL_BASE_URL for other URLs)",
+    )
     verifier = build_verifier(settings, jwks, replay_guard)
     if not verifier.issuers:
         log.error(
@@ -393,11 +437,7 @@ def install_auth(
             "trusting the public CDS Hooks sandbox (%s): its private key is public, so anyone "
             "can sign as it. Testing only.", SANDBOX_ISSUER,
         )
-    if not settings.external_base_url:
-        log.info("JWT aud is checked against the Host the client used; set CDS_EXTERNAL_BASE_URL "
-                 "behind a proxy")
     app.extensions[AUTH_EXTENSION] = verifier
-    external_base_url = settings.external_base_url
 
     @app.before_request
     def _authenticate() -> Response | None:
@@ -409,7 +449,7 @@ def install_auth(
         if scheme.lower() != "bearer" or not token:
             return _deny("no Authorization: Bearer header")
         try:
-            claims = verifier.verify(token, expected_audience(external_base_url))
+            claims = verifier.verify(token, expected_audiences(base_urls))
         except AuthError as exc:
             return _deny(str(exc))
         except Exception as exc:  # a verifier bug must still answer 401, not 500

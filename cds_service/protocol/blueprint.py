@@ -14,10 +14,10 @@ from flask.typing import ResponseReturnValue
 
 from cds_service.context.builder import DataUnavailable
 from cds_service.pipeline import HookPipeline
-from cds_service.protocol.errors import ApiError, problem
+from cds_service.protocol.errors import ApiError
 from cds_service.protocol.hook_request import HookRequest
 from cds_service.protocol.services import SERVICES_BY_ID, discovery_document
-from cds_service.protocol.validation import read_json_body, validate_or_400
+from cds_service.protocol.validation import check_hook, read_json_body, validate_or_400
 
 bp = Blueprint("cds_hooks", __name__)
 
@@ -29,7 +29,9 @@ CARD_RECORDER_EXTENSION = "cds_card_recorder"
 
 @bp.get("/cds-services")
 def discovery() -> ResponseReturnValue:
-    return jsonify(discovery_document())
+    # The prefetch the pipeline uses, built from the knowledge loaded at start-up.
+    pipeline: HookPipeline = current_app.extensions[PIPELINE_EXTENSION]
+    return jsonify(discovery_document(pipeline.prefetch_keys))
 
 
 @bp.post("/cds-services/<service_id>")
@@ -45,13 +47,7 @@ def call_service(service_id: str) -> ResponseReturnValue:
     parsed = time.perf_counter()
     validate_or_400(body, "hook-request.schema.json", "hook request")
     validated = time.perf_counter()
-    if body["hook"] != service.hook:
-        raise ApiError(
-            400,
-            "wrong-hook",
-            f"service {service.id!r} answers the {service.hook!r} hook, not {body['hook']!r}",
-            [problem("$.hook", f"expected {service.hook!r}")],
-        )
+    check_hook(service, body)
     hook_request = HookRequest.from_json(body)
     g.hook_instance = hook_request.hook_instance
     pipeline: HookPipeline = current_app.extensions[PIPELINE_EXTENSION]

@@ -1,8 +1,8 @@
 """The CDS services this server offers: one per hook, each with its prefetch templates.
 
-The prefetch keys are also the names the patient-context layer uses for the data it needs;
-``PREFETCH_KEYS`` says which of them the rules cannot do without (a key that can be neither
-prefetched nor fetched then answers HTTP 412).
+The prefetch keys themselves (names, templates, which are required) belong to the
+patient-context layer (``context.prefetch``); here they get their LOINC codes from the
+knowledge base and are advertised at discovery.
 """
 
 from __future__ import annotations
@@ -10,89 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# LOINC codes the rules read (clinical-knowledge.md, "Labs (LOINC)").
-MAGNESIUM_LOINC = ("19123-9", "2601-3")
-EGFR_LOINC = (
-    "98979-8",
-    "98980-6",
-    "62238-1",
-    "88293-6",
-    "88294-4",
-    "33914-3",
-    "48642-3",
-    "48643-1",
-    "50044-7",
-    "70969-1",
-    "69405-9",
-    "76633-7",
-    "77147-7",
-)
-CREATININE_LOINC = ("2160-0", "14682-9", "77140-2", "38483-4")
+from cds_service.context.prefetch import PrefetchKey, prefetch_keys
+from cds_service.knowledge import Knowledge, default_knowledge
 
-_OBSERVATION_CODES = ",".join(
-    f"http://loinc.org|{code}" for code in (*MAGNESIUM_LOINC, *EGFR_LOINC, *CREATININE_LOINC)
-)
+# The knowledge base's lab groups whose results the rules read (labs.json): the Observation
+# prefetch asks for every LOINC code of these groups and no other.
+OBSERVATION_LAB_GROUPS = ("serum-magnesium", "egfr", "creatinine")
 
 
-@dataclass(frozen=True)
-class PrefetchKey:
-    name: str
-    template: str
-    resource_type: str
-    required: bool
-    description: str
-    # The query used instead when the client speaks DSTU2 (the public sandbox's default
-    # server): no MedicationRequest there, and Condition's status parameter differs.
-    dstu2_template: str | None = None
-
-    def template_for(self, fhir_version: str) -> str:
-        return (
-            self.dstu2_template
-            if fhir_version == "DSTU2" and self.dstu2_template
-            else self.template
-        )
+def prefetch_keys_for(knowledge: Knowledge) -> tuple[PrefetchKey, ...]:
+    """The prefetch keys, their Observation codes taken from ``knowledge``."""
+    return prefetch_keys(
+        entry.code for group in OBSERVATION_LAB_GROUPS for entry in knowledge.lab_group(group).codes
+    )
 
 
-PREFETCH_KEYS: tuple[PrefetchKey, ...] = (
-    PrefetchKey(
-        "patient",
-        "Patient/{{context.patientId}}",
-        "Patient",
-        True,
-        "the patient (birth date and sex for dose limits)",
-    ),
-    PrefetchKey(
-        "conditions",
-        "Condition?patient={{context.patientId}}&clinical-status=active,recurrence,relapse",
-        "Condition",
-        True,
-        "active conditions (myasthenia gravis, kidney disease, autoimmune disease)",
-        dstu2_template="Condition?patient={{context.patientId}}",
-    ),
-    PrefetchKey(
-        "medicationRequests",
-        "MedicationRequest?patient={{context.patientId}}&status=active",
-        "MedicationRequest",
-        True,
-        "active medication orders (interacting drugs, myasthenia therapy, magnesium)",
-        dstu2_template="MedicationOrder?patient={{context.patientId}}&status=active",
-    ),
-    PrefetchKey(
-        "medicationStatements",
-        "MedicationStatement?patient={{context.patientId}}&status=active",
-        "MedicationStatement",
-        False,
-        "medications the patient reports taking (supplements bought over the counter)",
-    ),
-    PrefetchKey(
-        "observations",
-        f"Observation?patient={{{{context.patientId}}}}&code={_OBSERVATION_CODES}"
-        "&_sort=-date&_count=100",
-        "Observation",
-        True,
-        "recent serum magnesium, eGFR and creatinine results",
-    ),
-)
+# For the bundled knowledge (fixture generation, benchmarks, tests); the app builds its own
+# from the knowledge it loads (``HookPipeline.prefetch_keys``), which may be another file.
+PREFETCH_KEYS: tuple[PrefetchKey, ...] = prefetch_keys_for(default_knowledge())
 PREFETCH_BY_NAME = {key.name: key for key in PREFETCH_KEYS}
 
 
@@ -102,16 +37,16 @@ class ServiceDefinition:
     hook: str
     title: str
     description: str
-    # The FHIR version this hook's clients speak, used to read draft orders.
+    # The context field holding this hook's draft orders (a Bundle); None for hooks without.
     draft_orders_context_key: str | None
 
-    def discovery_json(self) -> dict[str, Any]:
+    def discovery_json(self, keys: tuple[PrefetchKey, ...] = PREFETCH_KEYS) -> dict[str, Any]:
         return {
             "hook": self.hook,
             "id": self.id,
             "title": self.title,
             "description": self.description,
-            "prefetch": {key.name: key.template for key in PREFETCH_KEYS},
+            "prefetch": {key.name: key.template for key in keys},
         }
 
 
@@ -161,5 +96,6 @@ SERVICES: tuple[ServiceDefinition, ...] = (
 SERVICES_BY_ID = {service.id: service for service in SERVICES}
 
 
-def discovery_document() -> dict[str, Any]:
-    return {"services": [service.discovery_json() for service in SERVICES]}
+def discovery_document(keys: tuple[PrefetchKey, ...] = PREFETCH_KEYS) -> dict[str, Any]:
+    """``keys``: the app's own (built from the knowledge it loaded at start-up)."""
+    return {"services": [service.discovery_json(keys) for service in SERVICES]}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Request
 from jsonschema import Draft202012Validator
@@ -12,6 +14,9 @@ from jsonschema.exceptions import ValidationError
 
 from cds_service.protocol.errors import ApiError, problem
 from cds_service.resources import load_schema
+
+if TYPE_CHECKING:
+    from cds_service.protocol.services import ServiceDefinition
 
 MAX_PROBLEMS = 20
 
@@ -81,6 +86,15 @@ def read_json_body(request: Request) -> Any:
         # Werkzeug stops a chunked body at the limit without saying so; reading on raises
         # 413 (a chunked body of exactly the limit is refused too: harmless).
         request.stream.read(1)
+    return parse_json_bytes(raw)
+
+
+def parse_json_bytes(raw: bytes) -> Any:
+    """``raw`` as strict JSON (RFC 8259), or ApiError 400 naming the problem.
+
+    Shared by the HTTP endpoints and ``cds-service evaluate``, so that a file is refused
+    exactly as the same body would be over HTTP.
+    """
     if not raw:
         raise ApiError(
             400, "invalid-json", "the request body is empty", [problem("$", "empty body")]
@@ -95,7 +109,7 @@ def read_json_body(request: Request) -> Any:
             [problem("$", f"byte {exc.start} is not valid UTF-8")],
         ) from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_float=_finite_float, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ApiError(
             400,
@@ -110,12 +124,12 @@ def read_json_body(request: Request) -> Any:
             "the request body is nested too deeply",
             [problem("$", "JSON nesting exceeds what this service reads")],
         ) from None
-    except ValueError as exc:  # NaN/Infinity, or an integer longer than Python converts
+    except ValueError as exc:  # NaN/Infinity, 1e400, or an integer longer than Python converts
         raise ApiError(
             400,
             "invalid-json",
             "the request body is not valid JSON",
-            [problem("$", _short(str(exc), 120))],
+            [problem("$", _short(str(exc), 160))],
         ) from None
 
 
@@ -125,9 +139,34 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(literal: str) -> float:
+    # JSON allows 1e400, but a double cannot hold it: Python reads inf, which the rules cannot
+    # compare sensibly and which would be written back as Infinity (not JSON).
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(
+            f"the number {_short(literal, 60)} is out of range (not a finite double-precision "
+            "number)"
+        )
+    return value
+
+
 def validate_or_400(instance: Any, schema_name: str, what: str) -> None:
     problems = schema_problems(instance, schema_name)
     if problems:
         raise ApiError(
             400, "invalid-request", f"the {what} does not conform to CDS Hooks 2.0", problems
+        )
+
+
+def check_hook(service: ServiceDefinition, body: Mapping[str, Any]) -> None:
+    """ApiError 400 ``wrong-hook`` unless ``body`` (a valid hook request) is for ``service``'s
+    hook: each service's rules are written for its hook's context (HTTP and evaluate alike)."""
+    hook = body["hook"]
+    if hook != service.hook:
+        raise ApiError(
+            400,
+            "wrong-hook",
+            f"service {service.id!r} answers the {service.hook!r} hook, not {hook!r}",
+            [problem("$.hook", f"expected {service.hook!r}")],
         )

@@ -50,13 +50,13 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     serum = serum_magnesium(picture, knowledge)
     if serum is not None and serum.is_high:
         return
-    for fact in picture.drafts:
+    for fact in picture.actionable_drafts:
         if fact.is_magnesium and fact.route in ("oral", None):
             yield _finding(picture, fact, related, serum, knowledge)
 
 
 def _contraindicated(picture: ClinicalPicture, knowledge: Knowledge) -> bool:
-    if myasthenia_evidence(picture):
+    if myasthenia_evidence(picture, knowledge):
         return True
     neuromuscular = any(
         knowledge.condition_group(g).category == "neuromuscular"
@@ -86,7 +86,8 @@ def _finding(
 ) -> Finding:
     rule = knowledge.rule(RULE_ID)
     name = magnesium_name(fact)
-    condition = related[0][0].condition.display
+    # The knowledge's name (bounded, unlike EHR text), last: a cut-off summary keeps the advice.
+    condition = related[0][1].display
     match = fact.magnesium
     salt = knowledge.magnesium_salt(match.salt) if match and match.salt else None
     use = salt.autoimmune_use if salt else None
@@ -125,7 +126,11 @@ def _finding(
     proposals: tuple[Proposal, ...] = ()
     target = preferred_product(knowledge)
     poor = use is not None and use.poor_oral_fit
-    if poor and target is not None and target.salt != (salt.id if salt else None):
+    # A draft of the recommended form is already being ordered: do not propose it again.
+    chosen = target is not None and any(
+        d.magnesium is not None and d.magnesium.salt == target.salt for d in picture.drafts
+    )
+    if poor and target is not None and not chosen and target.salt != (salt.id if salt else None):
         assert use is not None
         paragraphs.append(
             f"The ordered form, {name.lower()}, is {use.summary}; a well-absorbed form such as "
@@ -142,12 +147,12 @@ def _finding(
                 ),
             )
         better = lower_first(knowledge.magnesium_salt(target.salt).display)
-        summary = f"{name} for {condition}: {use.summary}; consider {better}"
+        summary = f"{name}: {use.summary}; consider {better}"  # the detail names the condition
     elif use is None:
         paragraphs.append(f"The clinical source does not rate {name.lower()} among these forms.")
-        summary = f"{name} for {condition}: match the form to the aim, diet first, check levels"
+        summary = f"{name}: match the form to the aim, diet first, check levels ({condition})"
     else:
-        summary = f"{name} for {condition}: {use.summary}; diet first, check magnesium levels"
+        summary = f"{name}: {use.summary}; diet first, check magnesium levels ({condition})"
 
     paragraphs.append(rule.statement("diet-first").text)
     paragraphs.append(rule.statement("check-levels").text)
@@ -167,7 +172,7 @@ def _finding(
         detail="\n\n".join(paragraphs),
         evidence=tuple(evidence),
         source_ids=tuple(dict.fromkeys(sources)),
-        key=f"{RULE_ID}:{fact.medication.source.reference}",
+        key=f"{RULE_ID}:{fact.ref}",
         proposals=proposals,
         order=fact.medication,
         unverified=tuple(unverified),

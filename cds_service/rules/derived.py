@@ -36,13 +36,17 @@ _ML_PER_UNIT = {"ml": 1.0, "l": 1000.0}
 _COUNTABLE = frozenset({"tablet", "capsule"})  # MagnesiumProduct.strength_per values
 _SEVERITY_RANK = {None: 0, "moderate": 1, "severe": 2}
 _INACTIVE_LAB_ORDER = frozenset({"revoked", "entered-in-error", "completed"})
+# Observation.interpretation codes for "high" (HL7 v3 ObservationInterpretation, the same codes
+# in STU3's v2 table 0078): high, critically high, significantly high. FHIR vocabulary.
+HIGH_INTERPRETATION = frozenset({"H", "HH", "HU"})
 # Condition categories that get autoimmune magnesium guidance besides autoimmune groups
 # (the clinical source names fibromyalgia; absorption disorders impair uptake).
 GUIDANCE_CATEGORIES = frozenset({"musculoskeletal", "absorption"})
 
 
 def is_systemic_magnesium(fact: MedicationFact) -> bool:
-    """Magnesium that reaches the blood stream: any route but a topical soak or cream."""
+    """Magnesium that reaches the blood stream: any route but topical (a soak or cream) or
+    local (eye, ear, nose, airway), which the knowledge's route vocabulary folds into topical."""
     return fact.is_magnesium and fact.route != "topical"
 
 
@@ -138,7 +142,26 @@ class SerumMagnesium:
 
     @property
     def is_high(self) -> bool:
-        return self.mmol is not None and self.high is not None and self.mmol > self.high
+        """Above the range, or toxic whatever the range says, or (when no number decides,
+        e.g. a unit we cannot convert) flagged high by the laboratory."""
+        if self.is_toxic:
+            return True
+        if self.mmol is not None and self.high is not None:
+            return self.mmol > self.high
+        return self.flagged_high
+
+    @property
+    def high_reason(self) -> str:
+        """Why the value counts as high, for a sentence: 'above the default reference range'."""
+        if self.mmol is not None and self.high is not None and self.mmol > self.high:
+            return f"above the {self.range_text}"
+        if self.is_toxic:
+            return "above the level at which reflexes weaken"
+        return "flagged high by the laboratory"
+
+    @property
+    def flagged_high(self) -> bool:
+        return any(c.code.strip() in HIGH_INTERPRETATION for c in self.lab.interpretation)
 
     @property
     def is_low(self) -> bool:
@@ -163,8 +186,12 @@ class SerumMagnesium:
         unit = self.lab.value.unit.lower() if self.lab.value else ""
         if self.mmol is not None and unit not in ("mmol/l", "mm"):
             text += f" = {self.mmol:.2f} mmol/L"
-        if self.is_high:
+        if self.is_toxic:
+            text += f", above the toxic level {self.toxic_above:.2f} mmol/L"
+        elif self.is_high and self.mmol is not None and self.high is not None:
             text += f", above the {self.range_text}"
+        elif self.is_high:
+            text += ", flagged high by the laboratory"
         elif self.is_low:
             text += f", below the {self.range_text}"
         elif self.mmol is not None:
@@ -197,18 +224,36 @@ def _implied_unit(lab: Lab, knowledge: Knowledge) -> str:
 def _reference_range(
     lab: Lab, unit: str, knowledge: Knowledge
 ) -> tuple[float | None, float | None, str]:
-    """The Observation's own range when it has a usable bound, else the knowledge default."""
+    """The Observation's own range where it states a usable bound; a missing bound (a range
+    with only a low limit is common) comes from the knowledge default, and the text says so."""
+    default = knowledge.threshold("serum-magnesium-reference-range")
+    d_low = knowledge.to_mmol_per_l(default.low, default.unit) if default.low is not None else None
+    d_high = (
+        knowledge.to_mmol_per_l(default.high, default.unit) if default.high is not None else None
+    )
     for item in lab.reference_ranges:
         low = _to_mmol(item.low, unit, knowledge)
         high = _to_mmol(item.high, unit, knowledge)
-        if low is not None or high is not None:
-            bounds = [q for q in (item.low, item.high) if q is not None]
-            shown = "-".join(f"{q.value:g}" for q in bounds)
-            return low, high, f"result's reference range {shown} {bounds[-1].unit or unit}"
-    default = knowledge.threshold("serum-magnesium-reference-range")
-    low = knowledge.to_mmol_per_l(default.low, default.unit) if default.low is not None else None
-    high = knowledge.to_mmol_per_l(default.high, default.unit) if default.high is not None else None
-    return low, high, f"default reference range {default.low:g}-{default.high:g} {default.unit}"
+        if low is None and high is None:
+            continue
+        if low is not None and high is not None:
+            assert item.low is not None and item.high is not None
+            shown = f"{item.low.value:g}-{item.high.value:g} {item.high.unit or unit}"
+            return low, high, f"result's reference range {shown}"
+        if low is not None:
+            assert item.low is not None
+            text = (
+                f"result's reference range (low {item.low.value:g} {item.low.unit or unit}; "
+                f"high {default.high:g} {default.unit} from the default range)"
+            )
+            return low, d_high, text
+        assert item.high is not None
+        text = (
+            f"result's reference range (high {item.high.value:g} {item.high.unit or unit}; "
+            f"low {default.low:g} {default.unit} from the default range)"
+        )
+        return d_low, high, text
+    return d_low, d_high, f"default reference range {default.low:g}-{default.high:g} {default.unit}"
 
 
 def _to_mmol(quantity: Quantity | None, unit: str, knowledge: Knowledge) -> float | None:
@@ -252,11 +297,13 @@ class KidneyFunction:
     egfr: Lab | None  # the latest eGFR
     egfr_band: ThresholdBand | None  # its band in egfr-renal-impairment
     kdigo: ThresholdBand | None  # its KDIGO category
+    # The knowledge's name for the worst coded renal condition: bounded, unlike the EHR's text.
+    condition_display: str | None = None
 
     @property
     def label(self) -> str:
-        """Short wording for a summary: 'CKD stage 4, eGFR 22'."""
-        parts = [self.conditions[0].condition.display] if self.conditions else []
+        """Short wording for a summary: 'Chronic kidney disease stage 4 (severe), eGFR 22'."""
+        parts = [self.condition_display] if self.condition_display else []
         if self.egfr is not None and self.egfr.value is not None:
             parts.append(f"eGFR {self.egfr.value.value:g}")
         return ", ".join(parts) or "reduced kidney function"
@@ -293,7 +340,15 @@ def kidney_function(picture: ClinicalPicture, knowledge: Knowledge) -> KidneyFun
             if _SEVERITY_RANK[coded] > _SEVERITY_RANK[severity]:
                 severity = coded
     renal.sort(key=lambda f: -max(_rank_of(knowledge, g) for g in f.groups))
-    return KidneyFunction(severity, tuple(renal), egfr, egfr_band, kdigo)
+    display = None
+    if renal:
+        groups = [knowledge.condition_group(g) for g in sorted(renal[0].groups)]
+        worst = max(
+            (g for g in groups if g.category == "renal"),
+            key=lambda g: _SEVERITY_RANK[g.renal_severity],
+        )
+        display = worst.display
+    return KidneyFunction(severity, tuple(renal), egfr, egfr_band, kdigo, display)
 
 
 def _rank_of(knowledge: Knowledge, group_id: str) -> int:

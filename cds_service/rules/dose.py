@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from cds_service.knowledge import Knowledge, ThresholdBand
 from cds_service.rules.derived import (
     daily_elemental_mg,
+    lower_first,
     magnesium_name,
     order_evidence,
 )
@@ -36,7 +37,7 @@ def _counted(fact: MedicationFact) -> bool:
 def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
     if hook == "patient-view":
         return
-    drafts = [f for f in picture.drafts if _counted(f)]
+    drafts = [f for f in picture.actionable_drafts if _counted(f)]
     if not drafts:
         return
     threshold = knowledge.threshold(LIMIT)
@@ -80,13 +81,17 @@ def _finding(
     assert band.value is not None
     name = magnesium_name(fact)
     limit = f"{band.value:g} mg/day"
+    # The hazard leads, so that a cut-off summary still says it.
     if others:
         summary = (
-            f"{name} plus magnesium already taken: {total:.0f} mg elemental Mg/day, "
-            f"above the {limit} upper limit"
+            f"Above the {limit} upper limit with magnesium already taken: "
+            f"{total:.0f} mg elemental Mg/day ({lower_first(name)} and others)"
         )
     else:
-        summary = f"{name} {total:.0f} mg elemental Mg/day exceeds the {limit} upper limit"
+        summary = (
+            f"Above the {limit} upper limit: {lower_first(name)} gives "
+            f"{total:.0f} mg elemental Mg/day"
+        )
     who = f"age {age}" if age is not None else "age unknown, adult limit used"
     paragraphs = [
         f"{threshold.display}: {limit} for {band.label} ({who}).",
@@ -104,7 +109,6 @@ def _finding(
         evidence=(order_evidence(fact), *(order_evidence(o) for o in others)),
         source_ids=threshold.source_ids,
         # Together-above-the-limit is one finding however many drafts share it.
-        key=f"{RULE_ID}:"
-        + "|".join(sorted(f.medication.source.reference for f in (fact, *others))),
+        key=f"{RULE_ID}:" + "|".join(sorted(f.ref for f in (fact, *others))),
         order=fact.medication,
     )

@@ -10,11 +10,14 @@ Hook policy (after the HL7 PDDI-CDS guidance: advise early, do not nag at signin
   key, and the more serious is kept (the first listed on a tie).
 - order-select advises: a finding is at most a warning there, except the myasthenia gravis
   rules, which stay critical (``ALWAYS_SEVERE``). The full indicator applies at signing.
-- order-sign (and CDS Hooks 1.0 medication-prescribe, which it replaces) repeats only what is
-  still unresolved: info-level advice was shown while the order was being built and is not
-  repeated; a chelation warning whose draft already states the spacing is resolved
-  (``interactions``); a serum magnesium test already among the drafts is not suggested again
-  (``renal``). Warnings and critical findings stay: the risk has not gone.
+  Only the selected drafts (``context.selections``) get findings of their own; the others
+  still count as context (``ClinicalPicture.actionable_drafts``). CDS Hooks 1.0
+  medication-prescribe fires while the prescription is being written, so it is advised like
+  order-select (its discovery entry says "the order-select checks").
+- order-sign repeats only what is still unresolved: info-level advice was shown while the
+  order was being built and is not repeated; a chelation warning whose draft already states
+  the spacing is resolved (``interactions``); a serum magnesium test already among the drafts
+  is not suggested again (``renal``). Warnings and critical findings stay: the risk has not gone.
 - Cards come most serious first (critical, warning, info); the order of ``RULES`` breaks ties.
 """
 
@@ -53,7 +56,9 @@ RULES: tuple[Rule, ...] = (
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
 # Rules whose critical cards are shown as critical at order-select too.
 ALWAYS_SEVERE = frozenset({myasthenia.RULE_ID, mg_drugs.RULE_ID})
-SIGNING_HOOKS = frozenset({"order-sign", "medication-prescribe"})
+SIGNING_HOOKS = frozenset({"order-sign"})
+# Hooks that fire while the order is being chosen or written: advice, capped at warning.
+ADVISING_HOOKS = frozenset({"order-select", "medication-prescribe"})
 
 
 def evaluate(
@@ -77,7 +82,7 @@ def prioritise(findings: Iterable[Finding]) -> list[Finding]:
 
 def apply_hook_policy(findings: list[Finding], hook: str) -> list[Finding]:
     """Cap order-select at warning (but myasthenia), drop info at signing; keep the order."""
-    if hook == "order-select":
+    if hook in ADVISING_HOOKS:
         capped = [
             dataclasses.replace(f, indicator="warning")
             if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE

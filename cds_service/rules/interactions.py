@@ -18,6 +18,7 @@ and said so. Parenteral or topical forms of the other drug do not interact.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -55,10 +56,19 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     drugs_on_file = list(_chelators(picture.medications, knowledge))
     for magnesium in mg_drafts:
         for drug in (*drugs_on_file, *drug_drafts):
-            finding = _finding(magnesium, drug, target=magnesium)
+            # The card goes on a selected order: the magnesium, else the other draft.
+            if picture.is_selected(magnesium):
+                target = magnesium
+            elif drug.fact.medication.is_draft and picture.is_selected(drug.fact):
+                target = drug.fact
+            else:
+                continue
+            finding = _finding(magnesium, drug, target=target)
             if finding is not None:
                 yield finding
     for drug in drug_drafts:
+        if not picture.is_selected(drug.fact):
+            continue
         for magnesium in mg_on_file:
             finding = _finding(magnesium, drug, target=drug.fact)
             if finding is not None:
@@ -105,15 +115,39 @@ def spacing_phrase(drug: str, interaction: Interaction | None) -> str:
 
 
 def _spacing_stated(order: Medication, drug: _Chelator, other_name: str) -> bool:
-    """The draft already tells the patient how to space the two (advice taken up)."""
+    """The draft already tells the patient how to space the two (advice taken up): it holds
+    our suggestion's own text, or names the other drug with every hour figure of the advice.
+    A vaguer note ("take with food, 1 hour before bed") does not resolve the interaction."""
     said = " ".join(
         part for dose in order.doses for part in (dose.patient_instruction, dose.text) if part
     ).lower()
-    if not said:
+    interaction = drug.interaction
+    if not said or interaction is None:
         return False
-    if drug.interaction is not None and drug.interaction.text.lower() in said:
+    if interaction.text.lower() in said:
         return True
-    return other_name.lower() in said and "hour" in said
+    figures = [
+        value
+        for value in (
+            interaction.hours_before,
+            interaction.hours_after,
+            interaction.hours_after_max,
+        )
+        if value is not None
+    ]
+    if not figures or other_name.lower() not in said:
+        return False
+    return all(_figure_stated(said, value) for value in figures)
+
+
+def _figure_stated(said: str, value: float) -> bool:
+    """'4' near an hour unit ('4 hours', '4 h', '4-6 h'), or '30 min' for half an hour."""
+    number, unit = (f"{value * 60:g}", r"min(?:ute)?s?") if value < 1 else (f"{value:g}", _HOURS)
+    pattern = rf"(?<![\d.]){re.escape(number)}(?![\d.])\s*(?:(?:-|to|or)\s*[\d.]+\s*)?(?:{unit})\b"
+    return re.search(pattern, said) is not None
+
+
+_HOURS = r"h|hr|hrs|hour|hours"
 
 
 def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact) -> Finding | None:
@@ -129,7 +163,8 @@ def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact)
     if target is magnesium:
         summary = f"{mg_name} with {drug.name}: {spacing}"
     else:
-        summary = f"{drug.name.capitalize()} with {mg_name.lower()} on file: {spacing}"
+        where = "ordered" if magnesium.medication.is_draft else "on file"
+        summary = f"{drug.name.capitalize()} with {mg_name.lower()} {where}: {spacing}"
     paragraphs = [f"**{drug.name}** ({drug.group.display.lower()}): {drug.effect.text}"]
     proposals: tuple[Proposal, ...] = ()
     if interaction is not None:
@@ -157,7 +192,7 @@ def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact)
         for fact in (interaction, drug.effect)
         if fact is not None and fact.status == "unverified"
     )
-    pair = sorted((magnesium.medication.source.reference, drug.fact.medication.source.reference))
+    pair = sorted((magnesium.ref, drug.fact.ref))
     return Finding(
         rule_id=RULE_ID,
         indicator="warning",

@@ -2,10 +2,12 @@
 polymyxins listed by the reference; neuromuscular blockers potentiated by parenteral
 magnesium, magnesium sulfate injection label §7).
 
-Fires on draft orders only, for a patient whose myasthenia is coded or implied by an MG
-therapy (``myasthenia.myasthenia_evidence``). The indicator is what the knowledge file says
-the label's wording warrants (a boxed warning to avoid the drug is critical), else the rule's
-default. Topical products (eye and ear drops share the ingredient codes) are not flagged.
+Fires on draft orders only, for a patient whose myasthenia is coded or implied by an
+MG-specific drug (``myasthenia.myasthenia_evidence``). The indicator is what the knowledge file
+says the label's wording warrants (a boxed warning to avoid the drug is critical), else the
+rule's default; with myasthenia only inferred it is at most a warning and removal is not
+recommended. Topical and local products (eye and ear drops share the ingredient codes; the
+route comes from the order or the product's name) are not flagged.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import DrugEffect, DrugGroup
 from cds_service.rules.derived import ingredient_in, is_systemic_magnesium, order_evidence
 from cds_service.rules.findings import Evidence, Finding, Proposal, as_indicator
-from cds_service.rules.myasthenia import myasthenia_evidence
+from cds_service.rules.myasthenia import POSSIBLE, MyastheniaEvidence, myasthenia_evidence
+from cds_service.rules.myasthenia import RULE_ID as MG_RULE_ID
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
 RULE_ID = "myasthenia-aggravating-drug"
@@ -27,10 +30,10 @@ POTENTIATED_BY_IV_MG = "potentiated-by-iv-magnesium"
 def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
     if hook == "patient-view":
         return
-    mg_evidence = myasthenia_evidence(picture)
+    mg_evidence = myasthenia_evidence(picture, knowledge)
     if not mg_evidence:
         return
-    for fact in picture.drafts:
+    for fact in picture.actionable_drafts:
         if fact.is_magnesium or fact.route == "topical":
             continue
         for group_id in sorted(fact.groups):
@@ -62,21 +65,28 @@ def _aggravating(
     fact: MedicationFact,
     group: DrugGroup,
     effect: DrugEffect,
-    mg_evidence: tuple[Evidence, ...],
+    mg_evidence: MyastheniaEvidence,
     knowledge: Knowledge,
 ) -> Finding:
     name = _drug_name(fact, knowledge, group)
     rule = knowledge.rule(RULE_ID)
     indicator = effect.indicator or rule.indicator
-    verb = "Avoid" if indicator == "critical" else "Caution with"
-    summary = (
-        f"{verb} {name} in myasthenia gravis: {group.display.lower()} can worsen muscle weakness"
-    )
     detail = [
         f"**{name}** belongs to {group.display.lower()}. {effect.text}",
         "Choose another drug where one is suitable; if it must be given, watch for worsening "
         "muscle weakness.",
     ]
+    if mg_evidence.coded:
+        verb = "Avoid" if indicator == "critical" else "Caution with"
+        summary = (
+            f"{verb} {name} in myasthenia gravis: "
+            f"{group.display.lower()} can worsen muscle weakness"
+        )
+    else:
+        # Inferred from a drug, the diagnosis may be wrong: advise, do not block.
+        indicator = "warning" if indicator == "critical" else indicator
+        summary = f"{mg_evidence.possible}: caution with {name}"
+        detail.insert(0, knowledge.rule(MG_RULE_ID).statement(POSSIBLE).text)
     return _finding(
         fact, indicator, summary, detail, mg_evidence, effect, (), knowledge, name, rule.id
     )
@@ -86,7 +96,7 @@ def _potentiated(
     fact: MedicationFact,
     group: DrugGroup,
     effect: DrugEffect,
-    mg_evidence: tuple[Evidence, ...],
+    mg_evidence: MyastheniaEvidence,
     parenteral_mg: tuple[MedicationFact, ...],
     knowledge: Knowledge,
 ) -> Finding:
@@ -96,6 +106,9 @@ def _potentiated(
         "magnesium potentiates neuromuscular blockade"
     )
     detail = [f"**{name}** ({group.display.lower()}): {effect.text}"]
+    if not mg_evidence.coded:
+        summary = f"{mg_evidence.possible}: IV/IM magnesium potentiates {name}"
+        detail.insert(0, knowledge.rule(MG_RULE_ID).statement(POSSIBLE).text)
     extra = tuple(order_evidence(m) for m in parenteral_mg)
     return _finding(
         fact, "warning", summary, detail, mg_evidence, effect, extra, knowledge, name, RULE_ID
@@ -107,7 +120,7 @@ def _finding(
     indicator: str,
     summary: str,
     detail: list[str],
-    mg_evidence: tuple[Evidence, ...],
+    mg_evidence: MyastheniaEvidence,
     effect: DrugEffect,
     extra: tuple[Evidence, ...],
     knowledge: Knowledge,
@@ -122,7 +135,8 @@ def _finding(
                 kind="remove-order",
                 label=f"Remove the {name} order",
                 order=medication,
-                recommended=indicator == "critical",
+                # Recommended only for a critical card, which needs a coded diagnosis.
+                recommended=indicator == "critical" and mg_evidence.coded,
             ),
         )
     order = order_evidence(fact)
@@ -131,9 +145,9 @@ def _finding(
         indicator=as_indicator(indicator),
         summary=summary,
         detail="\n\n".join(detail),
-        evidence=(*mg_evidence, order, *extra),
+        evidence=(*mg_evidence.evidence, order, *extra),
         source_ids=effect.source_ids,
-        key=f"{rule_id}:{medication.source.reference}",
+        key=f"{rule_id}:{fact.ref}",
         proposals=proposals,
         order=medication,
         unverified=(effect.text,) if effect.status == "unverified" else (),

@@ -1,52 +1,97 @@
 """Myasthenia gravis and magnesium (clinical source: "The Severe Risk for Myasthenia Gravis";
 magnesium sulfate injection label §5.6 myasthenic crisis, §7 neuromuscular blockade).
 
-Myasthenia gravis counts when it is coded (active, not refuted) or, without a code, when the
-patient is on a therapy used for it (cholinesterase inhibitors, complement/FcRn agents).
-Topical magnesium (Epsom salt soaks) is what the clinical source allows in MG, so it is not
-flagged.
+A coded myasthenia gravis (active, not refuted) gives a critical card. Without a code, only a
+drug on file that is specific to myasthenia gravis therapy (``implies_myasthenia`` in
+medications.json: pyridostigmine, efgartigimod alfa, rozanolixizumab, zilucoplan) suggests it:
+then the card is a warning about a *possible* myasthenia gravis, and removing the order is
+offered but not recommended. Drugs with other common uses (eculizumab, ravulizumab;
+neostigmine, edrophonium for reversal or ileus) imply nothing. Topical magnesium (Epsom salt
+soaks) is what the clinical source allows in MG, so it is not flagged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from cds_service.knowledge import Knowledge
-from cds_service.rules.derived import is_systemic_magnesium, order_evidence
+from cds_service.rules.derived import is_systemic_magnesium, lower_first, order_evidence
 from cds_service.rules.describe import condition_text, medication_text
-from cds_service.rules.findings import Evidence, Finding, Proposal
+from cds_service.rules.findings import Evidence, Finding, Indicator, Proposal
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
 RULE_ID = "myasthenia-magnesium"
 PATIENT_VIEW_RULE_ID = "patient-view-contraindication"
 MG_CONDITIONS = ("myasthenia-gravis",)
-MG_THERAPIES = ("cholinesterase-inhibitor", "mg-therapy-other")
 ANTAGONISED = "antagonised-by-magnesium"
+POSSIBLE = "possible-diagnosis"  # guidance id in rules.json
 
 # Statements quoted from the rule catalogue (rules.json), in card order.
 _STATEMENTS = ("impaired-transmission", "label", "if-unavoidable")
 
 
-def myasthenia_evidence(picture: ClinicalPicture) -> tuple[Evidence, ...]:
-    """Coded MG, or failing that the MG therapy that implies it."""
+@dataclass(frozen=True)
+class MyastheniaEvidence:
+    """Why the patient is taken to have myasthenia gravis, and how sure that is."""
+
+    evidence: tuple[Evidence, ...]
+    coded: bool  # False: inferred from an MG-specific drug, so only "possible"
+    drugs: tuple[str, ...] = ()  # the MG-specific drugs it was inferred from
+
+    def __bool__(self) -> bool:
+        return bool(self.evidence)
+
+    @property
+    def indicator(self) -> Indicator:
+        """Critical for a coded diagnosis; a possible one is a warning (it may be wrong)."""
+        return "critical" if self.coded else "warning"
+
+    @property
+    def possible(self) -> str:
+        """'Possible myasthenia gravis (on pyridostigmine, no coded diagnosis)': it leads a
+        summary."""
+        return f"Possible myasthenia gravis (on {', '.join(self.drugs)}, no coded diagnosis)"
+
+
+def myasthenia_evidence(picture: ClinicalPicture, knowledge: Knowledge) -> MyastheniaEvidence:
+    """Coded MG, or failing that a drug on file that only MG is treated with."""
     coded = picture.conditions_in(*MG_CONDITIONS)
     if coded:
-        return tuple(Evidence(condition_text(f.condition), f.condition.source) for f in coded)
-    return tuple(
-        Evidence(
-            f"{medication_text(f.medication)}: a myasthenia gravis therapy (no coded diagnosis)",
-            f.medication.source,
+        return MyastheniaEvidence(
+            tuple(Evidence(condition_text(f.condition), f.condition.source) for f in coded), True
         )
-        for f in picture.medications_in(*MG_THERAPIES)
-    )
+    evidence: list[Evidence] = []
+    drugs: list[str] = []
+    for fact in picture.medications:
+        medication = fact.medication
+        specific = [
+            i
+            for i in knowledge.matched_ingredients(medication.all_codings, medication.text)
+            if i.implies_myasthenia is not None
+        ]
+        if not specific:
+            continue
+        names = [i.name for i in specific]
+        drugs += [n for n in names if n not in drugs]
+        evidence.append(
+            Evidence(
+                f"{medication_text(medication)}: {', '.join(names)} is used only to treat "
+                "myasthenia gravis (no coded diagnosis)",
+                medication.source,
+            )
+        )
+    return MyastheniaEvidence(tuple(evidence), False, tuple(drugs))
 
 
 def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
-    mg_evidence = myasthenia_evidence(picture)
-    if not mg_evidence:
+    mg = myasthenia_evidence(picture, knowledge)
+    if not mg:
         return
     rule = knowledge.rule(RULE_ID)
     paragraphs = [rule.statement(s).text for s in _STATEMENTS]
+    if not mg.coded:
+        paragraphs.insert(0, rule.statement(POSSIBLE).text)
     # The clinical source's claim that magnesium counteracts anticholinesterases (unverified).
     antagonism = knowledge.drug_group("cholinesterase-inhibitor").effect(ANTAGONISED)
     on_file = picture.medications_in("cholinesterase-inhibitor")
@@ -54,21 +99,21 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     if antagonism is not None and on_file:
         extra = (antagonism.text,)
         names = ", ".join(medication_text(f.medication) for f in on_file)
-        paragraphs.insert(2, f"{antagonism.text} On file: {names}.")
+        paragraphs.insert(len(paragraphs) - 1, f"{antagonism.text} On file: {names}.")
 
     if hook == "patient-view":
         for fact in picture.medications:
             if is_systemic_magnesium(fact):
-                yield _finding(fact, mg_evidence, paragraphs, extra, PATIENT_VIEW_RULE_ID, hook)
+                yield _finding(fact, mg, paragraphs, extra, PATIENT_VIEW_RULE_ID, hook)
         return
-    for fact in picture.drafts:
+    for fact in picture.actionable_drafts:
         if is_systemic_magnesium(fact):
-            yield _finding(fact, mg_evidence, paragraphs, extra, RULE_ID, hook)
+            yield _finding(fact, mg, paragraphs, extra, RULE_ID, hook)
 
 
 def _finding(
     fact: MedicationFact,
-    mg_evidence: tuple[Evidence, ...],
+    mg: MyastheniaEvidence,
     paragraphs: list[str],
     extra: tuple[str, ...],
     rule_id: str,
@@ -81,8 +126,12 @@ def _finding(
         if fact.magnesium and fact.magnesium.salt_display
         else "magnesium"
     )
-    name = name[:1].lower() + name[1:]  # it sits mid-sentence in every summary and label
-    if parenteral:
+    name = lower_first(name)  # it sits mid-sentence in every summary and label
+    # The hazard leads every summary, so that a truncated summary still says it.
+    if not mg.coded:
+        risk = f"IV/IM {name} risks a myasthenic crisis" if parenteral else f"avoid {name}"
+        summary = f"{mg.possible}: {risk}"
+    elif parenteral:
         summary = (
             f"IV/IM {name} in myasthenia gravis: risk of myasthenic crisis and respiratory failure"
         )
@@ -97,17 +146,18 @@ def _finding(
                 kind="remove-order",
                 label=f"Remove the {name} order",
                 order=medication,
-                recommended=True,
+                # Only a coded diagnosis makes removal the recommended choice.
+                recommended=mg.coded,
             ),
         )
     return Finding(
         rule_id=rule_id,
-        indicator="critical",
+        indicator=mg.indicator,
         summary=summary,
         detail="\n\n".join(paragraphs),
-        evidence=(*mg_evidence, order_evidence(fact)),
+        evidence=(*mg.evidence, order_evidence(fact)),
         source_ids=(),  # the rule catalogue lists this rule's sources
-        key=f"{rule_id}:{medication.source.reference}",
+        key=f"{rule_id}:{fact.ref}",
         proposals=proposals,
         order=medication,
         unverified=extra,

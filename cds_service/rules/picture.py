@@ -8,7 +8,7 @@ context layer skip normalising such facts (``KnowledgeRelevance``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from functools import lru_cache
 
@@ -18,17 +18,12 @@ from cds_service.knowledge import Knowledge, MagnesiumMatch
 # Clinical statuses that mean "not a current problem"; verification statuses that mean
 # "not a real diagnosis" (clinical-knowledge.md, Matching strategy).
 INACTIVE_CLINICAL = frozenset({"inactive", "resolved", "remission"})
+ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse"})
 INVALID_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 # Orders and statements that are no longer (or not yet) being taken.
 INACTIVE_MEDICATION = frozenset(
     {"stopped", "cancelled", "completed", "entered-in-error", "not-taken", "revoked", "superseded"}
 )
-PARENTERAL_ROUTE_CODES = frozenset(
-    {"47625008", "78421000", "34206005", "IV", "IM", "IVINJ", "IVINFUS", "IMINJ", "SQ", "SC"}
-)
-ORAL_ROUTE_CODES = frozenset({"26643006", "PO", "ORAL"})
-TOPICAL_ROUTE_CODES = frozenset({"6064005", "TOP", "359540000", "45890007"})
-_PARENTERAL_WORDS = ("intravenous", "intramuscular", "iv ", "i.v.", "injection", "infusion", "im ")
 
 
 @dataclass(frozen=True)
@@ -44,10 +39,23 @@ class MedicationFact:
     groups_matched_by: str | None
     magnesium: MagnesiumMatch | None
     route: str | None  # "oral" | "parenteral" | "topical" | None (unknown)
+    # Index among the drafts (or the medications on file): only tells id-less resources apart
+    # in finding keys, so it is no part of the fact's identity.
+    position: int = field(default=0, compare=False)
 
     @property
     def is_magnesium(self) -> bool:
         return self.magnesium is not None
+
+    @property
+    def ref(self) -> str:
+        """Identity for finding keys: the resource reference; for a resource without an id,
+        its position too, so that two id-less drafts are never taken for one finding."""
+        source = self.medication.source
+        if source.resource_id:
+            return source.reference
+        where = "draft" if self.medication.is_draft else "on-file"
+        return f"{source.reference}#{where}-{self.position}"
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,25 @@ class ClinicalPicture:
         wanted = set(groups)
         return tuple(fact for fact in self.medications if fact.groups & wanted)
 
+    @property
+    def actionable_drafts(self) -> tuple[MedicationFact, ...]:
+        """The drafts that get findings of their own: at order-select the selected ones
+        (advise on what the user is choosing, do not nag about the rest), else every draft.
+        The other drafts still count as context (interactions, daily totals)."""
+        if not self.context.selections:
+            return self.drafts
+        return tuple(fact for fact in self.drafts if self.is_selected(fact))
+
+    def is_selected(self, fact: MedicationFact) -> bool:
+        selected = self.context.selections
+        if not selected or not fact.medication.is_draft:
+            return not selected
+        source = fact.medication.source
+        # Selections are "MedicationRequest/123"; a bare id is accepted too.
+        return source.resource_id != "" and (
+            source.reference in selected or source.resource_id in selected
+        )
+
     def latest_lab(self, kind: str) -> LabFact | None:
         return next((fact for fact in self.labs if fact.kind == kind and fact.lab.value), None)
 
@@ -82,34 +109,34 @@ class ClinicalPicture:
 
 
 def condition_counts(condition: Condition) -> bool:
-    return (
-        condition.clinical_status not in INACTIVE_CLINICAL
-        and condition.verification_status not in INVALID_VERIFICATION
-    )
+    """Current and real: not resolved (by status, or abated with no active status), not
+    refuted."""
+    if condition.clinical_status in INACTIVE_CLINICAL:
+        return False
+    if condition.abated and condition.clinical_status not in ACTIVE_CLINICAL:
+        return False  # an abatement date with no (or an unknown) status: over
+    return condition.verification_status not in INVALID_VERIFICATION
 
 
 def medication_is_active(medication: Medication) -> bool:
-    return medication.status not in INACTIVE_MEDICATION
+    return medication.status not in INACTIVE_MEDICATION and not medication.not_taken
 
 
-def route_of(medication: Medication, magnesium: MagnesiumMatch | None) -> str | None:
-    """Route from the order's own route coding/text, else from the product."""
-    for coding in medication.route:
-        code = coding.code.upper()
-        if code in PARENTERAL_ROUTE_CODES:
-            return "parenteral"
-        if code in ORAL_ROUTE_CODES:
-            return "oral"
-        if code in TOPICAL_ROUTE_CODES:
-            return "topical"
-    text = f" {medication.route_text.lower()} "
-    if any(word in text for word in _PARENTERAL_WORDS):
-        return "parenteral"
-    if "oral" in text or "mouth" in text:
-        return "oral"
-    if "topical" in text or "skin" in text:
-        return "topical"
-    return magnesium.route if magnesium is not None else None
+def route_of(
+    medication: Medication, magnesium: MagnesiumMatch | None, knowledge: Knowledge
+) -> str | None:
+    """The order's route coding, else its route text, else the product's route, else what the
+    drug's own name says ("IV infusion", "ophthalmic solution"): one vocabulary, the
+    knowledge's, for every drug."""
+    route = knowledge.route_of_codings(medication.route) or _text_route(
+        knowledge, medication.route_text
+    )
+    if route is not None:
+        return route
+    if magnesium is not None and magnesium.route is not None:
+        return magnesium.route
+    names = " | ".join([medication.text, *(c.display for c in medication.all_codings)])
+    return _text_route(knowledge, names)
 
 
 # A chart repeats the same codes (refills, a problem recorded at every visit), and so do the
@@ -124,6 +151,11 @@ def _drug_lookup(
 ) -> tuple[frozenset[str], str | None, MagnesiumMatch | None]:
     groups, matched_by = knowledge.drug_groups(codings, text)
     return groups, matched_by, knowledge.match_magnesium(codings, text)
+
+
+@lru_cache(maxsize=_LOOKUP_CACHE_SIZE)
+def _text_route(knowledge: Knowledge, text: str) -> str | None:
+    return knowledge.route_from_text(text)
 
 
 @lru_cache(maxsize=_LOOKUP_CACHE_SIZE)
@@ -152,13 +184,12 @@ class KnowledgeRelevance:
         return self.knowledge.lab_kind(codings) is not None
 
 
-def _medication_fact(medication: Medication, knowledge: Knowledge) -> MedicationFact:
-    groups, matched_by, magnesium = _drug_lookup(
-        knowledge, medication.all_codings, medication.text
-    )
-    return MedicationFact(
-        medication, groups, matched_by, magnesium, route_of(medication, magnesium)
-    )
+def _medication_fact(
+    medication: Medication, knowledge: Knowledge, position: int = 0
+) -> MedicationFact:
+    groups, matched_by, magnesium = _drug_lookup(knowledge, medication.all_codings, medication.text)
+    route = route_of(medication, magnesium, knowledge)
+    return MedicationFact(medication, groups, matched_by, magnesium, route, position)
 
 
 def build_picture(context: PatientContext, knowledge: Knowledge, today: date) -> ClinicalPicture:
@@ -169,11 +200,14 @@ def build_picture(context: PatientContext, knowledge: Knowledge, today: date) ->
         and (groups := _condition_lookup(knowledge, condition.codings))
     )
     medications = tuple(
-        _medication_fact(medication, knowledge)
-        for medication in context.medications
+        _medication_fact(medication, knowledge, position)
+        for position, medication in enumerate(context.medications)
         if medication_is_active(medication)
     )
-    drafts = tuple(_medication_fact(medication, knowledge) for medication in context.draft_orders)
+    drafts = tuple(
+        _medication_fact(medication, knowledge, position)
+        for position, medication in enumerate(context.draft_orders)
+    )
     labs = [
         LabFact(lab, kind)
         for lab in context.labs

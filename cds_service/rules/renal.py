@@ -47,7 +47,7 @@ HIGH_SERUM_RULE_ID = "high-serum-magnesium"
 def excretion_key(fact: MedicationFact, *, patient_view: bool = False) -> str:
     """Shared by the renal and high-serum-magnesium rules: one card per order and concern."""
     scope = "patient-view" if patient_view else "order"
-    return f"magnesium-excretion:{scope}:{fact.medication.source.reference}"
+    return f"magnesium-excretion:{scope}:{fact.ref}"
 
 
 def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
@@ -61,7 +61,7 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
                 if is_systemic_magnesium(fact):
                     yield _on_file(fact, kidney, serum, knowledge)
         return
-    for fact in picture.drafts:
+    for fact in picture.actionable_drafts:
         if is_systemic_magnesium(fact):
             yield _order(picture, fact, kidney, serum, knowledge)
 
@@ -118,9 +118,10 @@ def _order(
             paragraphs.append(rule.statement("oral-caution").text)
         if high:
             assert serum is not None
+            # The hazard leads every summary, so that a cut-off summary still says it.
             summary = (
-                f"{name} with {kidney.label} and serum magnesium already high "
-                f"({serum.value_text}): risk of hypermagnesemia"
+                f"Hypermagnesemia risk: serum Mg already high ({serum.value_text}) with "
+                f"{kidney.label}; {lower_first(name)} ordered"
             )
             paragraphs.append(
                 f"Serum magnesium is already above its range ({serum.value_text}). "
@@ -128,15 +129,20 @@ def _order(
             )
         elif parenteral:
             summary = (
-                f"IV/IM {lower_first(name)} with {kidney.label}: "
-                "limit the dose, check urine output and Mg"
+                f"Limit IV/IM {lower_first(name)} with {kidney.label}: check urine output and Mg"
             )
         else:
-            summary = f"{name} with {kidney.label}: magnesium can accumulate; caution and monitor"
+            summary = (
+                f"Magnesium can accumulate with {kidney.label}: caution with "
+                f"{lower_first(name)}, monitor"
+            )
         paragraphs.append(rule.statement("dose-advice").text)
     else:
         indicator = "info"
-        summary = f"{name} with {kidney.label}: reduced magnesium excretion; monitor serum Mg"
+        summary = (
+            f"Reduced magnesium excretion with {kidney.label}: monitor serum Mg on "
+            f"{lower_first(name)}"
+        )
         paragraphs = [rule.statement("moderate-monitoring").text]
     proposals, lab_notes, unverified = serum_test_proposal(
         picture, knowledge, serum, f"{name} ordered with reduced kidney function"
@@ -178,12 +184,15 @@ def _on_file(
     name = magnesium_name(fact)
     paragraphs = [rule.statement("accumulation").text, rule.statement("oral-caution").text]
     indicator: Indicator = "warning"
-    summary = f"Patient with {kidney.label} is taking {name}: magnesium can accumulate"
+    summary = f"Magnesium can accumulate with {kidney.label}: patient takes {lower_first(name)}"
     evidence = [*kidney.evidence]
     if serum is not None:
         evidence.append(Evidence(serum.describe, serum.lab.source))
         if serum.is_high:
-            summary = f"{name} on file with {kidney.label}; serum Mg high ({serum.value_text})"
+            summary = (
+                f"Serum Mg high ({serum.value_text}) with {kidney.label}: "
+                f"{lower_first(name)} on file"
+            )
             paragraphs.append(knowledge.rule(HIGH_SERUM_RULE_ID).statement("toxicity").text)
         if serum.is_toxic:
             indicator = "critical"

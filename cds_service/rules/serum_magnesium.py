@@ -5,10 +5,14 @@ clinical source: deficiency and autoimmunity).
 The value is read once in ``derived.serum_magnesium`` (mg/dL, mmol/L or mEq/L; the
 Observation's own reference range when present).
 
-- high-serum-magnesium: a systemic magnesium order while the latest value is above its range
-  gives a warning whatever the kidney codes say; critical above the level where reflexes
-  weaken. With reduced kidney function the renal rule says the same: the two share a key.
-- patient-view-contraindication: magnesium on file with a high value.
+- high-serum-magnesium: a systemic magnesium order while the latest value is high (above its
+  range, a missing bound taken from the default range; or above the toxic level whatever the
+  range; or, when no number decides, flagged H/HH/HU by the laboratory) gives a warning
+  whatever the kidney codes say; critical above the level where reflexes weaken. With reduced
+  kidney function the renal rule says the same: the two share a key.
+- The same rule, from a coded active hypermagnesemia when the value does not say "high" (none
+  on file, or not high): a warning, suggesting a serum magnesium when none is recent.
+- patient-view-contraindication: magnesium on file with a high value or coded hypermagnesemia.
 - patient-view-low-magnesium: a value below its range in a patient with an autoimmune-related
   condition: info, with the myasthenia and kidney cautions to weigh before replacing it.
 """
@@ -24,41 +28,51 @@ from cds_service.rules.derived import (
     autoimmune_related,
     is_systemic_magnesium,
     kidney_function,
+    lower_first,
     magnesium_name,
     order_evidence,
     serum_magnesium,
 )
 from cds_service.rules.describe import condition_text
-from cds_service.rules.findings import Evidence, Finding, Indicator
+from cds_service.rules.findings import Evidence, Finding, Indicator, Proposal
 from cds_service.rules.myasthenia import myasthenia_evidence
-from cds_service.rules.picture import ClinicalPicture, MedicationFact
-from cds_service.rules.renal import PATIENT_VIEW_RULE_ID, excretion_key
+from cds_service.rules.picture import ClinicalPicture, ConditionFact, MedicationFact
+from cds_service.rules.renal import PATIENT_VIEW_RULE_ID, excretion_key, serum_test_proposal
 
 RULE_ID = "high-serum-magnesium"
 LOW_RULE_ID = "patient-view-low-magnesium"
+HYPERMAGNESEMIA = "hypermagnesemia"  # condition group in conditions.json
 
 
 def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
     serum = serum_magnesium(picture, knowledge)
-    if serum is None:
-        return
+    high = serum is not None and serum.is_high
+    coded = picture.conditions_in(HYPERMAGNESEMIA)
     if hook == "patient-view":
-        if serum.is_high:
+        if high or coded:
             kidney = kidney_function(picture, knowledge)
             for fact in picture.medications:
                 if is_systemic_magnesium(fact):
-                    yield _high(fact, serum, kidney, knowledge, patient_view=True)
-        elif serum.is_low:
+                    if high:
+                        assert serum is not None
+                        yield _high(fact, serum, kidney, knowledge, coded, patient_view=True)
+                    else:
+                        yield _coded(picture, fact, coded, serum, knowledge, patient_view=True)
+        elif serum is not None and serum.is_low:
             low = _low(picture, serum, knowledge)
             if low is not None:
                 yield low
         return
-    if not serum.is_high:
+    if not (high or coded):
         return
     kidney = kidney_function(picture, knowledge)
-    for fact in picture.drafts:
+    for fact in picture.actionable_drafts:
         if is_systemic_magnesium(fact):
-            yield _high(fact, serum, kidney, knowledge, patient_view=False)
+            if high:
+                assert serum is not None
+                yield _high(fact, serum, kidney, knowledge, coded, patient_view=False)
+            else:
+                yield _coded(picture, fact, coded, serum, knowledge, patient_view=False)
 
 
 def _high(
@@ -66,23 +80,26 @@ def _high(
     serum: SerumMagnesium,
     kidney: KidneyFunction,
     knowledge: Knowledge,
+    coded: tuple[ConditionFact, ...],
     *,
     patient_view: bool,
 ) -> Finding:
     name = magnesium_name(fact)
     indicator: Indicator = "critical" if serum.is_toxic else "warning"
     when = serum.lab.effective.date().isoformat() if serum.lab.effective else "date unknown"
+    # The hazard first, so that a cut-off summary still says it.
+    level = "toxic" if serum.is_toxic else "high"
     if patient_view:
-        summary = f"{name} on file while serum magnesium is high ({serum.value_text}, {when})"
+        summary = f"Serum magnesium {level} ({serum.value_text}, {when}): {name} on file"
     else:
-        summary = f"{name} ordered while serum magnesium is high ({serum.value_text}, {when})"
+        summary = f"Serum magnesium {level} ({serum.value_text}, {when}): {name} ordered"
     paragraphs = [
-        f"The latest serum magnesium, {serum.value_text} on {when}, is above the "
-        f"{serum.range_text}; more magnesium raises it further.",
+        f"The latest serum magnesium, {serum.value_text} on {when}, is {serum.high_reason}; "
+        "more magnesium raises it further.",
         knowledge.rule(RULE_ID).statement("toxicity").text,
         "Confirm that magnesium is needed and recheck the level before giving more.",
     ]
-    evidence = [Evidence(serum.describe, serum.lab.source)]
+    evidence = [*_condition_evidence(coded), Evidence(serum.describe, serum.lab.source)]
     if kidney.severity is not None:
         evidence += kidney.evidence
     evidence.append(order_evidence(fact))
@@ -98,19 +115,63 @@ def _high(
     )
 
 
+def _coded(
+    picture: ClinicalPicture,
+    fact: MedicationFact,
+    coded: tuple[ConditionFact, ...],
+    serum: SerumMagnesium | None,
+    knowledge: Knowledge,
+    *,
+    patient_view: bool,
+) -> Finding:
+    """Hypermagnesemia on the problem list, with no high value to say it: still a warning."""
+    name = lower_first(magnesium_name(fact))
+    where = "on file" if patient_view else "ordered"
+    summary = f"Hypermagnesemia on the problem list: {name} {where}"
+    rule = knowledge.rule(RULE_ID)
+    paragraphs = [rule.statement("coded-hypermagnesemia").text, rule.statement("toxicity").text]
+    proposals: tuple[Proposal, ...] = ()
+    unverified: tuple[str, ...] = ()
+    if not patient_view:
+        proposals, notes, unverified = serum_test_proposal(
+            picture, knowledge, serum, f"{magnesium_name(fact)} ordered with hypermagnesemia coded"
+        )
+        paragraphs += notes
+    evidence = list(_condition_evidence(coded))
+    if serum is not None:
+        evidence.append(Evidence(serum.describe, serum.lab.source))
+    evidence.append(order_evidence(fact))
+    return Finding(
+        rule_id=PATIENT_VIEW_RULE_ID if patient_view else RULE_ID,
+        indicator="warning",
+        summary=summary,
+        detail="\n\n".join(paragraphs),
+        evidence=tuple(evidence),
+        source_ids=("mgso4-pi", "local-policy") if unverified else ("mgso4-pi",),
+        key=excretion_key(fact, patient_view=patient_view),
+        proposals=proposals,
+        order=fact.medication,
+        unverified=unverified,
+    )
+
+
+def _condition_evidence(coded: tuple[ConditionFact, ...]) -> tuple[Evidence, ...]:
+    return tuple(Evidence(condition_text(f.condition), f.condition.source) for f in coded)
+
+
 def _low(picture: ClinicalPicture, serum: SerumMagnesium, knowledge: Knowledge) -> Finding | None:
     related = autoimmune_related(picture, knowledge)
     if not related:
         return None
     rule = knowledge.rule(LOW_RULE_ID)
     when = serum.lab.effective.date().isoformat() if serum.lab.effective else "date unknown"
-    condition = related[0][0].condition.display
+    condition = related[0][1].display  # the knowledge's name: bounded, unlike EHR text
     summary = f"Low serum magnesium ({serum.value_text}, {when}) in a patient with {condition}"
     paragraphs = [
         f"The latest serum magnesium is below the {serum.range_text}.",
         rule.statement("absorption").text,
     ]
-    mg_evidence = myasthenia_evidence(picture)
+    mg_evidence = myasthenia_evidence(picture, knowledge)
     if mg_evidence:
         group = knowledge.condition_group("myasthenia-gravis")
         paragraphs.append(
@@ -128,7 +189,7 @@ def _low(picture: ClinicalPicture, serum: SerumMagnesium, knowledge: Knowledge) 
         *(Evidence(condition_text(fact.condition), fact.condition.source) for fact, _ in related),
         Evidence(serum.describe, serum.lab.source),
     ]
-    evidence += mg_evidence
+    evidence += mg_evidence.evidence
     if kidney.severity is not None:
         evidence += kidney.evidence
     return Finding(
