@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,10 @@ import pytest
 from auth_support import JwksServer, JwtIssuer, serve_jwks_server, write_trusted_issuers
 from flask import Flask
 
+from cds_service.app import create_app
 from cds_service.fixture_server import create_fixture_app, serve_in_background
+from cds_service.pipeline import HookPipeline
+from cds_service.protocol.blueprint import PIPELINE_EXTENSION
 from cds_service.settings import Settings
 
 # --- fixture FHIR server -------------------------------------------------------------------
@@ -153,3 +158,26 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.sqlite3'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+# --- the CDS service ------------------------------------------------------------------------
+
+# The day the request fixtures describe (fixtures/scenarios.json "today"): lab recency and
+# ages are judged as on that day, so the fixtures do not drift as the calendar moves on.
+FIXTURES_TODAY = date.fromisoformat(
+    json.loads((Path(__file__).resolve().parent.parent / "fixtures" / "scenarios.json")
+               .read_text(encoding="utf-8"))["today"]
+)
+
+
+@pytest.fixture(scope="session")
+def cds_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of the CDS service on a real socket: auth off, fresh SQLite, clock pinned."""
+    database = tmp_path_factory.mktemp("cds-db") / "cds.sqlite3"
+    app = create_app(
+        Settings(auth="off", database_url=f"sqlite:///{database}", fhir_read_timeout=5)
+    )
+    pipeline: HookPipeline = app.extensions[PIPELINE_EXTENSION]
+    pipeline.clock = lambda: FIXTURES_TODAY
+    with serve_in_background(app) as url:
+        yield url

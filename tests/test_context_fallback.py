@@ -20,79 +20,26 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pytest
 import requests
-from test_service_calls import (
-    ScriptedFhirServer,
+from hook_calls import (
+    StubFhirServer,
     assert_conformant,
     call,
     data_issues,
     load_request,
     only_card,
     searchset,
+    send_json,
 )
 
 from cds_service.app import create_app
 from cds_service.context.fhir_client import FhirClient, FhirClientConfig
-from cds_service.fixture_server import serve_in_background
 from cds_service.knowledge import DATA_DIR, default_knowledge, load_knowledge
 from cds_service.protocol.services import OBSERVATION_LAB_GROUPS
 from cds_service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
-
-
-@pytest.fixture(scope="module")
-def cds_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    database = tmp_path_factory.mktemp("db") / "cds.sqlite3"
-    app = create_app(
-        Settings(auth="off", database_url=f"sqlite:///{database}", fhir_read_timeout=5)
-    )
-    with serve_in_background(app) as url:
-        yield url
-
-
-class PathFhirServer(ThreadingHTTPServer):
-    """A FHIR server answering each exact path (with query) by a fixed body, else 404."""
-
-    def __init__(self, bodies: dict[str, Any]) -> None:
-        self.bodies = bodies
-        self.paths: list[str] = []
-        self.auth: list[str | None] = []
-        super().__init__(("127.0.0.1", 0), _PathHandler)
-        self.base = f"http://127.0.0.1:{self.server_port}"
-
-    @contextmanager
-    def running(self) -> Iterator[str]:
-        thread = threading.Thread(target=self.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield self.base
-        finally:
-            self.shutdown()
-            self.server_close()
-
-
-class _PathHandler(BaseHTTPRequestHandler):
-    server: PathFhirServer
-
-    def do_GET(self) -> None:
-        self.server.paths.append(self.path)
-        self.server.auth.append(self.headers.get("Authorization"))
-        body = self.server.bodies.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        payload = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/fhir+json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -183,7 +130,7 @@ def test_a_referenced_medication_not_sent_is_read_from_the_fhir_server(cds_url: 
         "scope": "patient/*.read",
         "subject": "cds-service",
     }
-    server = PathFhirServer({"/Medication/pyridostigmine": medication})
+    server = StubFhirServer(by_path={"/Medication/pyridostigmine": medication})
     with server.running() as base_url:
         body["fhirServer"] = base_url
         result = assert_conformant(call(cds_url, "magnesium-order-select", body))
@@ -197,7 +144,7 @@ def test_a_referenced_medication_that_cannot_be_read_is_a_data_issue_not_412(
 ) -> None:
     body, order = _mg_implied_only_by_pyridostigmine()
     _by_reference(order, "pyridostigmine")
-    server = PathFhirServer({})
+    server = StubFhirServer()
     with server.running() as base_url:
         body["fhirServer"] = base_url
         result = assert_conformant(call(cds_url, "magnesium-order-select", body))
@@ -235,9 +182,9 @@ def _paged_conditions(body: dict[str, Any], next_url: str) -> list[dict[str, Any
 
 def test_the_rest_of_a_paged_prefetch_is_read_from_the_fhir_server(cds_url: str) -> None:
     body = load_request("mg-pyridostigmine.order-select.json")
-    server = PathFhirServer({})
+    server = StubFhirServer()
     rest = _paged_conditions(body, f"{server.base}/Condition?page=2")
-    server.bodies["/Condition?page=2"] = searchset(*(entry["resource"] for entry in rest))
+    server.by_path["/Condition?page=2"] = searchset(*(entry["resource"] for entry in rest))
     with server.running() as base_url:
         body["fhirServer"] = base_url
         result = assert_conformant(call(cds_url, "magnesium-order-select", body))
@@ -262,9 +209,9 @@ def test_a_paged_prefetch_without_a_fhir_server_says_only_the_first_page_was_rea
 
 def test_a_paged_prefetch_is_not_followed_to_another_origin(cds_url: str) -> None:
     body = load_request("mg-pyridostigmine.order-select.json")
-    elsewhere = PathFhirServer({})
+    elsewhere = StubFhirServer()
     _paged_conditions(body, f"{elsewhere.base}/Condition?page=2")
-    server = PathFhirServer({})
+    server = StubFhirServer()
     with server.running() as base_url, elsewhere.running():
         body["fhirServer"] = base_url
         result = assert_conformant(call(cds_url, "magnesium-order-select", body))
@@ -302,12 +249,7 @@ class _Pages(BaseHTTPRequestHandler):
                 {"relation": "next", "url": f"http://127.0.0.1:{port}/Patient?n={len(self.seen)}"}
             ],
         }
-        payload = json.dumps(page).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/fhir+json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, page)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -482,7 +424,7 @@ def test_patient_view_with_dstu2_prefetch_asks_a_dstu2_server_for_medication_ord
         condition["patient"] = condition.pop("subject")
         condition["clinicalStatus"] = "active"
     patient_id = body["context"]["patientId"]
-    server = ScriptedFhirServer({"MedicationOrder": searchset(_dstu2_medication_order(patient_id))})
+    server = StubFhirServer({"MedicationOrder": searchset(_dstu2_medication_order(patient_id))})
     with server.running() as base_url:
         body["fhirServer"] = base_url
         result = assert_conformant(call(cds_url, "magnesium-patient-view", body))
@@ -496,7 +438,7 @@ def test_a_server_that_does_not_know_medication_request_is_asked_for_medication_
     body = load_request("mg-pyridostigmine.patient-view.json")
     del body["prefetch"]["medicationRequests"]
     patient_id = body["context"]["patientId"]
-    server = ScriptedFhirServer({"MedicationOrder": searchset(_dstu2_medication_order(patient_id))})
+    server = StubFhirServer({"MedicationOrder": searchset(_dstu2_medication_order(patient_id))})
     with server.running() as base_url:
         body["fhirServer"] = base_url
         result = assert_conformant(call(cds_url, "magnesium-patient-view", body))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from datetime import date
 from typing import Any
 
@@ -18,13 +17,8 @@ import pytest
 import requests
 from jsonschema import Draft202012Validator
 
-from cds_service.app import create_app
-from cds_service.fixture_server import serve_in_background
 from cds_service.knowledge import default_knowledge
-from cds_service.pipeline import HookPipeline
-from cds_service.protocol.blueprint import PIPELINE_EXTENSION
 from cds_service.resources import bundled_dir, load_schema
-from cds_service.settings import Settings
 
 FIXTURES = bundled_dir("fixtures")
 TABLE = json.loads((FIXTURES / "scenarios.json").read_text(encoding="utf-8"))
@@ -40,18 +34,6 @@ def request_body(name: str, fhir_server: str) -> dict[str, Any]:
     body: dict[str, Any] = json.loads((FIXTURES / "requests" / name).read_text(encoding="utf-8"))
     body["fhirServer"] = fhir_server
     return body
-
-
-@pytest.fixture(scope="module")
-def cds_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    database = tmp_path_factory.mktemp("db") / "scenarios.sqlite3"
-    app = create_app(
-        Settings(auth="off", database_url=f"sqlite:///{database}", fhir_read_timeout=5)
-    )
-    pipeline: HookPipeline = app.extensions[PIPELINE_EXTENSION]
-    pipeline.clock = lambda: TODAY  # lab recency and ages as on the fixtures' day
-    with serve_in_background(app) as url:
-        yield url
 
 
 # --- the table itself ------------------------------------------------------------------------

@@ -7,70 +7,28 @@ localhost. Authentication is off here (its own tests live in test_auth.py).
 from __future__ import annotations
 
 import copy
-import json
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from flask import Flask
+from hook_calls import (
+    StubFhirServer,
+    assert_conformant,
+    call,
+    data_issues,
+    load_request,
+    only_card,
+    searchset,
+)
 from jsonschema import Draft202012Validator
 
-from cds_service.app import create_app
-from cds_service.fixture_server import fixture_state, serve_in_background
+from cds_service.fixture_server import fixture_state
 from cds_service.protocol.services import PREFETCH_KEYS
 from cds_service.resources import load_schema
-from cds_service.settings import Settings
 
-REQUESTS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "requests"
-RESPONSE_SCHEMA = Draft202012Validator(
-    load_schema("response.schema.json"), format_checker=Draft202012Validator.FORMAT_CHECKER
-)
 DISCOVERY_SCHEMA = Draft202012Validator(load_schema("discovery.schema.json"))
-
-
-def load_request(name: str, fhir_server: str | None = None) -> dict[str, Any]:
-    body = json.loads((REQUESTS_DIR / name).read_text(encoding="utf-8"))
-    if fhir_server is not None:
-        body["fhirServer"] = fhir_server
-    return body
-
-
-@pytest.fixture(scope="module")
-def cds_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    database = tmp_path_factory.mktemp("db") / "cds.sqlite3"
-    app = create_app(
-        Settings(auth="off", database_url=f"sqlite:///{database}", fhir_read_timeout=5)
-    )
-    with serve_in_background(app) as url:
-        yield url
-
-
-def call(cds_url: str, service_id: str, body: Any, **kwargs: Any) -> requests.Response:
-    return requests.post(f"{cds_url}/cds-services/{service_id}", json=body, timeout=30, **kwargs)
-
-
-def assert_conformant(response: requests.Response) -> dict[str, Any]:
-    assert response.status_code == 200, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = response.json()
-    errors = [f"{e.json_path}: {e.message}" for e in RESPONSE_SCHEMA.iter_errors(body)]
-    assert not errors, errors
-    return body
-
-
-def only_card(body: dict[str, Any]) -> dict[str, Any]:
-    assert len(body["cards"]) == 1, [c["summary"] for c in body["cards"]]
-    return body["cards"][0]
-
-
-def data_issues(body: dict[str, Any]) -> list[dict[str, str]]:
-    return body.get("extension", {}).get("org.magnesium-cds", {}).get("dataIssues", [])
 
 
 # --- discovery ----------------------------------------------------------------------------
@@ -170,7 +128,7 @@ def test_dstu2_client_gets_its_medication_orders_fetched_as_medication_order(
             "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "9000"}],
         },
     }
-    server = ScriptedFhirServer({"MedicationOrder": searchset(pyridostigmine)})
+    server = StubFhirServer({"MedicationOrder": searchset(pyridostigmine)})
     with server.running() as base_url:
         body["fhirServer"] = base_url
         result = assert_conformant(call(cds_url, "magnesium-order-select", body))
@@ -340,62 +298,6 @@ def test_prefetched_resources_of_another_patient_or_type_are_ignored(cds_url: st
     assert "another patient" in problems and "not a Condition" in problems
 
 
-def searchset(*resources: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "entry": [{"resource": resource} for resource in resources],
-    }
-
-
-class ScriptedFhirServer(ThreadingHTTPServer):
-    """A FHIR server answering each resource type with a fixed body, recording the paths.
-
-    With ``parties`` > 1 it answers only once that many requests are in flight at once.
-    """
-
-    def __init__(self, bodies: dict[str, Any], parties: int = 1) -> None:
-        self.barrier = threading.Barrier(parties, timeout=5)
-        self.bodies = bodies
-        self.paths: list[str] = []
-        super().__init__(("127.0.0.1", 0), _ScriptedHandler)
-
-    @contextmanager
-    def running(self) -> Iterator[str]:
-        thread = threading.Thread(target=self.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{self.server_port}"
-        finally:
-            self.shutdown()
-            self.server_close()
-
-
-class _ScriptedHandler(BaseHTTPRequestHandler):
-    server: ScriptedFhirServer
-
-    def do_GET(self) -> None:
-        self.server.paths.append(self.path)
-        try:
-            self.server.barrier.wait()
-        except threading.BrokenBarrierError:
-            self.send_error(503)
-            return
-        resource_type = self.path.lstrip("/").split("?")[0].split("/")[0]
-        if resource_type not in self.server.bodies:
-            self.send_error(404)
-            return
-        payload = json.dumps(self.server.bodies[resource_type]).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/fhir+json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_missing_keys_are_fetched_concurrently_not_one_after_another(cds_url: str) -> None:
     prefetched = load_request("mg-pyridostigmine.order-select.json")["prefetch"]
     bundles = {
@@ -407,7 +309,7 @@ def test_missing_keys_are_fetched_concurrently_not_one_after_another(cds_url: st
     }
     # Five keys missing; the server answers none until all five requests are in flight at once,
     # so a sequential client would fail (503 after the barrier's timeout → 412).
-    server = ScriptedFhirServer(bundles, parties=5)
+    server = StubFhirServer(bundles, parties=5)
     with server.running() as base_url:
         body = load_request("mg-pyridostigmine.order-select.noprefetch.json", base_url)
         result = assert_conformant(call(cds_url, "magnesium-order-select", body))
