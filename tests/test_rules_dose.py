@@ -56,6 +56,7 @@ def test_daily_elemental_magnesium(order: Medication, mg_per_day: float) -> None
         draft("6582", dose=(1, "tablet")),  # ingredient only: strength unknown
         draft(MG_OXIDE_400, dose=(1, "spoonful")),
         draft("486895", dose=(500, "mg")),  # amino acid chelate: fraction unknown
+        draft(MG_OXIDE_400, dose=(1.7e308, "g"), per_day=1000),  # finite, but overflows
     ],
 )
 def test_dose_unknown_rather_than_guessed(order: Medication) -> None:

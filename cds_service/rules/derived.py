@@ -14,6 +14,7 @@ interoperability vocabulary, not clinical facts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cds_service.context.model import Lab, LabOrder, Quantity
@@ -100,6 +101,9 @@ def daily_elemental_mg(fact: MedicationFact) -> DailyDose:
         amount = f"{dose.quantity.value:g} {dose.quantity.unit}".strip()
         per_dose = "" if amount == f"{salt_mg:g} mg" else f" = {salt_mg:g} mg"
         parts.append(f"{amount}{per_dose} x {dose.frequency_per_day:g}/day")
+    if not math.isfinite(total):
+        # Finite inputs can still overflow (e.g. 1e308 g x 1000/day): not a dose to reason on.
+        return DailyDose(None, "dose unknown: the stated amounts are out of any plausible range")
     basis = (
         "stated as elemental magnesium"
         if fraction == 1.0
