@@ -112,6 +112,8 @@ def test_feedback_on_a_card_from_a_real_service_call(app: Flask, base_url: str) 
     answer = requests.post(f"{base_url}/cds-services/{SELECT}", json=request, timeout=30)
     assert answer.status_code == 200, answer.text
     card = answer.json()["cards"][0]
+    # Cards are written by a background thread: wait for it before reading the table.
+    assert store_of(app).flush_recorder()
     with Session(store_of(app).engine) as session:
         issued = session.scalars(
             select(IssuedCard).where(IssuedCard.card_uuid == card["uuid"])

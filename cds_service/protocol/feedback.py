@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +34,14 @@ STORE_EXTENSION = "cds_feedback_store"
 
 log = logging.getLogger(__name__)
 
+# Another worker's writer commits within milliseconds of its answer; feedback can arrive
+# before that (a client that acts at once, or a test). Look again for this long, this often.
+UNKNOWN_CARD_GRACE_S = 0.25
+UNKNOWN_CARD_POLL_S = 0.01
+# The local writer normally flushes in milliseconds; past this the database is in trouble and
+# store_feedback will say so (503) or flag what is missing.
+LOCAL_FLUSH_TIMEOUT_S = 2.0
+
 _RFC3339 = re.compile(
     r"^(?P<date>\d{4}-\d{2}-\d{2})[Tt](?P<hms>\d{2}:\d{2}):(?P<sec>\d{2})(?:\.(?P<frac>\d+))?"
     r"(?P<zone>[Zz]|[+-]\d{2}:\d{2})$"
@@ -51,6 +60,7 @@ def post_feedback(service_id: str) -> ResponseReturnValue:
     entries = [_entry(item, index) for index, item in enumerate(body["feedback"])]
     store: FeedbackStore = current_app.extensions[STORE_EXTENSION]
     try:
+        _wait_for_issued_cards(store, [entry.card_uuid for entry in entries])
         receipt = store.store_feedback(service_id, entries)
     except StoreUnavailable as exc:
         log.error("feedback not stored: database unavailable (%s)", exc)
@@ -69,6 +79,23 @@ def post_feedback(service_id: str) -> ResponseReturnValue:
     if receipt.other_service_cards:
         summary["otherServiceCards"] = list(receipt.other_service_cards)
     return jsonify({"extension": {EXTENSION_KEY: summary}})
+
+
+def _wait_for_issued_cards(store: FeedbackStore, card_uuids: list[str]) -> None:
+    """Give cards still on their way to the database the time to get there.
+
+    Issued cards are written by a background thread per process: this process's queue is
+    flushed here, and a card issued moments ago by another worker (or instance) is looked up
+    again for up to UNKNOWN_CARD_GRACE_S before its feedback is flagged unknown-card. Feedback
+    for a card truly never issued pays that delay; that is rare and only costs the client.
+    """
+    if not store.flush_recorder(LOCAL_FLUSH_TIMEOUT_S):
+        log.warning("issued-card writer did not flush within %.1f s", LOCAL_FLUSH_TIMEOUT_S)
+    missing = set(card_uuids) - set(store.issued_by(card_uuids))
+    deadline = time.monotonic() + UNKNOWN_CARD_GRACE_S
+    while missing and time.monotonic() < deadline:
+        time.sleep(UNKNOWN_CARD_POLL_S)
+        missing -= set(store.issued_by(missing))
 
 
 def _entry(item: dict[str, Any], index: int) -> FeedbackEntry:
@@ -113,8 +140,10 @@ def _timestamp(value: str, path: str) -> datetime:
 def make_card_recorder(store: FeedbackStore) -> Callable[[str, str, PipelineResult], None]:
     """The ``CARD_RECORDER_EXTENSION`` callable: stores every card a service call returned.
 
+    It only queues them for the store's background writer (``store.card_writer``), so a call
+    never waits for the database's write lock; ``store.flush_recorder()`` waits for the writes.
     The clinical answer comes first: if the database is unavailable, the cards are still
-    returned and the failure is logged (their feedback will then be flagged unknown-card).
+    returned and the writer logs the failure (their feedback will then be flagged unknown-card).
     """
 
     def record(service_id: str, hook_instance: str, result: PipelineResult) -> None:
@@ -122,7 +151,7 @@ def make_card_recorder(store: FeedbackStore) -> Callable[[str, str, PipelineResu
             return
         cards = [CardRecord(c.uuid, c.rule_id, c.indicator) for c in result.cards]
         try:
-            store.record_cards(service_id, hook_instance, cards)
+            store.card_writer.submit(service_id, hook_instance, cards)
         except Exception as exc:  # never fail the clinical answer over bookkeeping
             log.error("issued cards not recorded (%d): %s", len(cards), type(exc).__name__)
 

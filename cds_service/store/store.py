@@ -2,7 +2,9 @@
 keeps the JWT replay cache that every worker and instance shares.
 
 Every write is one short transaction; on SQLite it takes the write lock up front (see
-``engine.py``), so concurrent writers from several processes queue instead of failing.
+``engine.py``), so concurrent writers from several processes queue instead of failing. The
+cards of service calls are written by a background thread per process (``writer.py``), many
+calls per transaction, so requests do not queue for that lock.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from cds_service.store.models import (
     IssuedCard,
     SeenToken,
 )
+from cds_service.store.writer import CardBatch, CardWriter
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ class FeedbackStore:
         self.engine = engine
         self.token_purge_every = TOKEN_PURGE_EVERY
         self._tokens_remembered = itertools.count(1)  # next() is atomic under the GIL
+        # Service calls queue their cards here; a thread of the calling process writes them.
+        self.card_writer = CardWriter(self.record_card_batches)
 
     @classmethod
     def open(cls, database_url: str, *, migrate_schema: bool = True) -> FeedbackStore:
@@ -98,6 +103,7 @@ class FeedbackStore:
         return redacted(self.engine.url)
 
     def close(self) -> None:
+        self.flush_recorder()
         self.engine.dispose()
 
     def ping(self) -> None:
@@ -127,20 +133,27 @@ class FeedbackStore:
     ) -> int:
         """Store each card once; a retried hookInstance yields the same uuids and adds nothing.
 
-        Returns how many rows were new.
+        Returns how many rows were new. Synchronous; a service call uses ``card_writer``.
         """
-        issued_at = issued_at or datetime.now(UTC)
-        rows = {
-            card.card_uuid.lower(): {
-                "card_uuid": card.card_uuid.lower(),
-                "service_id": service_id,
-                "rule_id": card.rule_id,
-                "indicator": card.indicator,
-                "hook_instance": hook_instance,
-                "issued_at": issued_at,
-            }
-            for card in cards
-        }
+        batch = CardBatch(service_id, hook_instance, tuple(cards), issued_at or datetime.now(UTC))
+        return self.record_card_batches([batch])
+
+    def record_card_batches(self, batches: Sequence[CardBatch]) -> int:
+        """``record_cards`` for the cards of several calls, in ONE transaction (the background
+        writer's batch). Returns how many rows were new."""
+        rows: dict[str, dict[str, Any]] = {}
+        for batch in batches:
+            for card in batch.cards:
+                uuid = card.card_uuid.lower()
+                # The first wins, as in the table: a retry repeats the same uuid.
+                rows.setdefault(uuid, {
+                    "card_uuid": uuid,
+                    "service_id": batch.service_id,
+                    "rule_id": card.rule_id,
+                    "indicator": card.indicator,
+                    "hook_instance": batch.hook_instance,
+                    "issued_at": batch.issued_at,
+                })
         if not rows:
             return 0
         try:
@@ -148,6 +161,22 @@ class FeedbackStore:
                 return _insert_cards_once(connection, list(rows.values()))
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
+
+    def flush_recorder(self, timeout: float = 5.0) -> bool:
+        """Wait until the cards this process queued so far are written; False on timeout."""
+        return self.card_writer.flush(timeout)
+
+    def issued_by(self, card_uuids: Iterable[str]) -> dict[str, str]:
+        """Card uuid (lower case) → the service id that issued it, for those on record."""
+        uuids = sorted({uuid.lower() for uuid in card_uuids})
+        found: dict[str, str] = {}
+        try:
+            with self.engine.connect() as connection:
+                for chunk in _chunks(uuids, 500):
+                    found.update(_issued_by(connection, chunk))
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        return found
 
     def store_feedback(
         self, service_id: str, entries: Sequence[FeedbackEntry], received_at: datetime | None = None
@@ -166,13 +195,7 @@ class FeedbackStore:
         with self._write() as connection, connection.begin():
             issued_by: dict[str, str] = {}
             for chunk in _chunks(uuids, 500):  # stay under any backend's bound-parameter limit
-                issued_by.update(
-                    connection.execute(
-                        select(IssuedCard.card_uuid, IssuedCard.service_id).where(
-                            IssuedCard.card_uuid.in_(chunk)
-                        )
-                    ).all()
-                )
+                issued_by.update(_issued_by(connection, chunk))
             unknown: list[str] = []
             other: list[str] = []
             rows: list[dict[str, Any]] = []
@@ -321,6 +344,13 @@ def _remember_token(
             .values(expires_at=expires_at)
         )
         return taken_over.rowcount == 1
+
+
+def _issued_by(connection: Connection, uuids: list[str]) -> dict[str, str]:
+    query = select(IssuedCard.card_uuid, IssuedCard.service_id).where(
+        IssuedCard.card_uuid.in_(uuids)
+    )
+    return {uuid: service for uuid, service in connection.execute(query).all()}
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:

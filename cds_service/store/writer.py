@@ -1,0 +1,178 @@
+"""A per-process background writer for issued cards.
+
+Recording the cards of every service call inside the request made each call wait for the
+database's write lock; on SQLite that lock is shared by every gunicorn worker, so throughput
+plateaued at one commit at a time. The request now only enqueues; one daemon thread per
+process takes whatever has accumulated and writes it in one transaction per batch (one lock
+per batch, not per call).
+
+The cost: cards reach the database milliseconds after the answer, and a crash of the process
+(not a normal exit: ``atexit`` flushes) can lose the cards not yet written. Feedback for a card
+that is still queued is handled by the feedback endpoint (flush, then a short grace period).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # store.py imports this module
+    from cds_service.store.store import CardRecord
+
+log = logging.getLogger(__name__)
+
+# Cards waiting to be written, per process. Far above what a worker issues between two
+# commits; when full, a request writes its own cards (slower, never lost).
+QUEUE_MAX_CARDS = 10_000
+# How long process exit waits for the last batch before giving up on it.
+EXIT_FLUSH_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class CardBatch:
+    """The cards of one service call, as queued."""
+
+    service_id: str
+    hook_instance: str
+    cards: tuple[CardRecord, ...]
+    issued_at: datetime  # when the answer was made, not when the row is written
+
+
+WriteBatches = Callable[[Sequence[CardBatch]], object]
+
+
+class CardWriter:
+    """Queues card batches; a daemon thread of the recording process writes them.
+
+    ``write_batches`` writes a list of batches in ONE transaction, idempotently per card uuid
+    (``FeedbackStore.record_card_batches``), and raises when the database cannot be reached.
+    """
+
+    def __init__(self, write_batches: WriteBatches, *, max_cards: int = QUEUE_MAX_CARDS) -> None:
+        self._write_batches = write_batches
+        self.max_cards = max_cards
+        self._reset()
+        _WRITERS.add(self)
+
+    def _reset(self) -> None:
+        # Also run in a freshly forked child (see _after_fork): the parent's lock may have
+        # been held by one of its threads at fork time, and its queue is the parent's to write.
+        self._lock = threading.Lock()
+        self._has_work = threading.Condition(self._lock)
+        self._progress = threading.Condition(self._lock)
+        self._queue: list[tuple[int, CardBatch]] = []
+        self._queued_cards = 0
+        self._enqueued = 0  # sequence number of the last batch queued
+        self._done = 0  # every batch up to this sequence number is written (or failed)
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self.batches_written = 0  # transactions committed by the thread (tests, diagnostics)
+
+    def submit(self, service_id: str, hook_instance: str, cards: Sequence[CardRecord]) -> None:
+        """Queue the cards of one call; never touches the database unless the queue is full."""
+        if not cards:
+            return
+        batch = CardBatch(service_id, hook_instance, tuple(cards), datetime.now(UTC))
+        with self._lock:
+            if self._queued_cards + len(batch.cards) <= self.max_cards:
+                self._ensure_thread()
+                self._enqueued += 1
+                self._queue.append((self._enqueued, batch))
+                self._queued_cards += len(batch.cards)
+                self._has_work.notify()
+                return
+        # Queue full (the database is slower than the calls): this request pays for its own
+        # write rather than dropping the cards. Raises like record_cards; the caller logs.
+        log.warning("issued-card queue full (%d cards): writing in the request", self.max_cards)
+        self._write_batches([batch])
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued before this call is written; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._pid != os.getpid():
+                return True  # nothing was queued in this process
+            target = self._enqueued
+            while self._done < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._thread is None or not self._thread.is_alive():
+                    return False
+                self._progress.wait(remaining)
+            return True
+
+    def pending_cards(self) -> int:
+        with self._lock:
+            return self._queued_cards
+
+    def drain_here(self) -> None:
+        """Write what is still queued from the calling thread (exit, after a failed flush)."""
+        with self._lock:
+            if self._pid != os.getpid() or not self._queue:
+                return
+            taken, self._queue, self._queued_cards = self._queue, [], 0
+        self._write(taken)
+
+    def _ensure_thread(self) -> None:
+        # Started lazily, in the process that records: gunicorn forks its workers from a master
+        # that loaded the app, and threads do not survive a fork.
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        self._pid = os.getpid()
+        self._thread = threading.Thread(
+            target=self._run, name="issued-card-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._has_work.wait()
+                taken, self._queue, self._queued_cards = self._queue, [], 0
+            self._write(taken)
+
+    def _write(self, taken: list[tuple[int, CardBatch]]) -> None:
+        batches = [batch for _, batch in taken]
+        try:
+            self._write_batches(batches)
+            written = True
+        except Exception as exc:  # bookkeeping must never kill the writer
+            written = False
+            cards = sum(len(batch.cards) for batch in batches)
+            log.error("issued cards not recorded (%d): %s", cards, type(exc).__name__)
+        with self._lock:
+            if written:
+                self.batches_written += 1
+            # Failed batches count as done too: flush() waits for the attempt, not for success
+            # (the feedback endpoint then flags those cards unknown, as before).
+            self._done = max(self._done, taken[-1][0])
+            self._progress.notify_all()
+
+
+_WRITERS: weakref.WeakSet[CardWriter] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # Runs in the child while it has a single thread, so resetting cannot race a request.
+    for writer in list(_WRITERS):
+        writer._reset()
+
+
+def flush_writers_at_exit(timeout: float = EXIT_FLUSH_TIMEOUT_S) -> None:
+    """The ``atexit`` hook: write what this process still has queued before it ends."""
+    for writer in list(_WRITERS):
+        if not writer.flush(timeout):
+            # The thread is gone or stuck: try once more from here rather than lose the cards.
+            writer.drain_here()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+atexit.register(flush_writers_at_exit)
