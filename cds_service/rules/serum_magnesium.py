@@ -48,17 +48,8 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     serum = serum_magnesium(picture, knowledge)
     high = serum is not None and serum.is_high
     coded = picture.conditions_in(HYPERMAGNESEMIA)
-    if hook == "patient-view":
-        if high or coded:
-            kidney = kidney_function(picture, knowledge)
-            for fact in picture.medications:
-                if is_systemic_magnesium(fact):
-                    if high:
-                        assert serum is not None
-                        yield _high(fact, serum, kidney, knowledge, coded, patient_view=True)
-                    else:
-                        yield _coded(picture, fact, coded, serum, knowledge, patient_view=True)
-        elif serum is not None and serum.is_low:
+    if hook == "patient-view" and not (high or coded):
+        if serum is not None and serum.is_low:
             low = _low(picture, serum, knowledge)
             if low is not None:
                 yield low
@@ -66,14 +57,17 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     if not (high or coded):
         return
     kidney = kidney_function(picture, knowledge)
-    for fact in picture.actionable_drafts:
-        if is_systemic_magnesium(fact):
-            if high:
-                assert serum is not None
-                yield _high(fact, serum, kidney, knowledge, coded, patient_view=False)
-            else:
-                yield _coded(picture, fact, coded, serum, knowledge, patient_view=False)
-
+    # At patient-view the magnesium on file is what matters; at ordering, the drafts.
+    patient_view = hook == "patient-view"
+    orders = picture.medications if patient_view else picture.actionable_drafts
+    for fact in orders:
+        if not is_systemic_magnesium(fact):
+            continue
+        if high:
+            assert serum is not None
+            yield _high(fact, serum, kidney, knowledge, coded, patient_view=patient_view)
+        else:
+            yield _coded(picture, fact, coded, serum, knowledge, patient_view=patient_view)
 
 def _high(
     fact: MedicationFact,
