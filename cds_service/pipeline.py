@@ -14,7 +14,6 @@ from typing import Any
 
 from cds_service.cards.builder import EXTENSION_KEY, build_cards
 from cds_service.context.builder import ClientFactory, build_patient_context
-from cds_service.context.normalise import iter_resources, repair_draft
 from cds_service.knowledge import Knowledge
 from cds_service.protocol.hook_request import HookRequest
 from cds_service.protocol.services import ServiceDefinition, prefetch_keys_for
@@ -74,7 +73,7 @@ class HookPipeline:
             self.knowledge,
             request.hook_instance,
             request.patient_id,
-            _draft_resources_by_reference(request, service.draft_orders_context_key),
+            context.draft_resources,
             fhir_version=context.fhir_version,
         )
         response: dict[str, Any] = {"cards": [card.to_json() for card in cards]}
@@ -96,17 +95,3 @@ class HookPipeline:
         ]
         return PipelineResult(response, issued, timings)
 
-
-def _draft_resources_by_reference(
-    request: HookRequest, key: str | None
-) -> dict[str, dict[str, Any]]:
-    if key is None or key not in request.context:
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    for _, resource, _ in iter_resources(request.context[key], key):
-        if resource is not None and isinstance(resource.get("id"), str):
-            # The repaired draft (single objects read as lists), the one the rules read: an
-            # update built from the raw one would send the client's malformed shape back.
-            repaired, _notes = repair_draft(resource)
-            out[f"{resource.get('resourceType')}/{resource['id']}"] = repaired
-    return out

@@ -394,6 +394,7 @@ def build_patient_context(
             _append(labs, fhir.to_lab(resource, origin), issues, where, "has no code")
 
     drafts: list[Medication] = []
+    draft_json: dict[str, dict[str, Any]] = {}
     for where, resource in draft_resources:
         owner = fhir.subject_id(resource)
         if owner is not None and owner != patient_id:
@@ -401,6 +402,8 @@ def build_patient_context(
             continue
         repaired, notes = fhir.repair_draft(resource)
         issues.extend(DataIssue(where, note) for note in notes)
+        if isinstance(repaired.get("id"), str):
+            draft_json[f"{repaired['resourceType']}/{repaired['id']}"] = repaired
         problems = fhir.model_problems(repaired, fhir_version)
         if problems:
             issues.append(
@@ -424,6 +427,7 @@ def build_patient_context(
         fhir_version=fhir_version,
         draft_lab_orders=draft_lab_orders,
         selections=_selections(request),
+        draft_resources=draft_json,
     )
 
 

@@ -7,8 +7,10 @@ name the exact resource that triggered it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -182,3 +184,8 @@ class PatientContext:
     # order-select: references ("MedicationRequest/123") of the draft orders the user selected;
     # empty means every draft order is selected.
     selections: tuple[str, ...] = ()
+    # The repaired JSON of each draft order by reference, for the cards layer to build update
+    # suggestions from (the rules never read it): read once here, not again downstream.
+    draft_resources: Mapping[str, dict[str, Any]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
