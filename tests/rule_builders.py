@@ -107,7 +107,6 @@ def medication(
         codings=codings,
         text=text,
         status=status or ("draft" if draft else "active"),
-        intent="order",
         route=route_codings,
         route_text="",
         doses=doses,

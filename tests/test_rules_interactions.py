@@ -102,3 +102,14 @@ def test_stopped_drugs_and_patient_view_are_quiet() -> None:
     assert run(interactions.evaluate, context(medications=[stopped], drafts=[MG_ORDER])) == []
     on_file = context(medications=[medication(CIPROFLOXACIN), medication(MG_OXIDE_400)])
     assert run(interactions.evaluate, on_file, "patient-view") == []
+
+
+def test_a_drug_recognised_by_its_name_only_says_so_in_the_evidence() -> None:
+    coded = medication(CIPROFLOXACIN, text="ciprofloxacin 500 MG Oral Tablet")
+    by_name = medication(text="ciprofloxacin 500 MG Oral Tablet")  # a free-text entry
+    [from_code] = run(interactions.evaluate, context(medications=[coded], drafts=[MG_ORDER]))
+    [from_name] = run(interactions.evaluate, context(medications=[by_name], drafts=[MG_ORDER]))
+    assert not any("recognised by its name" in e.text for e in from_code.evidence)
+    assert any(
+        e.text.endswith("recognised by its name (no code matched)") for e in from_name.evidence
+    )

@@ -101,7 +101,6 @@ class Medication:
     codings: tuple[Coding, ...]
     text: str
     status: str | None
-    intent: str | None
     route: tuple[Coding, ...]
     route_text: str
     doses: tuple[Dose, ...]
@@ -111,7 +110,6 @@ class Medication:
     source: SourceRef
     # Ingredient codings of a contained/referenced Medication resource, when present.
     ingredient_codings: tuple[Coding, ...] = ()
-    dispense_quantity: Quantity | None = None
     # A statement that the drug is not taken (STU3 taken "n", DSTU2 wasNotTaken true).
     not_taken: bool = False
 

@@ -412,12 +412,10 @@ def to_medication(
     if not codings and not text and not ingredient_codings:
         return None
     route_codings, route_text = _routes(resource)
-    dispense = resource.get("dispenseRequest")
     return Medication(
         codings=codings,
         text=text,
         status=status_code(resource.get("status")),
-        intent=status_code(resource.get("intent")),
         route=route_codings,
         route_text=route_text,
         doses=_doses(resource),
@@ -430,9 +428,6 @@ def to_medication(
         ),
         source=source_ref(resource, origin),
         ingredient_codings=ingredient_codings,
-        dispense_quantity=quantity_of(dispense.get("quantity"))
-        if isinstance(dispense, dict)
-        else None,
         # STU3 taken "n" and DSTU2 wasNotTaken (R4 uses status "not-taken").
         not_taken=resource.get("taken") == "n" or resource.get("wasNotTaken") is True,
     )

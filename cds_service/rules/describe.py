@@ -48,6 +48,9 @@ def order_text(fact: MedicationFact) -> str:
     if fact.magnesium is not None:
         match = fact.magnesium
         text += f"; recognised as magnesium by {match.matched_by} {match.matched_value}"
+    elif fact.groups and fact.groups_matched_by == "text":
+        # No code matched: say so, so a clinician can judge a match made on the name alone.
+        text += "; recognised by its name (no code matched)"
     return text
 
 
