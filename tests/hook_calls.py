@@ -17,6 +17,7 @@ from typing import Any
 import requests
 from jsonschema import Draft202012Validator
 
+from cds_service.context.fhir_client import FhirClient, FhirClientConfig
 from cds_service.resources import load_schema
 
 REQUESTS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "requests"
@@ -52,6 +53,19 @@ def only_card(body: dict[str, Any]) -> dict[str, Any]:
 
 def data_issues(body: dict[str, Any]) -> list[dict[str, str]]:
     return body.get("extension", {}).get("org.magnesium-cds", {}).get("dataIssues", [])
+
+
+def fhir_client(base: str, token: str | None = None, **config: Any) -> FhirClient:
+    """A FhirClient with test-sized limits; keyword arguments override them."""
+    values: dict[str, Any] = {
+        "connect_timeout": 1.0,
+        "read_timeout": 5.0,
+        "max_pages": 5,
+        "max_workers": 4,
+        "max_response_bytes": 1_000_000,
+    }
+    values.update(config)
+    return FhirClient(base, FhirClientConfig(**values), access_token=token)
 
 
 def searchset(*resources: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from hook_calls import (
     assert_conformant,
     call,
     data_issues,
+    fhir_client,
     load_request,
     only_card,
     searchset,
@@ -33,7 +34,6 @@ from hook_calls import (
 )
 
 from cds_service.app import create_app
-from cds_service.context.fhir_client import FhirClient, FhirClientConfig
 from cds_service.knowledge import DATA_DIR, default_knowledge, load_knowledge
 from cds_service.protocol.services import OBSERVATION_LAB_GROUPS
 from cds_service.settings import Settings
@@ -268,22 +268,12 @@ def _pages(size: int, delay: float) -> Iterator[tuple[str, list[str]]]:
         httpd.server_close()
 
 
-def _client(base: str, **values: Any) -> FhirClient:
-    config = {
-        "connect_timeout": 1.0,
-        "read_timeout": 5.0,
-        "max_pages": 5,
-        "max_workers": 2,
-        "max_response_bytes": 1_000_000,
-    }
-    config.update(values)
-    return FhirClient(base, FhirClientConfig(**config))
 
 
 def test_the_byte_bound_holds_for_a_key_across_its_pages() -> None:
     # Each page is well under the bound; five of them together are not.
     with _pages(size=40_000, delay=0) as (base, seen):
-        result = _client(base, max_response_bytes=100_000).fetch("k", "Patient?x=1")
+        result = fhir_client(base, max_response_bytes=100_000).fetch("k", "Patient?x=1")
     assert result.resource is None and "exceeds 100000 bytes" in (result.problem or "")
     assert len(seen) == 3
 
@@ -292,7 +282,7 @@ def test_the_read_timeout_holds_for_a_key_across_its_pages() -> None:
     # Each page comes well within the read timeout; five of them together do not.
     with _pages(size=10, delay=0.4) as (base, _):
         started = time.monotonic()
-        result = _client(base, read_timeout=1.0).fetch("k", "Patient?x=1")
+        result = fhir_client(base, read_timeout=1.0).fetch("k", "Patient?x=1")
         elapsed = time.monotonic() - started
     assert result.resource is None and "in time" in (result.problem or "")
     assert elapsed < 1.8
@@ -300,7 +290,7 @@ def test_the_read_timeout_holds_for_a_key_across_its_pages() -> None:
 
 def test_a_fetched_searchset_cut_at_the_page_bound_says_so() -> None:
     with _pages(size=10, delay=0) as (base, seen):
-        result = _client(base, max_pages=2).fetch("k", "Patient?x=1")
+        result = fhir_client(base, max_pages=2).fetch("k", "Patient?x=1")
     assert result.resource is not None and len(result.resource["entry"]) == 2
     assert result.incomplete is not None and "more than 2 pages" in result.incomplete
     assert len(seen) == 2

@@ -16,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from hook_calls import send_json
+from hook_calls import fhir_client, send_json
 
-from cds_service.context.fhir_client import FhirClient, FhirClientConfig
+from cds_service.context.fhir_client import FhirClient
 
 TOKEN = "ehr-access-token-that-must-stay-home"
 PATIENT = {"resourceType": "Patient", "id": "p1"}
@@ -84,15 +84,7 @@ def other_port() -> Iterator[Server]:
 
 
 def client(base: str, **config: Any) -> FhirClient:
-    values = {
-        "connect_timeout": 1.0,
-        "read_timeout": 1.0,
-        "max_pages": 5,
-        "max_workers": 4,
-        "max_response_bytes": 1_000_000,
-    }
-    values.update(config)
-    return FhirClient(base, FhirClientConfig(**values), access_token=TOKEN)
+    return fhir_client(base, TOKEN, **{"read_timeout": 1.0, **config})
 
 
 @pytest.mark.parametrize("target", ["elsewhere", "other_port"])

@@ -6,9 +6,9 @@ from datetime import UTC, date, datetime
 
 import pytest
 import requests
+from hook_calls import fhir_client
 
 from cds_service.context import normalise as fhir
-from cds_service.context.fhir_client import FhirClient, FhirClientConfig
 from cds_service.context.model import Coding
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -167,22 +167,19 @@ def test_version_detection() -> None:
 
 
 def test_fhir_client_follows_next_links_up_to_the_page_bound(fixture_fhir_server: str) -> None:
-    config = FhirClientConfig(
-        connect_timeout=2, read_timeout=5, max_pages=2, max_workers=2, max_response_bytes=1_000_000
-    )
-    client = FhirClient(fixture_fhir_server, config, session=requests.Session())
+    client = fhir_client(fixture_fhir_server, max_pages=2)
     query = "Observation?patient=mg-pyridostigmine&_count=1"
     total = requests.get(f"{fixture_fhir_server}/{query}", timeout=5).json()["total"]
     assert total > 2
     result = client.fetch("observations", query)
     assert result.problem is None and result.resource is not None
     assert len(result.resource["entry"]) == 2  # two pages of one, then the bound stops it
-    unbounded = FhirClient(fixture_fhir_server, FhirClientConfig(2, 5, 100, 2, 1_000_000))
+    unbounded = fhir_client(fixture_fhir_server, max_pages=100)
     assert len(unbounded.fetch("observations", query).resource["entry"]) == total  # type: ignore[index]
 
 
 def test_fhir_client_reports_outcomes_and_http_errors(fixture_fhir_server: str) -> None:
-    client = FhirClient(fixture_fhir_server, FhirClientConfig(2, 5, 2, 2, 1_000_000))
+    client = fhir_client(fixture_fhir_server, max_pages=2)
     missing = client.fetch("patient", "Patient/nobody")
     assert missing.resource is None
     assert missing.problem is not None and "HTTP 404" in missing.problem
