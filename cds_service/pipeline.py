@@ -51,9 +51,7 @@ class HookPipeline:
         # "Today" for the rules (lab recency, age); tests pin it to the fixtures' date.
         self.clock: Callable[[], date] = date.today
 
-    def run(
-        self, service: ServiceDefinition, request: HookRequest, today: date | None = None
-    ) -> PipelineResult:
+    def run(self, service: ServiceDefinition, request: HookRequest) -> PipelineResult:
         """Raises ``DataUnavailable`` when required data cannot be had (HTTP 412)."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -66,7 +64,7 @@ class HookPipeline:
             keys=self.prefetch_keys,
         )
         after_context = time.perf_counter()
-        findings = engine.evaluate(context, self.knowledge, service.hook, today or self.clock())
+        findings = engine.evaluate(context, self.knowledge, service.hook, self.clock())
         after_rules = time.perf_counter()
         cards = build_cards(
             findings,
