@@ -40,7 +40,7 @@ class ServiceDefinition:
     # The context field holding this hook's draft orders (a Bundle); None for hooks without.
     draft_orders_context_key: str | None
 
-    def discovery_json(self, keys: tuple[PrefetchKey, ...] = PREFETCH_KEYS) -> dict[str, Any]:
+    def discovery_json(self, keys: tuple[PrefetchKey, ...]) -> dict[str, Any]:
         return {
             "hook": self.hook,
             "id": self.id,
@@ -96,6 +96,6 @@ SERVICES: tuple[ServiceDefinition, ...] = (
 SERVICES_BY_ID = {service.id: service for service in SERVICES}
 
 
-def discovery_document(keys: tuple[PrefetchKey, ...] = PREFETCH_KEYS) -> dict[str, Any]:
+def discovery_document(keys: tuple[PrefetchKey, ...]) -> dict[str, Any]:
     """``keys``: the app's own (built from the knowledge it loaded at start-up)."""
     return {"services": [service.discovery_json(keys) for service in SERVICES]}
