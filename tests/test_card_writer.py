@@ -265,3 +265,35 @@ def test_writer_without_a_thread_flushes_at_once() -> None:
     writer = CardWriter(lambda batches: None)
     assert writer.flush(0.01)  # nothing was ever queued in this process
 
+
+
+def test_calls_within_the_group_commit_window_share_one_transaction() -> None:
+    # One call at a time (a worker at concurrency 1): without the window every call would be
+    # its own commit, whose Python work competes with the requests for the GIL.
+    written: list[list[str]] = []
+    wrote = threading.Event()
+
+    def write(batches: Sequence[CardBatch]) -> None:
+        written.append([batch.hook_instance for batch in batches])
+        wrote.set()
+
+    writer = CardWriter(write, window_s=0.3)
+    started = time.monotonic()
+    for n in range(3):
+        writer.submit(SELECT, f"hook-{n}", [CardRecord(new_uuid(), "rule-a", "info")])
+        time.sleep(0.02)
+    assert wrote.wait(5)
+    assert time.monotonic() - started >= 0.25  # the thread waited out the window
+    assert written == [["hook-0", "hook-1", "hook-2"]]
+
+
+def test_a_flush_does_not_wait_out_the_window() -> None:
+    written: list[list[str]] = []
+    writer = CardWriter(
+        lambda batches: written.append([b.hook_instance for b in batches]), window_s=30
+    )
+    writer.submit(SELECT, "hook-0", [CardRecord(new_uuid(), "rule-a", "info")])
+    started = time.monotonic()
+    assert writer.flush(5)
+    assert time.monotonic() - started < 2  # the feedback endpoint flushes before it looks
+    assert written == [["hook-0"]]

@@ -294,7 +294,9 @@ def _insert_cards_once(connection: Connection, rows: list[dict[str, Any]]) -> in
             .on_conflict_do_nothing(index_elements=["card_uuid"])
             .returning(IssuedCard.id)  # rowcount is not reliable with RETURNING-capable drivers
         )
-        return sum(len(connection.execute(statement, row).all()) for row in rows)
+        # One executemany: SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues"),
+        # and RETURNING yields a row only for each card that was new.
+        return len(connection.execute(statement, rows).all())
     # Other backends: skip what exists; a concurrent insert of the same uuid is a retry of the
     # same hookInstance, so losing that race loses nothing.
     wanted = [row["card_uuid"] for row in rows]
