@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import requests
 from flask import Flask
@@ -400,3 +401,18 @@ def test_every_field_replaced_by_a_wrong_type_gets_a_deliberate_answer(client: F
             elif response.status_code == 400 and not problems(response):
                 failures.append((path, wrong, "400 without problems"))
     assert not failures, failures[:10]
+
+
+def test_what_only_the_stdlib_parser_reads_is_still_answered(client: FlaskClient) -> None:
+    # The fast parser (orjson) refuses a lone surrogate escape and a 400-digit integer; the
+    # stdlib parser, which then reads the body, accepts both as it always did.
+    body = load("mg-pyridostigmine.order-select.json")
+    resource = body["context"]["draftOrders"]["entry"][0]["resource"]
+    resource["note"] = [{"text": "@@"}]
+    resource["dosageInstruction"] = [{"timing": {"repeat": {"frequency": "##"}}}]
+    data = json.dumps(body).replace('"@@"', '"\\ud800"').replace('"##"', "9" * 400)
+    with pytest.raises(orjson.JSONDecodeError):  # the premise: the fast path alone refuses it
+        orjson.loads(data)
+    response = post(client, data)
+    assert response.status_code == 200, response.data[:300]
+    strict_json(response.data)

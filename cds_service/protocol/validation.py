@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from flask import Request
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
@@ -94,7 +95,20 @@ def parse_json_bytes(raw: bytes) -> Any:
 
     Shared by the HTTP endpoints and ``cds-service evaluate``, so that a file is refused
     exactly as the same body would be over HTTP.
+
+    orjson reads the body (twice as fast as the stdlib on a 2 MB chart). It is at least as
+    strict: it refuses NaN, Infinity, numbers beyond a double, invalid UTF-8 and lone
+    surrogates. Whatever it refuses is read again by the stdlib, which words the error (or
+    accepts what orjson alone cannot hold, such as an integer of 400 digits). One difference
+    remains: an integer beyond 64 bits that orjson accepts arrives as a float.
     """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _parse_json_bytes_stdlib(raw)
+
+
+def _parse_json_bytes_stdlib(raw: bytes) -> Any:
     if not raw:
         raise ApiError(
             400, "invalid-json", "the request body is empty", [problem("$", "empty body")]
