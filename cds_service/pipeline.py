@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from cds_service.cards.builder import EXTENSION_KEY, build_cards
+from cds_service.cards.builder import EXTENSION_KEY, build_cards, update_conformance_issues
 from cds_service.context.builder import ClientFactory, build_patient_context
 from cds_service.knowledge import Knowledge
 from cds_service.protocol.hook_request import HookRequest
@@ -75,11 +75,12 @@ class HookPipeline:
             fhir_version=context.fhir_version,
         )
         response: dict[str, Any] = {"cards": [card.to_json() for card in cards]}
-        if context.issues:
+        issues = [*context.issues, *update_conformance_issues(cards, context.fhir_version)]
+        if issues:
             response["extension"] = {
                 EXTENSION_KEY: {
                     "dataIssues": [
-                        {"where": issue.where, "problem": issue.problem} for issue in context.issues
+                        {"where": issue.where, "problem": issue.problem} for issue in issues
                     ]
                 }
             }

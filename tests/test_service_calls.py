@@ -151,6 +151,55 @@ def test_sandbox_quirks_are_reported_in_the_response(cds_url: str) -> None:
     assert "single object" in problems
 
 
+def _draft_without_intent(name: str) -> dict[str, Any]:
+    body = load_request(name)
+    del body["context"]["draftOrders"]["entry"][0]["resource"]["intent"]  # required in R4
+    return body
+
+
+def test_an_invalid_draft_sent_back_in_an_update_suggestion_is_reported(cds_url: str) -> None:
+    body = assert_conformant(
+        call(
+            cds_url,
+            "magnesium-order-select",
+            _draft_without_intent("ciprofloxacin.order-select.json"),
+        )
+    )
+    card = only_card(body)
+    action = only_suggestion(card)["actions"][0]
+    assert action["type"] == "update"  # still offered: the EHR accepts its own shapes
+    issues = [
+        issue
+        for issue in data_issues(body)
+        if issue["where"] == "suggestion to update MedicationRequest/draft-mg-oxide"
+    ]
+    assert len(issues) == 1
+    assert "not valid FHIR R4" in issues[0]["problem"] and "intent" in issues[0]["problem"]
+
+
+def test_a_valid_draft_sent_back_is_not_reported(cds_url: str) -> None:
+    body = assert_conformant(
+        call(cds_url, "magnesium-order-select", load_request("ciprofloxacin.order-select.json"))
+    )
+    assert only_suggestion(only_card(body))["actions"][0]["type"] == "update"
+    assert not any("not valid FHIR" in issue["problem"] for issue in data_issues(body))
+
+
+def test_an_invalid_draft_only_removed_is_read_leniently_without_a_strict_report(
+    cds_url: str,
+) -> None:
+    # The strict check runs on what the answer sends back; a delete sends back an id only.
+    body = assert_conformant(
+        call(
+            cds_url,
+            "magnesium-order-select",
+            _draft_without_intent("mg-pyridostigmine.order-select.json"),
+        )
+    )
+    assert only_suggestion(only_card(body))["actions"][0]["type"] == "delete"
+    assert not any("not valid FHIR" in issue["problem"] for issue in data_issues(body))
+
+
 def test_stu3_medication_prescribe_for_old_clients(cds_url: str) -> None:
     body = assert_conformant(
         call(

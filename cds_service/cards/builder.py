@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from cds_service.cards.model import Action, Card, CardCoding, Source, Suggestion, shorten
-from cds_service.context.model import Coding
+from cds_service.context.model import Coding, DataIssue
+from cds_service.context.normalise import model_problems
 from cds_service.knowledge import Knowledge
 from cds_service.rules.findings import Finding, Proposal
 
@@ -50,6 +51,35 @@ def build_cards(
         build_card(finding, knowledge, hook_instance, patient_id, draft_resources, fhir_version)
         for finding in findings
     ]
+
+
+def update_conformance_issues(cards: list[Card], fhir_version: str) -> list[DataIssue]:
+    """The strict FHIR model check (fhir.resources) of each draft order an update suggestion
+    hands back to the EHR: the one place our answer carries the client's own data, which the
+    EHR will apply as it is. A draft that was not valid stays invalid once updated, and the
+    client is told so; the suggestion is still offered (EHRs accept their own shapes)."""
+    issues: list[DataIssue] = []
+    checked: set[str] = set()
+    for card in cards:
+        for suggestion in card.suggestions:
+            for action in suggestion.actions:
+                if action.type != "update" or action.resource is None:
+                    continue
+                resource = action.resource
+                reference = f"{resource.get('resourceType')}/{resource.get('id')}"
+                if reference in checked:
+                    continue
+                checked.add(reference)
+                problems = model_problems(resource, fhir_version)
+                if problems:
+                    issues.append(
+                        DataIssue(
+                            f"suggestion to update {reference}",
+                            f"is not valid FHIR {fhir_version} ({'; '.join(problems)}), as the "
+                            "draft order it updates is not; the EHR may refuse it",
+                        )
+                    )
+    return issues
 
 
 def build_card(

@@ -404,14 +404,9 @@ def build_patient_context(
         issues.extend(DataIssue(where, note) for note in notes)
         if isinstance(repaired.get("id"), str):
             draft_json[f"{repaired['resourceType']}/{repaired['id']}"] = repaired
-        problems = fhir.model_problems(repaired, fhir_version)
-        if problems:
-            issues.append(
-                DataIssue(
-                    where,
-                    f"is not valid FHIR {fhir_version} ({'; '.join(problems)}); read leniently",
-                )
-            )
+        # No strict (fhir.resources) check here: it cost a third of a typical call, and the
+        # lenient reading reports what it cannot use. The cards check the drafts they send
+        # back (``cards.builder.update_conformance_issues``), where conformance matters.
         medication = fhir.to_medication(
             repaired, f"context:{draft_orders_key}", is_draft=True, referenced=referenced
         )
