@@ -17,6 +17,7 @@ from cds_service.protocol.blueprint import CARD_RECORDER_EXTENSION, PIPELINE_EXT
 from cds_service.protocol.cors import install_cors
 from cds_service.protocol.errors import register_error_handlers
 from cds_service.protocol.feedback import STORE_EXTENSION, feedback_bp, make_card_recorder
+from cds_service.protocol.validation import compile_request_validators
 from cds_service.settings import Settings
 from cds_service.store import FeedbackStore
 
@@ -42,6 +43,8 @@ def create_app(
             if settings.knowledge_path
             else default_knowledge()
         )
+
+    compile_request_validators()
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
