@@ -7,6 +7,8 @@ from datetime import UTC, date, datetime
 import pytest
 import requests
 from hook_calls import fhir_client
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cds_service.context import normalise as fhir
 from cds_service.context.model import Coding
@@ -236,3 +238,32 @@ def test_statement_not_taken(fields: dict[str, object], not_taken: bool) -> None
     statement = _order(resourceType="MedicationStatement", **fields)
     medication = fhir.to_medication(statement, "prefetch:medicationStatements", is_draft=False)
     assert medication is not None and medication.not_taken is not_taken
+
+
+# Values a client may put where a CodeableConcept belongs: right, wrong and in between.
+_text_or_junk = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=4), st.just("  "),
+    st.sampled_from(["http://loinc.org", " 19123-9 ", "E11.9"]),
+)
+_coding = st.dictionaries(st.sampled_from(["system", "code", "display"]), _text_or_junk)
+_concept = st.dictionaries(
+    st.sampled_from(["coding", "text"]),
+    st.one_of(st.lists(st.one_of(_coding, _text_or_junk), max_size=3), _coding, _text_or_junk),
+)
+_concepts = st.one_of(_text_or_junk, _concept, st.lists(st.one_of(_concept, _text_or_junk)))
+
+
+@given(_concepts)
+def test_codings_of_reads_exactly_the_codes_the_reference_reader_finds(concept: object) -> None:
+    # codings_of inlines _codes (the hot path): both must agree on every input, odd or not.
+    expected = tuple(
+        Coding("", code, "")
+        if coding is None
+        else Coding(
+            coding["system"].strip() if isinstance(coding.get("system"), str) else "",
+            code,
+            coding["display"].strip() if isinstance(coding.get("display"), str) else "",
+        )
+        for coding, code in fhir._codes(concept)
+    )
+    assert fhir.codings_of(concept) == expected

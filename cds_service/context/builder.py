@@ -379,19 +379,35 @@ def build_patient_context(
     conditions: list[Condition] = []
     medications: list[Medication] = []
     labs: list[Lab] = []
+    # ``relevant`` skips a resource with usable codes (or drug text) that no rule can use; the
+    # codes read to decide are handed on, not read twice. A resource without them is read in
+    # full, so that it is reported exactly as without the filter.
     for _, origin, resource, where in kept:
         resource_type = resource.get("resourceType")
-        if relevant is not None and not _may_matter(resource, resource_type, relevant, referenced):
-            continue
         if resource_type == "Patient":
             patient = fhir.to_patient(resource, origin, patient_id)
         elif resource_type == "Condition":
-            _append(conditions, fhir.to_condition(resource, origin), issues, where, "has no code")
+            codings = fhir.code_codings(resource)
+            if codings and relevant is not None and not relevant.condition(codings):
+                continue
+            condition = fhir.to_condition(resource, origin, codings)
+            _append(conditions, condition, issues, where, "has no code")
         elif resource_type in fhir.MEDICATION_TYPES:
-            medication = fhir.to_medication(resource, origin, is_draft=False, referenced=referenced)
+            codes = fhir.medication_codes(resource, referenced)
+            named, ingredients, text = codes
+            if (
+                (named or ingredients or text)
+                and relevant is not None
+                and not relevant.medication(named + ingredients, text)
+            ):
+                continue
+            medication = fhir.to_medication(resource, origin, is_draft=False, codes=codes)
             _append(medications, medication, issues, where, "names no medication")
         elif resource_type == "Observation":
-            _append(labs, fhir.to_lab(resource, origin), issues, where, "has no code")
+            codings = fhir.code_codings(resource)
+            if codings and relevant is not None and not relevant.lab(codings):
+                continue
+            _append(labs, fhir.to_lab(resource, origin, codings), issues, where, "has no code")
 
     drafts: list[Medication] = []
     draft_json: dict[str, dict[str, Any]] = {}
@@ -532,27 +548,6 @@ def _selections(request: HookRequest) -> tuple[str, ...]:
     if not isinstance(selections, list):
         return ()
     return tuple(s.strip() for s in selections if isinstance(s, str) and s.strip())
-
-
-def _may_matter(
-    resource: dict[str, Any],
-    resource_type: Any,
-    relevant: Relevance,
-    referenced: dict[str, dict[str, Any]],
-) -> bool:
-    """False only for a resource with usable codes (or drug text) that no rule can use."""
-    if resource_type == "Condition":
-        codings = fhir.code_codings(resource)
-        return not codings or relevant.condition(codings)
-    if resource_type == "Observation":
-        codings = fhir.code_codings(resource)
-        return not codings or relevant.lab(codings)
-    if resource_type in fhir.MEDICATION_TYPES:
-        codings, ingredient_codings, text = fhir.medication_codes(resource, referenced)
-        if not codings and not ingredient_codings and not text:
-            return True  # reported as naming no medication
-        return relevant.medication(codings + ingredient_codings, text)
-    return True
 
 
 def _append(target: list[Any], item: Any, issues: list[DataIssue], where: str, why: str) -> None:

@@ -102,21 +102,44 @@ def _codes(concept: Any) -> Iterator[tuple[dict[str, Any] | None, str]]:
 
 
 def codings_of(concept: Any) -> tuple[Coding, ...]:
-    """Codings of a CodeableConcept (or a list of them, or a bare code string)."""
+    """Codings of a CodeableConcept (or a list of them, or a bare code string).
+
+    The hottest loop of reading a chart (every coded resource passes through it, most of them
+    to be found irrelevant): what ``_codes`` yields, inlined, with the shared-Coding look-up.
+    """
+    if concept is None:
+        return ()
     out: list[Coding] = []
-    for coding, code in _codes(concept):
-        if coding is None:
-            out.append(_coding("", code, ""))
-            continue
-        system = coding.get("system")
-        display = coding.get("display")
-        out.append(
-            _coding(
-                system.strip() if isinstance(system, str) else "",
-                code,
-                display.strip() if isinstance(display, str) else "",
-            )
-        )
+    for item in concept if isinstance(concept, list) else (concept,):
+        if isinstance(item, dict):
+            codings = item.get("coding")
+            if codings is None:
+                continue
+            for coding in codings if isinstance(codings, list) else (codings,):
+                if not isinstance(coding, dict):
+                    continue
+                code = coding.get("code")
+                if isinstance(code, str):
+                    code = code.strip()
+                elif isinstance(code, int):
+                    code = str(code).strip()
+                else:
+                    continue
+                if not code:
+                    continue
+                system = coding.get("system")
+                display = coding.get("display")
+                key = (
+                    system.strip() if isinstance(system, str) else "",
+                    code,
+                    display.strip() if isinstance(display, str) else "",
+                )
+                found = _CODINGS.get(key)
+                out.append(found if found is not None else _coding(*key))
+        elif isinstance(item, str):
+            code = item.strip()
+            if code:
+                out.append(_coding("", code, ""))
     return tuple(out)
 
 
@@ -244,8 +267,12 @@ def to_patient(resource: dict[str, Any], origin: str, fallback_id: str) -> Patie
     )
 
 
-def to_condition(resource: dict[str, Any], origin: str) -> Condition | None:
-    codings = code_codings(resource)
+def to_condition(
+    resource: dict[str, Any], origin: str, codings: tuple[Coding, ...] | None = None
+) -> Condition | None:
+    """``codings``: ``code_codings(resource)`` when the caller has read them already."""
+    if codings is None:
+        codings = code_codings(resource)
     text = concept_text(resource.get("code"))
     if not codings and not text:
         return None
@@ -406,9 +433,15 @@ def to_medication(
     *,
     is_draft: bool,
     referenced: Mapping[str, dict[str, Any]] | None = None,
+    codes: tuple[tuple[Coding, ...], tuple[Coding, ...], str] | None = None,
 ) -> Medication | None:
-    """A MedicationRequest / MedicationStatement / MedicationOrder, or None if it names no drug."""
-    codings, ingredient_codings, text = medication_codes(resource, referenced)
+    """A MedicationRequest / MedicationStatement / MedicationOrder, or None if it names no drug.
+
+    ``codes``: ``medication_codes(resource, referenced)`` when the caller has read them already.
+    """
+    codings, ingredient_codings, text = (
+        codes if codes is not None else medication_codes(resource, referenced)
+    )
     if not codings and not text and not ingredient_codings:
         return None
     route_codings, route_text = _routes(resource)
@@ -447,8 +480,12 @@ def to_lab_order(resource: dict[str, Any], origin: str) -> LabOrder | None:
     )
 
 
-def to_lab(resource: dict[str, Any], origin: str) -> Lab | None:
-    codings = code_codings(resource)
+def to_lab(
+    resource: dict[str, Any], origin: str, codings: tuple[Coding, ...] | None = None
+) -> Lab | None:
+    """``codings``: ``code_codings(resource)`` when the caller has read them already."""
+    if codings is None:
+        codings = code_codings(resource)
     if not codings:
         return None
     effective = resource.get("effectiveDateTime")
