@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request
+import orjson
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from cds_service.context.builder import DataUnavailable
@@ -75,7 +76,9 @@ def call_service(service_id: str) -> ResponseReturnValue:
         "record": (finished - recorded) * 1000,
         "total": (finished - received) * 1000,
     }
-    return jsonify(result.response)
+    # orjson: a tenth of jsonify's cost for a card response, and it can only write strict
+    # JSON (a non-finite float would become null, never NaN or Infinity).
+    return Response(orjson.dumps(result.response), mimetype="application/json")
 
 
 def _missing_problem(missing: dict[str, Any]) -> dict[str, Any]:
