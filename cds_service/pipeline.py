@@ -48,6 +48,9 @@ class HookPipeline:
         # Built once, from the knowledge this app loaded: the Observation query's LOINC codes
         # are exactly the lab groups' codes, here and at discovery.
         self.prefetch_keys = prefetch_keys_for(knowledge)
+        # Facts no rule can use are recognised by their codes and not normalised; its memo of
+        # codes lives as long as the pipeline.
+        self.relevance = KnowledgeRelevance(knowledge)
         # "Today" for the rules (lab recency, age); tests pin it to the fixtures' date.
         self.clock: Callable[[], date] = date.today
 
@@ -59,8 +62,7 @@ class HookPipeline:
             request,
             self.make_client,
             service.draft_orders_context_key,
-            # Facts no rule can use are recognised by their codes and not normalised.
-            KnowledgeRelevance(self.knowledge),
+            self.relevance,
             keys=self.prefetch_keys,
         )
         after_context = time.perf_counter()

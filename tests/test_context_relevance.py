@@ -21,7 +21,7 @@ from cds_service.context.builder import (
     build_patient_context,
     default_client_factory,
 )
-from cds_service.context.model import PatientContext
+from cds_service.context.model import Coding, PatientContext
 from cds_service.knowledge import default_knowledge
 from cds_service.protocol.hook_request import HookRequest
 from cds_service.protocol.services import PREFETCH_KEYS, SERVICES
@@ -200,3 +200,20 @@ def test_odd_shapes_are_kept_or_reported_exactly_as_before() -> None:
     assert "bare-code" not in kept  # codes without a system match no knowledge entry
     reported = {issue.where for issue in filtered.issues}
     assert len(reported) >= 4  # code-less condition/lab, drugless statement, other patient
+
+
+def test_code_relevance_is_remembered_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cds_service.rules import picture
+
+    knowledge = default_knowledge()
+    relevance = KnowledgeRelevance(knowledge)
+    monkeypatch.setattr(picture, "_CODE_MEMO_SIZE", 3)
+    icd10 = "http://hl7.org/fhir/sid/icd-10-cm"
+    codes = ["G70.00", "G70.01", "E11.9", "I10", "N18.4", "G70.00"]
+    for code in codes:
+        expected = bool(knowledge.condition_groups((Coding(icd10, code),)))
+        assert relevance.condition_code(icd10, code) is expected
+        assert len(relevance._condition_codes) <= 3  # hostile variety cannot grow it
+    assert relevance.condition_code(icd10, "G70.00") is True  # myasthenia gravis
+    assert relevance.lab_code("http://loinc.org", "19123-9") is True  # serum magnesium
+    assert relevance.lab_code("http://loinc.org", "718-7") is False  # haemoglobin

@@ -267,3 +267,20 @@ def test_codings_of_reads_exactly_the_codes_the_reference_reader_finds(concept: 
         for coding, code in fhir._codes(concept)
     )
     assert fhir.codings_of(concept) == expected
+
+
+@given(_concepts, st.sampled_from(["19123-9", "E11.9", "  ", "5"]))
+def test_any_code_matches_answers_what_codings_of_would(concept: object, wanted: str) -> None:
+    # The relevance check reads raw codes without building Codings; it must see exactly the
+    # codes codings_of reads, and say None when there is none.
+    codings = fhir.codings_of(concept)
+    seen: list[tuple[str, str]] = []
+
+    def matches(system: str, code: str) -> bool:
+        seen.append((system, code))
+        return code == wanted
+
+    expected = None if not codings else any(c.code == wanted for c in codings)
+    assert fhir.any_code_matches(concept, matches) is expected
+    # Stops at the first match, and asks in codings_of's order.
+    assert seen == [(c.system, c.code) for c in codings][: len(seen)]

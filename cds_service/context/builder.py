@@ -84,11 +84,11 @@ class Relevance(Protocol):
     read in full, so it is reported (or kept, text only) exactly as without this filter.
     """
 
-    def condition(self, codings: tuple[Coding, ...]) -> bool: ...
+    def condition_code(self, system: str, code: str) -> bool: ...
+
+    def lab_code(self, system: str, code: str) -> bool: ...
 
     def medication(self, codings: tuple[Coding, ...], text: str) -> bool: ...
-
-    def lab(self, codings: tuple[Coding, ...]) -> bool: ...
 
 
 def client_config(settings: Settings) -> FhirClientConfig:
@@ -379,19 +379,20 @@ def build_patient_context(
     conditions: list[Condition] = []
     medications: list[Medication] = []
     labs: list[Lab] = []
-    # ``relevant`` skips a resource with usable codes (or drug text) that no rule can use; the
-    # codes read to decide are handed on, not read twice. A resource without them is read in
-    # full, so that it is reported exactly as without the filter.
+    # ``relevant`` skips a resource with usable codes (or drug text) that no rule can use. A
+    # resource without them is read in full, so that it is reported exactly as without the
+    # filter.
     for _, origin, resource, where in kept:
         resource_type = resource.get("resourceType")
         if resource_type == "Patient":
             patient = fhir.to_patient(resource, origin, patient_id)
         elif resource_type == "Condition":
-            codings = fhir.code_codings(resource)
-            if codings and relevant is not None and not relevant.condition(codings):
+            # Decided from the raw codes, before any Coding is built: most are skipped.
+            if relevant is not None and (
+                fhir.any_code_matches(resource.get("code"), relevant.condition_code) is False
+            ):
                 continue
-            condition = fhir.to_condition(resource, origin, codings)
-            _append(conditions, condition, issues, where, "has no code")
+            _append(conditions, fhir.to_condition(resource, origin), issues, where, "has no code")
         elif resource_type in fhir.MEDICATION_TYPES:
             codes = fhir.medication_codes(resource, referenced)
             named, ingredients, text = codes
@@ -404,10 +405,11 @@ def build_patient_context(
             medication = fhir.to_medication(resource, origin, is_draft=False, codes=codes)
             _append(medications, medication, issues, where, "names no medication")
         elif resource_type == "Observation":
-            codings = fhir.code_codings(resource)
-            if codings and relevant is not None and not relevant.lab(codings):
+            if relevant is not None and (
+                fhir.any_code_matches(resource.get("code"), relevant.lab_code) is False
+            ):
                 continue
-            _append(labs, fhir.to_lab(resource, origin, codings), issues, where, "has no code")
+            _append(labs, fhir.to_lab(resource, origin), issues, where, "has no code")
 
     drafts: list[Medication] = []
     draft_json: dict[str, dict[str, Any]] = {}

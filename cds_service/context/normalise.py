@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -143,6 +143,43 @@ def codings_of(concept: Any) -> tuple[Coding, ...]:
     return tuple(out)
 
 
+def any_code_matches(concept: Any, matches: Callable[[str, str], bool]) -> bool | None:
+    """Does any usable code of a concept satisfy ``matches(system, code)``? None when the
+    concept has no usable code at all. The codes are exactly those ``codings_of`` reads
+    (stripped, the same ones skipped), without building a Coding for any of them."""
+    if concept is None:
+        return None
+    usable = False
+    for item in concept if isinstance(concept, list) else (concept,):
+        if isinstance(item, dict):
+            codings = item.get("coding")
+            if codings is None:
+                continue
+            for coding in codings if isinstance(codings, list) else (codings,):
+                if not isinstance(coding, dict):
+                    continue
+                code = coding.get("code")
+                if isinstance(code, str):
+                    code = code.strip()
+                elif isinstance(code, int):
+                    code = str(code).strip()
+                else:
+                    continue
+                if not code:
+                    continue
+                usable = True
+                system = coding.get("system")
+                if matches(system.strip() if isinstance(system, str) else "", code):
+                    return True
+        elif isinstance(item, str):
+            code = item.strip()
+            if code:
+                usable = True
+                if matches("", code):
+                    return True
+    return False if usable else None
+
+
 def concept_text(concept: Any) -> str:
     for item in concept if isinstance(concept, list) else () if concept is None else (concept,):
         if isinstance(item, dict):
@@ -267,12 +304,8 @@ def to_patient(resource: dict[str, Any], origin: str, fallback_id: str) -> Patie
     )
 
 
-def to_condition(
-    resource: dict[str, Any], origin: str, codings: tuple[Coding, ...] | None = None
-) -> Condition | None:
-    """``codings``: ``code_codings(resource)`` when the caller has read them already."""
-    if codings is None:
-        codings = code_codings(resource)
+def to_condition(resource: dict[str, Any], origin: str) -> Condition | None:
+    codings = code_codings(resource)
     text = concept_text(resource.get("code"))
     if not codings and not text:
         return None
@@ -480,12 +513,8 @@ def to_lab_order(resource: dict[str, Any], origin: str) -> LabOrder | None:
     )
 
 
-def to_lab(
-    resource: dict[str, Any], origin: str, codings: tuple[Coding, ...] | None = None
-) -> Lab | None:
-    """``codings``: ``code_codings(resource)`` when the caller has read them already."""
-    if codings is None:
-        codings = code_codings(resource)
+def to_lab(resource: dict[str, Any], origin: str) -> Lab | None:
+    codings = code_codings(resource)
     if not codings:
         return None
     effective = resource.get("effectiveDateTime")

@@ -163,25 +163,53 @@ def _condition_lookup(knowledge: Knowledge, codings: tuple[Coding, ...]) -> froz
     return knowledge.condition_groups(codings)
 
 
-@dataclass(frozen=True)
+# Distinct (system, code) pairs remembered per KnowledgeRelevance: far above a hospital's
+# working vocabulary; hostile input that exceeds it only starts the memo over.
+_CODE_MEMO_SIZE = 50_000
+
+
 class KnowledgeRelevance:
     """The context layer's ``Relevance``: a fact matters when it would be in the picture.
 
-    Same look-ups as ``build_picture`` (so the same answers, from the same cache): a condition
-    in a condition group, a drug in a drug group or magnesium, a lab of a known kind.
+    Same look-ups as ``build_picture`` (so the same answers): a condition in a condition
+    group, a drug in a drug group or magnesium, a lab of a known kind. Conditions and labs
+    are matched one code at a time (a union over codes in the knowledge base), so each
+    (system, code) pair is looked up once per process and remembered: most of a chart is
+    codes no rule reads, seen again and again. One per pipeline (its memo lives with it).
     """
 
-    knowledge: Knowledge
+    def __init__(self, knowledge: Knowledge) -> None:
+        self.knowledge = knowledge
+        self._condition_codes: dict[tuple[str, str], bool] = {}
+        self._lab_codes: dict[tuple[str, str], bool] = {}
 
-    def condition(self, codings: tuple[Coding, ...]) -> bool:
-        return bool(_condition_lookup(self.knowledge, codings))
+    def condition_code(self, system: str, code: str) -> bool:
+        key = (system, code)
+        found = self._condition_codes.get(key)
+        if found is None:
+            found = bool(self.knowledge.condition_groups((Coding(system, code),)))
+            _remember(self._condition_codes, key, found)
+        return found
+
+    def lab_code(self, system: str, code: str) -> bool:
+        key = (system, code)
+        found = self._lab_codes.get(key)
+        if found is None:
+            found = self.knowledge.lab_kind((Coding(system, code),)) is not None
+            _remember(self._lab_codes, key, found)
+        return found
 
     def medication(self, codings: tuple[Coding, ...], text: str) -> bool:
+        # Not per code: the drug's text (and the codings' displays) count only when no code
+        # matched, so the answer belongs to the whole set.
         groups, _, magnesium = _drug_lookup(self.knowledge, codings, text)
         return bool(groups) or magnesium is not None
 
-    def lab(self, codings: tuple[Coding, ...]) -> bool:
-        return self.knowledge.lab_kind(codings) is not None
+
+def _remember(memo: dict[tuple[str, str], bool], key: tuple[str, str], value: bool) -> None:
+    if len(memo) >= _CODE_MEMO_SIZE:
+        memo.clear()
+    memo[key] = value
 
 
 def _medication_fact(
