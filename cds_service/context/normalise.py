@@ -147,36 +147,12 @@ def any_code_matches(concept: Any, matches: Callable[[str, str], bool]) -> bool 
     """Does any usable code of a concept satisfy ``matches(system, code)``? None when the
     concept has no usable code at all. The codes are exactly those ``codings_of`` reads
     (stripped, the same ones skipped), without building a Coding for any of them."""
-    if concept is None:
-        return None
     usable = False
-    for item in concept if isinstance(concept, list) else (concept,):
-        if isinstance(item, dict):
-            codings = item.get("coding")
-            if codings is None:
-                continue
-            for coding in codings if isinstance(codings, list) else (codings,):
-                if not isinstance(coding, dict):
-                    continue
-                code = coding.get("code")
-                if isinstance(code, str):
-                    code = code.strip()
-                elif isinstance(code, int):
-                    code = str(code).strip()
-                else:
-                    continue
-                if not code:
-                    continue
-                usable = True
-                system = coding.get("system")
-                if matches(system.strip() if isinstance(system, str) else "", code):
-                    return True
-        elif isinstance(item, str):
-            code = item.strip()
-            if code:
-                usable = True
-                if matches("", code):
-                    return True
+    for coding, code in _codes(concept):
+        usable = True
+        system = coding.get("system") if coding is not None else ""
+        if matches(system.strip() if isinstance(system, str) else "", code):
+            return True
     return False if usable else None
 
 
