@@ -6,6 +6,7 @@ It never carries request bodies, query strings, headers, tokens or patient data.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -42,9 +43,12 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = getattr(record, name)
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
-        # orjson: a line per request is on every call's path. ``default=str`` keeps an odd
-        # value from costing the line.
-        return orjson.dumps(entry, default=str).decode()
+        # orjson: a line per request is on every call's path. What it cannot write (a lone
+        # surrogate in a third party's message) is written by the stdlib, as before.
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:
+            return json.dumps(entry, separators=(",", ":"), default=str)
 
 
 def configure_logging(level: str) -> None:

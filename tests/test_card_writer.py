@@ -297,3 +297,20 @@ def test_a_flush_does_not_wait_out_the_window() -> None:
     assert writer.flush(5)
     assert time.monotonic() - started < 2  # the feedback endpoint flushes before it looks
     assert written == [["hook-0"]]
+
+
+def test_the_writer_survives_the_exit_drain_taking_its_queue_mid_window() -> None:
+    written: list[list[str]] = []
+    writer = CardWriter(
+        lambda batches: written.append([b.hook_instance for b in batches]), window_s=0.3
+    )
+    writer.submit(SELECT, "hook-0", [CardRecord(new_uuid(), "rule-a", "info")])
+    time.sleep(0.05)  # the thread is waiting out the window
+    writer.drain_here()  # what the exit hook does after a failed flush
+    time.sleep(0.4)  # the window ends with nothing left to take
+    assert written == [["hook-0"]]
+    thread = writer._thread
+    assert thread is not None and thread.is_alive()
+    writer.submit(SELECT, "hook-1", [CardRecord(new_uuid(), "rule-a", "info")])
+    assert writer.flush(5) and written[-1] == ["hook-1"]
+    assert writer._thread is thread  # the same thread, not a restarted one

@@ -217,3 +217,6 @@ def test_code_relevance_is_remembered_within_a_bound(monkeypatch: pytest.MonkeyP
     assert relevance.condition_code(icd10, "G70.00") is True  # myasthenia gravis
     assert relevance.lab_code("http://loinc.org", "19123-9") is True  # serum magnesium
     assert relevance.lab_code("http://loinc.org", "718-7") is False  # haemoglobin
+    long_code = "G70.00" + " " * 300 + "x"  # real codes are short: not remembered
+    relevance.condition_code(icd10, long_code)
+    assert (icd10, long_code) not in relevance._condition_codes

@@ -108,3 +108,11 @@ def test_a_refused_request_logs_the_reason_and_no_token(
     assert [e["status"] for e in entries if e.get("event") == "request"] == [401]
     for part in token.split("."):
         assert part not in captured.getvalue()
+
+
+def test_a_message_orjson_cannot_write_is_still_logged() -> None:
+    # A lone surrogate (possible in a third party's message) is written by the stdlib.
+    message = "odd \ud800 text"
+    record = logging.LogRecord("other.lib", logging.WARNING, __file__, 1, message, (), None)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == message and line["level"] == "WARNING"

@@ -185,6 +185,17 @@ def test_a_valid_draft_sent_back_is_not_reported(cds_url: str) -> None:
     assert not any("not valid FHIR" in issue["problem"] for issue in data_issues(body))
 
 
+def test_the_strict_check_looks_at_the_update_as_sent(cds_url: str) -> None:
+    # An empty string is not valid FHIR, but the answer never carries one (it is pruned): the
+    # update sent back is valid, so nothing is reported.
+    body = load_request("ciprofloxacin.order-select.json")
+    body["context"]["draftOrders"]["entry"][0]["resource"]["priority"] = ""
+    answer = assert_conformant(call(cds_url, "magnesium-order-select", body))
+    action = only_suggestion(only_card(answer))["actions"][0]
+    assert action["type"] == "update" and "priority" not in action["resource"]
+    assert not any("not valid FHIR" in issue["problem"] for issue in data_issues(answer))
+
+
 def test_an_invalid_draft_only_removed_is_read_leniently_without_a_strict_report(
     cds_url: str,
 ) -> None:

@@ -56,16 +56,16 @@ def build_cards(
 def update_conformance_issues(cards: list[Card], fhir_version: str) -> list[DataIssue]:
     """The strict FHIR model check (fhir.resources) of each draft order an update suggestion
     hands back to the EHR: the one place our answer carries the client's own data, which the
-    EHR will apply as it is. A draft that was not valid stays invalid once updated, and the
-    client is told so; the suggestion is still offered (EHRs accept their own shapes)."""
+    EHR will apply as it is. An update that is not valid (the draft's own shape, mostly) is
+    reported to the client; the suggestion is still offered (EHRs accept their own shapes)."""
     issues: list[DataIssue] = []
     checked: set[str] = set()
     for card in cards:
         for suggestion in card.suggestions:
             for action in suggestion.actions:
-                if action.type != "update" or action.resource is None:
+                if action.type != "update":
                     continue
-                resource = action.resource
+                resource = action.to_json()["resource"]  # exactly what the EHR receives
                 reference = f"{resource.get('resourceType')}/{resource.get('id')}"
                 if reference in checked:
                     continue
@@ -75,8 +75,8 @@ def update_conformance_issues(cards: list[Card], fhir_version: str) -> list[Data
                     issues.append(
                         DataIssue(
                             f"suggestion to update {reference}",
-                            f"is not valid FHIR {fhir_version} ({'; '.join(problems)}), as the "
-                            "draft order it updates is not; the EHR may refuse it",
+                            f"is not valid FHIR {fhir_version} ({'; '.join(problems)}); the EHR "
+                            "may refuse it",
                         )
                     )
     return issues

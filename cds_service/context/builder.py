@@ -120,6 +120,9 @@ _ABSENT = object()
 # Distinct Medication resources read one by one for unresolved medicationReferences; a chart
 # (or a hostile prefetch) referencing thousands must not turn into thousands of requests.
 MAX_MEDICATION_READS = 50
+# A draft order an update suggestion would copy and send back: FHIR resources nest a dozen
+# levels or so; far deeper is hostile, and copying it recursively would exhaust the stack.
+MAX_ECHOED_DRAFT_DEPTH = 64
 # A server that answers these to a MedicationRequest search does not know the type: DSTU2.
 _UNKNOWN_TYPE_STATUSES = frozenset({400, 404})
 
@@ -421,7 +424,17 @@ def build_patient_context(
         repaired, notes = fhir.repair_draft(resource)
         issues.extend(DataIssue(where, note) for note in notes)
         if isinstance(repaired.get("id"), str):
-            draft_json[f"{repaired['resourceType']}/{repaired['id']}"] = repaired
+            if fhir.nested_deeper_than(repaired, MAX_ECHOED_DRAFT_DEPTH):
+                # Still read (its drug may need a warning), never copied into a suggestion.
+                issues.append(
+                    DataIssue(
+                        where,
+                        f"nests more than {MAX_ECHOED_DRAFT_DEPTH} levels deep (no FHIR "
+                        "resource does); read, but no suggestion sends it back",
+                    )
+                )
+            else:
+                draft_json[f"{repaired['resourceType']}/{repaired['id']}"] = repaired
         # No strict (fhir.resources) check here: it cost a third of a typical call, and the
         # lenient reading reports what it cannot use. The cards check the drafts they send
         # back (``cards.builder.update_conformance_issues``), where conformance matters.

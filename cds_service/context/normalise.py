@@ -3,8 +3,9 @@
 Real clients send slightly off-spec JSON (the public sandbox's Bundle without ``type``, single
 objects where arrays belong, DSTU2 ``MedicationOrder``, plain-string statuses). Extraction
 therefore reads the raw JSON defensively and never raises: what cannot be used becomes a
-``DataIssue`` the response reports. Draft orders, the resources a suggestion may modify, are
-additionally checked against the fhir.resources model of their FHIR version.
+``DataIssue`` the response reports. A draft order that an update suggestion sends back is
+also checked against the fhir.resources model of its FHIR version (``model_problems``, called
+by the card builder).
 """
 
 from __future__ import annotations
@@ -541,6 +542,22 @@ _LIST_FIELDS_R4 = {
         "contained",
     ),
 }
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Do dicts and lists nest more than ``limit`` levels in ``value``? Iterative, so safe at
+    any depth (the JSON parser accepts up to 1,024 levels; copying such a value recursively
+    would exhaust Python's stack)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def repair_draft(resource: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

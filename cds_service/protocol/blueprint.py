@@ -76,9 +76,17 @@ def call_service(service_id: str) -> ResponseReturnValue:
         "record": (finished - recorded) * 1000,
         "total": (finished - received) * 1000,
     }
-    # orjson: a tenth of jsonify's cost for a card response, and it can only write strict
-    # JSON (a non-finite float would become null, never NaN or Infinity).
-    return Response(orjson.dumps(result.response), mimetype="application/json")
+    return json_response(result.response)
+
+
+def json_response(body: dict[str, Any]) -> Response:
+    """orjson: a tenth of jsonify's cost for a card response. What it cannot write (a lone
+    surrogate or an integer beyond 64 bits copied from a draft order, which the stdlib parser
+    accepts) is written by jsonify, as before."""
+    try:
+        return Response(orjson.dumps(body), mimetype="application/json")
+    except TypeError:  # orjson.JSONEncodeError
+        return jsonify(body)
 
 
 def _missing_problem(missing: dict[str, Any]) -> dict[str, Any]:

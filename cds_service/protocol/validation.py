@@ -134,8 +134,10 @@ def parse_json_bytes(raw: bytes) -> Any:
     orjson reads the body (twice as fast as the stdlib on a 2 MB chart). It is at least as
     strict: it refuses NaN, Infinity, numbers beyond a double, invalid UTF-8 and lone
     surrogates. Whatever it refuses is read again by the stdlib, which words the error (or
-    accepts what orjson alone cannot hold, such as an integer of 400 digits). One difference
-    remains: an integer beyond 64 bits that orjson accepts arrives as a float.
+    accepts what orjson alone cannot hold, such as an integer of 400 digits). Two differences
+    remain: an integer beyond 64 bits that orjson accepts arrives as a float, and orjson reads
+    nesting up to 1,024 levels where the stdlib stopped near 950 (the only request data walked
+    recursively, draft orders sent back in suggestions, is bounded far below either).
     """
     try:
         return orjson.loads(raw)

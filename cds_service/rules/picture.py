@@ -166,6 +166,7 @@ def _condition_lookup(knowledge: Knowledge, codings: tuple[Coding, ...]) -> froz
 # Distinct (system, code) pairs remembered per KnowledgeRelevance: far above a hospital's
 # working vocabulary; hostile input that exceeds it only starts the memo over.
 _CODE_MEMO_SIZE = 50_000
+_MAX_REMEMBERED_CHARS = 200
 
 
 class KnowledgeRelevance:
@@ -174,8 +175,8 @@ class KnowledgeRelevance:
     Same look-ups as ``build_picture`` (so the same answers): a condition in a condition
     group, a drug in a drug group or magnesium, a lab of a known kind. Conditions and labs
     are matched one code at a time (a union over codes in the knowledge base), so each
-    (system, code) pair is looked up once per process and remembered: most of a chart is
-    codes no rule reads, seen again and again. One per pipeline (its memo lives with it).
+    (system, code) pair is looked up once and remembered (bounded) by the pipeline that owns
+    this object: most of a chart is codes no rule reads, seen again and again.
     """
 
     def __init__(self, knowledge: Knowledge) -> None:
@@ -207,6 +208,8 @@ class KnowledgeRelevance:
 
 
 def _remember(memo: dict[tuple[str, str], bool], key: tuple[str, str], value: bool) -> None:
+    if len(key[0]) + len(key[1]) > _MAX_REMEMBERED_CHARS:
+        return  # real codes and systems are short; long ones must not pin memory
     if len(memo) >= _CODE_MEMO_SIZE:
         memo.clear()
     memo[key] = value

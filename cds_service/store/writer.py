@@ -170,7 +170,8 @@ class CardWriter:
                     self._has_work.wait(remaining)
                 self._hurry = False
                 taken, self._queue, self._queued_cards = self._queue, [], 0
-            self._write(taken)
+            if taken:  # drain_here (exit) may have taken the queue during the window
+                self._write(taken)
 
     def _write(self, taken: list[tuple[int, CardBatch]]) -> None:
         batches = [batch for _, batch in taken]
