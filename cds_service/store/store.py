@@ -14,10 +14,11 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -316,23 +317,32 @@ def _insert_cards_once(connection: Connection, rows: list[dict[str, Any]]) -> in
     return added
 
 
+@cache
+def _remember_token_upsert(dialect: str) -> Any:
+    """The replay check's one statement, built once per dialect: it runs on every
+    authenticated call, and building it each time cost more than executing it."""
+    insert_fn = sqlite_insert if dialect == "sqlite" else postgresql_insert
+    statement = insert_fn(SeenToken).values(
+        token_key=bindparam("token_key"), expires_at=bindparam("expires_at")
+    )
+    return statement.on_conflict_do_update(
+        index_elements=["token_key"],
+        set_={"expires_at": statement.excluded.expires_at},
+        # A row expiring exactly now still guards a token the verifier would accept (exp is
+        # inclusive), so only strictly earlier ones may be taken over.
+        where=SeenToken.expires_at < bindparam("now"),
+    ).returning(SeenToken.token_key)  # a row back: inserted, or an expired one taken over
+
+
 def _remember_token(
     connection: Connection, token_key: str, expires_at: datetime, now: datetime
 ) -> bool:
     row = {"token_key": token_key, "expires_at": expires_at}
-    # A row expiring exactly now still guards a token the verifier would accept (exp is
-    # inclusive), so only strictly earlier ones may be taken over.
-    expired = SeenToken.expires_at < now
     dialect = connection.dialect.name
     if dialect in _UPSERT_DIALECTS:
-        insert_fn = sqlite_insert if dialect == "sqlite" else postgresql_insert
-        statement = insert_fn(SeenToken).values(row)
-        statement = statement.on_conflict_do_update(
-            index_elements=["token_key"],
-            set_={"expires_at": statement.excluded.expires_at},
-            where=expired,
-        ).returning(SeenToken.token_key)  # a row back: inserted, or an expired one taken over
-        return connection.execute(statement).first() is not None
+        statement = _remember_token_upsert(dialect)
+        return connection.execute(statement, {**row, "now": now}).first() is not None
+    expired = SeenToken.expires_at < now
     # Other backends: the primary key refuses the second insert; the savepoint keeps the
     # transaction usable for taking over an expired row.
     try:
