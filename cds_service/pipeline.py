@@ -76,8 +76,9 @@ class HookPipeline:
             context.draft_resources,
             fhir_version=context.fhir_version,
         )
-        response: dict[str, Any] = {"cards": [card.to_json() for card in cards]}
-        issues = [*context.issues, *update_conformance_issues(cards, context.fhir_version)]
+        cards_json = [card.to_json() for card in cards]
+        response: dict[str, Any] = {"cards": cards_json}
+        issues = [*context.issues, *update_conformance_issues(cards_json, context.fhir_version)]
         if issues:
             response["extension"] = {
                 EXTENSION_KEY: {

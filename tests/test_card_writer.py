@@ -314,3 +314,11 @@ def test_the_writer_survives_the_exit_drain_taking_its_queue_mid_window() -> Non
     writer.submit(SELECT, "hook-1", [CardRecord(new_uuid(), "rule-a", "info")])
     assert writer.flush(5) and written[-1] == ["hook-1"]
     assert writer._thread is thread  # the same thread, not a restarted one
+
+
+def test_the_group_commit_window_fits_well_inside_the_feedback_grace_period() -> None:
+    # Feedback sent to another worker waits UNKNOWN_CARD_GRACE_S for the issuing worker's
+    # write, which can start a whole window after the answer (plus a commit).
+    from cds_service.store.writer import GROUP_COMMIT_WINDOW_S
+
+    assert GROUP_COMMIT_WINDOW_S * 4 <= UNKNOWN_CARD_GRACE_S

@@ -53,19 +53,22 @@ def build_cards(
     ]
 
 
-def update_conformance_issues(cards: list[Card], fhir_version: str) -> list[DataIssue]:
+def update_conformance_issues(
+    cards_json: list[dict[str, Any]], fhir_version: str
+) -> list[DataIssue]:
     """The strict FHIR model check (fhir.resources) of each draft order an update suggestion
-    hands back to the EHR: the one place our answer carries the client's own data, which the
-    EHR will apply as it is. An update that is not valid (the draft's own shape, mostly) is
-    reported to the client; the suggestion is still offered (EHRs accept their own shapes)."""
+    hands back to the EHR, as sent (``cards_json``: the answer's cards): the one place our
+    answer carries the client's own data, which the EHR will apply as it is. An update that is
+    not valid (the draft's own shape, mostly) is reported to the client; the suggestion is
+    still offered (EHRs accept their own shapes)."""
     issues: list[DataIssue] = []
     checked: set[str] = set()
-    for card in cards:
-        for suggestion in card.suggestions:
-            for action in suggestion.actions:
-                if action.type != "update":
+    for card in cards_json:
+        for suggestion in card.get("suggestions", ()):
+            for action in suggestion["actions"]:
+                if action["type"] != "update":
                     continue
-                resource = action.to_json()["resource"]  # exactly what the EHR receives
+                resource = action["resource"]
                 reference = f"{resource.get('resourceType')}/{resource.get('id')}"
                 if reference in checked:
                     continue

@@ -103,44 +103,21 @@ def _codes(concept: Any) -> Iterator[tuple[dict[str, Any] | None, str]]:
 
 
 def codings_of(concept: Any) -> tuple[Coding, ...]:
-    """Codings of a CodeableConcept (or a list of them, or a bare code string).
-
-    The hottest loop of reading a chart (every coded resource passes through it, most of them
-    to be found irrelevant): what ``_codes`` yields, inlined, with the shared-Coding look-up.
-    """
-    if concept is None:
-        return ()
+    """Codings of a CodeableConcept (or a list of them, or a bare code string)."""
     out: list[Coding] = []
-    for item in concept if isinstance(concept, list) else (concept,):
-        if isinstance(item, dict):
-            codings = item.get("coding")
-            if codings is None:
-                continue
-            for coding in codings if isinstance(codings, list) else (codings,):
-                if not isinstance(coding, dict):
-                    continue
-                code = coding.get("code")
-                if isinstance(code, str):
-                    code = code.strip()
-                elif isinstance(code, int):
-                    code = str(code).strip()
-                else:
-                    continue
-                if not code:
-                    continue
-                system = coding.get("system")
-                display = coding.get("display")
-                key = (
-                    system.strip() if isinstance(system, str) else "",
-                    code,
-                    display.strip() if isinstance(display, str) else "",
-                )
-                found = _CODINGS.get(key)
-                out.append(found if found is not None else _coding(*key))
-        elif isinstance(item, str):
-            code = item.strip()
-            if code:
-                out.append(_coding("", code, ""))
+    for coding, code in _codes(concept):
+        if coding is None:
+            out.append(_coding("", code, ""))
+            continue
+        system = coding.get("system")
+        display = coding.get("display")
+        out.append(
+            _coding(
+                system.strip() if isinstance(system, str) else "",
+                code,
+                display.strip() if isinstance(display, str) else "",
+            )
+        )
     return tuple(out)
 
 
