@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bench.workloads import large, typical
 from cds_service.context.builder import (
@@ -70,7 +72,11 @@ def _assert_same_answer(body: dict[str, Any]) -> PatientContext | None:
         fact for fact in full.medications if fact.groups or fact.is_magnesium
     )
     assert lean.drafts == full.drafts
-    assert lean.labs == full.labs
+    # Of the labs, only the newest usable result of each kind is kept: the one rules read.
+    for kind in {fact.kind for fact in full.labs}:
+        assert lean.latest_lab(kind) == full.latest_lab(kind)
+    assert set(lean.labs) <= set(full.labs)
+    assert len({fact.kind for fact in lean.labs}) == len(lean.labs)
     hook = body["hook"]
     assert engine.evaluate(filtered, knowledge, hook, TODAY) == engine.evaluate(
         everything, knowledge, hook, TODAY
@@ -215,8 +221,88 @@ def test_code_relevance_is_remembered_within_a_bound(monkeypatch: pytest.MonkeyP
         assert relevance.condition_code(icd10, code) is expected
         assert len(relevance._condition_codes) <= 3  # hostile variety cannot grow it
     assert relevance.condition_code(icd10, "G70.00") is True  # myasthenia gravis
-    assert relevance.lab_code("http://loinc.org", "19123-9") is True  # serum magnesium
-    assert relevance.lab_code("http://loinc.org", "718-7") is False  # haemoglobin
+    assert relevance.lab_kind("http://loinc.org", "19123-9") == "serum-magnesium"
+    assert relevance.lab_kind("http://loinc.org", "718-7") is None  # haemoglobin
+    assert relevance.lab_kind("http://loinc.org", "718-7") is None  # remembered: still None
+    assert ("http://loinc.org", "718-7") in relevance._lab_kinds
     long_code = "G70.00" + " " * 300 + "x"  # real codes are short: not remembered
     relevance.condition_code(icd10, long_code)
     assert (icd10, long_code) not in relevance._condition_codes
+
+
+# Observations as charts hold them: several results of a kind on one day, withdrawn or
+# valueless results, partial and missing dates, a second coding of another kind.
+_LOINC = "http://loinc.org"
+_lab_codes = st.sampled_from(
+    [
+        [("19123-9", _LOINC)],
+        [("2601-3", _LOINC)],
+        [("98979-8", _LOINC)],
+        [("2160-0", _LOINC)],
+        [("718-7", _LOINC)],  # haemoglobin: no rule reads it
+        [("718-7", _LOINC), ("19123-9", _LOINC)],  # the second code decides
+        [("98979-8", _LOINC), ("19123-9", _LOINC)],  # the first known kind wins
+        [("19123-9", "http://example.org/local")],  # a magnesium code of another system
+        [],  # text only: read in full and reported
+    ]
+)
+_when = st.sampled_from(
+    [
+        None,
+        "2026-11-10",
+        "2026-11",
+        "2026-11-10T08:15:00-05:00",
+        "2026-11-10T13:15:00Z",  # the same instant as the line above
+        "2026-11-20T09:00:00+01:00",
+        "1969-07-20",  # before the epoch: older than an undated result
+        "not a date",
+    ]
+)
+
+
+@st.composite
+def _observation(draw: st.DrawFn) -> dict[str, Any]:
+    codes = draw(_lab_codes)
+    resource: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": f"obs-{draw(st.integers(0, 10**6))}",
+        "subject": {"reference": "Patient/PLACEHOLDER"},
+        "code": {
+            "coding": [{"system": system, "code": code} for code, system in codes],
+            "text": "a lab result",
+        },
+    }
+    status = draw(st.sampled_from([None, "final", "amended", "entered-in-error", "cancelled"]))
+    if status is not None:
+        resource["status"] = status
+    value = draw(st.sampled_from([None, 0.6, 1.9, 2.4, 4.8, 75, 22, "n/a"]))
+    if value is not None:
+        resource["valueQuantity"] = {"value": value, "unit": "mg/dL"}
+    where = draw(st.sampled_from(["effectiveDateTime", "effectivePeriod", "issued"]))
+    when = draw(_when)
+    if when is not None:
+        resource[where] = {"start": when} if where == "effectivePeriod" else when
+    return resource
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_observation(), max_size=12))
+def test_only_the_newest_usable_lab_of_each_kind_is_kept(observations: list[Any]) -> None:
+    """The rules read the newest usable result of each kind; keeping only that one (and
+    normalising no other) must not change which one they read, nor any answer."""
+    body = copy.deepcopy(typical().request)
+    patient_id = body["context"]["patientId"]
+    for index, resource in enumerate(observations):
+        resource["subject"] = {"reference": f"Patient/{patient_id}"}
+        resource["id"] = f"{resource['id']}-{index}"
+    body["prefetch"]["observations"] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": resource} for resource in observations],
+    }
+    filtered = _assert_same_answer(body)
+    assert filtered is not None
+    kinds = [
+        default_knowledge().lab_kind(lab.codings) for lab in filtered.labs if lab.codings
+    ]
+    assert len(kinds) == len(set(kinds))  # at most one result per kind

@@ -254,17 +254,17 @@ _concepts = st.one_of(_text_or_junk, _concept, st.lists(st.one_of(_concept, _tex
 
 
 @given(_concepts, st.sampled_from(["19123-9", "E11.9", "  ", "5"]))
-def test_any_code_matches_answers_what_codings_of_would(concept: object, wanted: str) -> None:
+def test_first_code_match_answers_what_codings_of_would(concept: object, wanted: str) -> None:
     # The relevance check reads raw codes without building Codings; it must see exactly the
-    # codes codings_of reads, and say None when there is none.
+    # codes codings_of reads, and say when there is none.
     codings = fhir.codings_of(concept)
     seen: list[tuple[str, str]] = []
 
-    def matches(system: str, code: str) -> bool:
+    def kind_of(system: str, code: str) -> str | None:
         seen.append((system, code))
-        return code == wanted
+        return f"kind of {code}" if code == wanted else None
 
-    expected = None if not codings else any(c.code == wanted for c in codings)
-    assert fhir.any_code_matches(concept, matches) is expected
+    found = next((f"kind of {c.code}" for c in codings if c.code == wanted), None)
+    assert fhir.first_code_match(concept, kind_of) == (bool(codings), found)
     # Stops at the first match, and asks in codings_of's order.
     assert seen == [(c.system, c.code) for c in codings][: len(seen)]

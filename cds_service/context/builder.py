@@ -27,6 +27,7 @@ from cds_service.context.model import (
     Medication,
     PatientContext,
     PatientInfo,
+    lab_recency,
 )
 from cds_service.context.prefetch import PrefetchKey, UnresolvedToken, render_template
 from cds_service.settings import Settings
@@ -86,7 +87,13 @@ class Relevance(Protocol):
 
     def condition_code(self, system: str, code: str) -> bool: ...
 
-    def lab_code(self, system: str, code: str) -> bool: ...
+    def lab_kind(self, system: str, code: str) -> str | None:
+        """The kind of result a lab code is, None when no rule reads it.
+
+        The rules read only the newest usable result of each kind (``latest_lab``), so the
+        context keeps just that one per kind (``_newest_usable_labs``).
+        """
+        ...
 
     def medication(self, codings: tuple[Coding, ...], text: str) -> bool: ...
 
@@ -382,6 +389,8 @@ def build_patient_context(
     conditions: list[Condition] = []
     medications: list[Medication] = []
     labs: list[Lab] = []
+    # Per lab kind, the newest usable result so far.
+    newest: dict[str, _LabCandidate] = {}
     # ``relevant`` skips a resource with usable codes (or drug text) that no rule can use. A
     # resource without them is read in full, so that it is reported exactly as without the
     # filter.
@@ -391,10 +400,12 @@ def build_patient_context(
             patient = fhir.to_patient(resource, origin, patient_id)
         elif resource_type == "Condition":
             # Decided from the raw codes, before any Coding is built: most are skipped.
-            if relevant is not None and (
-                fhir.any_code_matches(resource.get("code"), relevant.condition_code) is False
-            ):
-                continue
+            if relevant is not None:
+                coded, matters = fhir.first_code_match(
+                    resource.get("code"), relevant.condition_code
+                )
+                if coded and not matters:
+                    continue
             _append(conditions, fhir.to_condition(resource, origin), issues, where, "has no code")
         elif resource_type in fhir.MEDICATION_TYPES:
             codes = fhir.medication_codes(resource, referenced)
@@ -408,11 +419,16 @@ def build_patient_context(
             medication = fhir.to_medication(resource, origin, is_draft=False, codes=codes)
             _append(medications, medication, issues, where, "names no medication")
         elif resource_type == "Observation":
-            if relevant is not None and (
-                fhir.any_code_matches(resource.get("code"), relevant.lab_code) is False
-            ):
-                continue
+            if relevant is not None:
+                coded, kind = fhir.first_code_match(resource.get("code"), relevant.lab_kind)
+                if coded:
+                    if kind is not None:
+                        _keep_if_newest(newest, kind, origin, resource, where)
+                    continue
             _append(labs, fhir.to_lab(resource, origin), issues, where, "has no code")
+    # A chronic patient has hundreds of results of a kind: only the newest is normalised.
+    for _, origin, resource, where in newest.values():
+        _append(labs, fhir.to_lab(resource, origin), issues, where, "has no code")
 
     drafts: list[Medication] = []
     draft_json: dict[str, dict[str, Any]] = {}
@@ -455,6 +471,29 @@ def build_patient_context(
         selections=_selections(request),
         draft_resources=draft_json,
     )
+
+
+_LabCandidate = tuple[float, str, dict[str, Any], str]  # (recency, origin, resource, where)
+
+
+def _keep_if_newest(
+    newest: dict[str, _LabCandidate],
+    kind: str,
+    origin: str,
+    resource: dict[str, Any],
+    where: str,
+) -> None:
+    """Keep ``resource`` as its kind's result if it is usable and newer than the one kept.
+
+    Exactly the result ``ClinicalPicture.latest_lab`` would pick from all of them: the newest
+    by the same key, the first one read among equally new results.
+    """
+    if not fhir.lab_is_usable(resource):
+        return
+    recency = lab_recency(fhir.lab_effective(resource))
+    kept = newest.get(kind)
+    if kept is None or recency > kept[0]:
+        newest[kind] = (recency, origin, resource, where)
 
 
 def _prefetched_resources(

@@ -129,6 +129,15 @@ class ReferenceRange:
     text: str = ""
 
 
+# Results withdrawn by the laboratory: never read as the patient's value.
+WITHDRAWN_LAB_STATUSES = frozenset({"entered-in-error", "cancelled"})
+
+
+def lab_recency(effective: datetime | None) -> float:
+    """Sort key for "newest first": a result without a date counts as dated at the epoch."""
+    return effective.timestamp() if effective is not None else 0.0
+
+
 @dataclass(frozen=True)
 class Lab:
     codings: tuple[Coding, ...]

@@ -14,11 +14,12 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from cds_service.context.model import (
+    WITHDRAWN_LAB_STATUSES,
     Coding,
     Condition,
     DataIssue,
@@ -44,6 +45,7 @@ _PERIOD_PER_DAY = {
     "mo": 1 / 30,
     "a": 1 / 365,
 }
+_Found = TypeVar("_Found")
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 
@@ -121,17 +123,20 @@ def codings_of(concept: Any) -> tuple[Coding, ...]:
     return tuple(out)
 
 
-def any_code_matches(concept: Any, matches: Callable[[str, str], bool]) -> bool | None:
-    """Does any usable code of a concept satisfy ``matches(system, code)``? None when the
-    concept has no usable code at all. The codes are exactly those ``codings_of`` reads
+def first_code_match(
+    concept: Any, lookup: Callable[[str, str], _Found]
+) -> tuple[bool, _Found | None]:
+    """``(has a usable code, lookup's first truthy answer)`` over a concept's codes, asking
+    ``lookup(system, code)`` in order. The codes are exactly those ``codings_of`` reads
     (stripped, the same ones skipped), without building a Coding for any of them."""
     usable = False
     for coding, code in _codes(concept):
         usable = True
         system = coding.get("system") if coding is not None else ""
-        if matches(system.strip() if isinstance(system, str) else "", code):
-            return True
-    return False if usable else None
+        found = lookup(system.strip() if isinstance(system, str) else "", code)
+        if found:
+            return True, found
+    return usable, None
 
 
 def concept_text(concept: Any) -> str:
@@ -467,13 +472,25 @@ def to_lab_order(resource: dict[str, Any], origin: str) -> LabOrder | None:
     )
 
 
+def lab_effective(resource: dict[str, Any]) -> datetime | None:
+    """When an Observation was taken (effective[x]), else when it was issued."""
+    effective = resource.get("effectiveDateTime")
+    if effective is None and isinstance(resource.get("effectivePeriod"), dict):
+        effective = resource["effectivePeriod"].get("start")
+    return parse_datetime(effective or resource.get("issued"))
+
+
+def lab_is_usable(resource: dict[str, Any]) -> bool:
+    """Does an Observation give a value the rules can read (a number, not withdrawn)?"""
+    if status_code(resource.get("status")) in WITHDRAWN_LAB_STATUSES:
+        return False
+    return quantity_of(resource.get("valueQuantity")) is not None
+
+
 def to_lab(resource: dict[str, Any], origin: str) -> Lab | None:
     codings = code_codings(resource)
     if not codings:
         return None
-    effective = resource.get("effectiveDateTime")
-    if effective is None and isinstance(resource.get("effectivePeriod"), dict):
-        effective = resource["effectivePeriod"].get("start")
     ranges = []
     for item in as_list(resource.get("referenceRange")):
         if isinstance(item, dict):
@@ -491,7 +508,7 @@ def to_lab(resource: dict[str, Any], origin: str) -> Lab | None:
         codings=codings,
         text=concept_text(resource.get("code")),
         value=quantity_of(resource.get("valueQuantity")),
-        effective=parse_datetime(effective or resource.get("issued")),
+        effective=lab_effective(resource),
         status=status_code(resource.get("status")),
         reference_ranges=tuple(ranges),
         interpretation=tuple(interpretation),

@@ -11,8 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date
 from functools import lru_cache
+from typing import TypeVar
 
-from cds_service.context.model import Coding, Condition, Lab, Medication, PatientContext
+from cds_service.context.model import (
+    WITHDRAWN_LAB_STATUSES,
+    Coding,
+    Condition,
+    Lab,
+    Medication,
+    PatientContext,
+    lab_recency,
+)
 from cds_service.knowledge import Knowledge, MagnesiumMatch
 
 # Clinical statuses that mean "not a current problem"; verification statuses that mean
@@ -101,6 +110,8 @@ class ClinicalPicture:
         )
 
     def latest_lab(self, kind: str) -> LabFact | None:
+        """The newest usable result of a kind: the only lab fact any rule reads, so the
+        context layer keeps no other (``KnowledgeRelevance.lab_kind``)."""
         return next((fact for fact in self.labs if fact.kind == kind and fact.lab.value), None)
 
     @property
@@ -167,14 +178,16 @@ def _condition_lookup(knowledge: Knowledge, codings: tuple[Coding, ...]) -> froz
 # working vocabulary; hostile input that exceeds it only starts the memo over.
 _CODE_MEMO_SIZE = 50_000
 _MAX_REMEMBERED_CHARS = 200
+_T = TypeVar("_T")
 
 
 class KnowledgeRelevance:
     """The context layer's ``Relevance``: a fact matters when it would be in the picture.
 
     Same look-ups as ``build_picture`` (so the same answers): a condition in a condition
-    group, a drug in a drug group or magnesium, a lab of a known kind. Conditions and labs
-    are matched one code at a time (a union over codes in the knowledge base), so each
+    group, a drug in a drug group or magnesium, a lab of a known kind (the first code of a
+    known kind decides, as in ``Knowledge.lab_kind``). Conditions and labs are matched one
+    code at a time (a union over codes in the knowledge base), so each
     (system, code) pair is looked up once and remembered (bounded) by the pipeline that owns
     this object: most of a chart is codes no rule reads, seen again and again.
     """
@@ -182,7 +195,7 @@ class KnowledgeRelevance:
     def __init__(self, knowledge: Knowledge) -> None:
         self.knowledge = knowledge
         self._condition_codes: dict[tuple[str, str], bool] = {}
-        self._lab_codes: dict[tuple[str, str], bool] = {}
+        self._lab_kinds: dict[tuple[str, str], str | None] = {}
 
     def condition_code(self, system: str, code: str) -> bool:
         key = (system, code)
@@ -192,12 +205,12 @@ class KnowledgeRelevance:
             _remember(self._condition_codes, key, found)
         return found
 
-    def lab_code(self, system: str, code: str) -> bool:
+    def lab_kind(self, system: str, code: str) -> str | None:
         key = (system, code)
-        found = self._lab_codes.get(key)
-        if found is None:
-            found = self.knowledge.lab_kind((Coding(system, code),)) is not None
-            _remember(self._lab_codes, key, found)
+        if key in self._lab_kinds:
+            return self._lab_kinds[key]
+        found = self.knowledge.lab_kind((Coding(system, code),))
+        _remember(self._lab_kinds, key, found)
         return found
 
     def medication(self, codings: tuple[Coding, ...], text: str) -> bool:
@@ -207,7 +220,7 @@ class KnowledgeRelevance:
         return bool(groups) or magnesium is not None
 
 
-def _remember(memo: dict[tuple[str, str], bool], key: tuple[str, str], value: bool) -> None:
+def _remember(memo: dict[tuple[str, str], _T], key: tuple[str, str], value: _T) -> None:
     if len(key[0]) + len(key[1]) > _MAX_REMEMBERED_CHARS:
         return  # real codes and systems are short; long ones must not pin memory
     if len(memo) >= _CODE_MEMO_SIZE:
@@ -242,10 +255,8 @@ def build_picture(context: PatientContext, knowledge: Knowledge, today: date) ->
     labs = [
         LabFact(lab, kind)
         for lab in context.labs
-        if lab.status not in {"entered-in-error", "cancelled"}
+        if lab.status not in WITHDRAWN_LAB_STATUSES
         and (kind := knowledge.lab_kind(lab.codings)) is not None
     ]
-    labs.sort(
-        key=lambda fact: fact.lab.effective.timestamp() if fact.lab.effective else 0.0, reverse=True
-    )
+    labs.sort(key=lambda fact: lab_recency(fact.lab.effective), reverse=True)
     return ClinicalPicture(context, today, conditions, medications, drafts, tuple(labs))
