@@ -349,6 +349,24 @@ def test_prefetch_for_another_patient_is_ignored_and_reported(client: FlaskClien
     assert any("another patient" in i["problem"] and "conditions" in i["where"] for i in issues)
 
 
+def test_a_patient_id_with_a_slash_is_not_matched_by_its_last_segment(
+    client: FlaskClient,
+) -> None:
+    # "Patient/someone/no-relevant" names the patient "no-relevant" (a reference's last
+    # segment), not the patient "someone/no-relevant" in context: not the patient's data.
+    body = load("no-relevant.order-select.json")
+    body["context"]["patientId"] = "someone/no-relevant"
+    condition = myasthenia_condition("Patient/someone/no-relevant")
+    bundle = body["prefetch"].get("conditions") or {"resourceType": "Bundle", "type": "searchset"}
+    bundle.setdefault("entry", []).append({"resource": condition})
+    body["prefetch"]["conditions"] = bundle
+    injected = f"prefetch.conditions.entry[{len(bundle['entry']) - 1}]"
+    response = post(client, json.dumps(body))
+    assert response.status_code == 200, response.get_json()
+    issues = {i["where"]: i["problem"] for i in data_issues(response.get_json())}
+    assert "another patient" in issues.get(injected, ""), issues
+
+
 def test_prefetch_of_the_wrong_type_is_ignored_and_reported(client: FlaskClient) -> None:
     answer = call_with_condition(
         client, "observations", myasthenia_condition("Patient/no-relevant")

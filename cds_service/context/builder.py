@@ -343,6 +343,11 @@ def build_patient_context(
     resolved, fhir_version = gathered.resolved, gathered.fhir_version
     issues.extend(gathered.issues)
     patient_id = request.patient_id
+    # "Patient/<id>" as resources name their subject; a "/" in the id would make that
+    # reference mean another id (``reference_id`` keeps the last segment).
+    own_reference = (
+        f"Patient/{patient_id}" if isinstance(patient_id, str) and "/" not in patient_id else None
+    )
 
     # Medication resources that came with the data (_include, the draft Bundle), for orders
     # and statements that name their drug by medicationReference.
@@ -369,7 +374,12 @@ def build_patient_context(
                     DataIssue(where, f"is a {resource_type}, not a {key.resource_type}; ignored")
                 )
                 continue
-            owner = resource.get("id") if resource_type == "Patient" else fhir.subject_id(resource)
+            if resource_type == "Patient":
+                owner = resource.get("id")
+            elif own_reference is not None and _refers_to(resource.get("subject"), own_reference):
+                owner = patient_id  # the usual shape, told without taking the reference apart
+            else:
+                owner = fhir.subject_id(resource)
             if owner != patient_id:
                 issues.append(DataIssue(where, "belongs to another patient (or to none); ignored"))
                 continue
@@ -471,6 +481,10 @@ def build_patient_context(
         selections=_selections(request),
         draft_resources=draft_json,
     )
+
+
+def _refers_to(subject: Any, reference: str) -> bool:
+    return subject.__class__ is dict and subject.get("reference") == reference
 
 
 _LabCandidate = tuple[float, str, dict[str, Any], str]  # (recency, origin, resource, where)
