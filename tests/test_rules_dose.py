@@ -20,12 +20,14 @@ from rule_builders import (
 
 from cds_service.context.model import Medication
 from cds_service.rules import dose
-from cds_service.rules.derived import daily_elemental_mg
+from cds_service.rules.derived import daily_elemental_mg, daily_elemental_mg_value
 
 
 def daily(order: Medication) -> float | None:
     [fact] = picture(context(drafts=[order])).drafts
-    return daily_elemental_mg(fact).elemental_mg
+    result = daily_elemental_mg(fact).elemental_mg
+    assert daily_elemental_mg_value(fact) == result  # the number-only path agrees
+    return result
 
 
 @pytest.mark.parametrize(
@@ -63,6 +65,7 @@ def test_dose_unknown_rather_than_guessed(order: Medication) -> None:
     [fact] = picture(context(drafts=[order])).drafts
     result = daily_elemental_mg(fact)
     assert result.elemental_mg is None and result.how.startswith("dose unknown")
+    assert daily_elemental_mg_value(fact) is None
     assert run(dose.evaluate, context(drafts=[order])) == []
 
 

@@ -7,15 +7,19 @@ only place that formats evidence and sources, so every card explains itself the 
 from __future__ import annotations
 
 import copy
+import hashlib
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from cds_service.cards.model import Action, Card, CardCoding, Source, Suggestion, shorten
 from cds_service.context.model import Coding, DataIssue
 from cds_service.context.normalise import model_problems
 from cds_service.knowledge import Knowledge
-from cds_service.rules.findings import Finding, Proposal
+from cds_service.knowledge.model import EvidenceSource
+from cds_service.rules.findings import Evidence, Finding, Proposal
 
 EXTENSION_KEY = "org.magnesium-cds"
 RULE_TOPIC_SYSTEM = "urn:magnesium-cds:rule"
@@ -24,9 +28,22 @@ _CARD_NAMESPACE = uuid.UUID("6f1f0b7e-4a55-4b8e-9a0c-2f1d8c3e5a10")
 _STATUS_WORDS = {"secondary": "secondary source", "unverified": "**unverified**"}
 
 
+def _uuid5(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(UUID(bytes=namespace), name))`` without building UUID objects (a few
+    µs a card): SHA-1 of namespace + name, version 5 and RFC 4122 variant bits, 8-4-4-4-12."""
+    digest = bytearray(hashlib.sha1(namespace + name.encode("utf-8")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # variant RFC 4122
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_CARD_NAMESPACE_BYTES = _CARD_NAMESPACE.bytes
+
+
 def card_uuid(hook_instance: str, finding_key: str) -> str:
     """Stable for one finding within one hook instance, so feedback can find its card."""
-    return str(uuid.uuid5(_CARD_NAMESPACE, f"{hook_instance}|{finding_key}"))
+    return _uuid5(_CARD_NAMESPACE_BYTES, f"{hook_instance}|{finding_key}")
 
 
 def suggestion_uuid(card: str, proposal: Proposal) -> str:
@@ -34,7 +51,9 @@ def suggestion_uuid(card: str, proposal: Proposal) -> str:
     feedback naming an accepted suggestion matches whichever answer the EHR showed."""
     order = proposal.order.source.reference if proposal.order is not None else ""
     code = f"{proposal.code.system}|{proposal.code.code}" if proposal.code is not None else ""
-    return str(uuid.uuid5(uuid.UUID(card), f"{proposal.kind}|{order}|{code}|{proposal.label}"))
+    # ``card`` is one of ours (``card_uuid``): its hex digits are the namespace's bytes.
+    namespace = bytes.fromhex(card.replace("-", ""))
+    return _uuid5(namespace, f"{proposal.kind}|{order}|{code}|{proposal.label}")
 
 
 def build_cards(
@@ -85,6 +104,32 @@ def update_conformance_issues(
     return issues
 
 
+@dataclass(frozen=True)
+class _RuleParts:
+    """What a card takes from the knowledge alone (its rule and sources), built once."""
+
+    source: Source
+    override_reasons: tuple[CardCoding, ...]
+    sources_markdown: str  # the detail's "Sources" section, "" without sources
+
+
+# Knowledge is immutable once loaded; the key is (knowledge, rule id, the finding's sources),
+# a few dozen combinations in all, so this is bounded only as a precaution.
+@lru_cache(maxsize=256)
+def _rule_parts(knowledge: Knowledge, rule_id: str, finding_sources: tuple[str, ...]) -> _RuleParts:
+    rule = knowledge.rule(rule_id)
+    source_ids = tuple(dict.fromkeys((*finding_sources, *rule.source_ids)))
+    sources = tuple(knowledge.source(source_id) for source_id in source_ids)
+    primary = sources[0] if sources else None
+    source = Source(
+        label=primary.title if primary else rule.title,
+        url=primary.url if primary and primary.url else "",
+        topic=CardCoding(RULE_TOPIC_SYSTEM, rule_id, rule.title),
+    )
+    override_reasons = tuple(_card_coding(c) for c in rule.override_reasons)
+    return _RuleParts(source, override_reasons, _sources_markdown(sources))
+
+
 def build_card(
     finding: Finding,
     knowledge: Knowledge,
@@ -93,10 +138,7 @@ def build_card(
     draft_resources: Mapping[str, dict[str, Any]],
     fhir_version: str = "R4",
 ) -> Card:
-    rule = knowledge.rule(finding.rule_id)
-    source_ids = tuple(dict.fromkeys((*finding.source_ids, *rule.source_ids)))
-    sources = [knowledge.source(source_id) for source_id in source_ids]
-    primary = sources[0] if sources else None
+    parts = _rule_parts(knowledge, finding.rule_id, finding.source_ids)
     uuid_of_card = card_uuid(hook_instance, finding.key)
     suggestions: list[Suggestion] = []
     notes: list[str] = []
@@ -120,20 +162,16 @@ def build_card(
                     uuid=suggestion_uuid(uuid_of_card, proposal),
                 )
             )
-    detail = "\n\n".join([_detail(finding, sources), *notes])
+    detail = "\n\n".join([_detail(finding, parts.sources_markdown), *notes])
     return Card(
         uuid=uuid_of_card,
         summary=shorten(finding.summary),
         indicator=finding.indicator,
         detail=detail,
-        source=Source(
-            label=primary.title if primary else rule.title,
-            url=primary.url if primary and primary.url else "",
-            topic=CardCoding(RULE_TOPIC_SYSTEM, finding.rule_id, rule.title),
-        ),
+        source=parts.source,
         suggestions=tuple(suggestions),
         selection_behavior="at-most-one" if suggestions else None,
-        override_reasons=tuple(_card_coding(c) for c in rule.override_reasons),
+        override_reasons=parts.override_reasons,
         extension={
             EXTENSION_KEY: {"ruleId": finding.rule_id, "knowledgeVersion": knowledge.version}
         },
@@ -144,26 +182,33 @@ def _card_coding(coding: Coding) -> CardCoding:
     return CardCoding(coding.system, coding.code, coding.display or coding.code)
 
 
-def _detail(finding: Finding, sources: list[Any]) -> str:
+def _detail(finding: Finding, sources_markdown: str) -> str:
     parts = [finding.detail.strip()]
     if finding.evidence:
-        facts = "\n".join(
-            f"- {item.text}"
-            + (f" — `{item.source.reference}`" if item.source and item.source.resource_id else "")
-            for item in finding.evidence
-        )
+        facts = "\n".join([_evidence_line(item) for item in finding.evidence])
         parts.append(f"**Patient facts used**\n{facts}")
     if finding.unverified:
         facts = "; ".join(fact.rstrip(". ") for fact in finding.unverified)
         parts.append(f"**Unverified:** {facts}.")
-    if sources:
-        lines = []
-        for source in sources:
-            title = f"[{source.title}]({source.url})" if source.url else source.title
-            status = _STATUS_WORDS.get(source.status)
-            lines.append(f"- {title}" + (f" ({status})" if status else ""))
-        parts.append("**Sources**\n" + "\n".join(lines))
-    return "\n\n".join(part for part in parts if part)
+    parts.append(sources_markdown)
+    return "\n\n".join([part for part in parts if part])
+
+
+def _evidence_line(item: Evidence) -> str:
+    if item.source and item.source.resource_id:
+        return f"- {item.text} — `{item.source.reference}`"
+    return f"- {item.text}"
+
+
+def _sources_markdown(sources: tuple[EvidenceSource, ...]) -> str:
+    if not sources:
+        return ""
+    lines = []
+    for source in sources:
+        title = f"[{source.title}]({source.url})" if source.url else source.title
+        status = _STATUS_WORDS.get(source.status)
+        lines.append(f"- {title}" + (f" ({status})" if status else ""))
+    return "**Sources**\n" + "\n".join(lines)
 
 
 def _action(

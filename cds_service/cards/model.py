@@ -191,14 +191,30 @@ class Card:
         return out
 
 
+_EMPTY: tuple[Any, ...] = (None, "", [], {})
+
+
 def _prune(value: Any) -> Any:
     """Drop None, "", [] and {} recursively (forbidden in CDS Hooks JSON)."""
+    # A plain string, the commonest value, is kept unless empty without a call or comparisons.
     if isinstance(value, dict):
-        pruned = {k: _prune(v) for k, v in value.items()}
-        return {k: v for k, v in pruned.items() if v not in (None, "", [], {})}
+        out: dict[Any, Any] = {}
+        for k, v in value.items():
+            if type(v) is str:
+                if v:
+                    out[k] = v
+            elif (v := _prune(v)) not in _EMPTY:
+                out[k] = v
+        return out
     if isinstance(value, list | tuple):
-        pruned_items = [_prune(v) for v in value]
-        return [v for v in pruned_items if v not in (None, "", [], {})]
+        items: list[Any] = []
+        for v in value:
+            if type(v) is str:
+                if v:
+                    items.append(v)
+            elif (v := _prune(v)) not in _EMPTY:
+                items.append(v)
+        return items
     return value
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from cds_service.context.model import Lab, LabOrder, Quantity
 from cds_service.knowledge import Ingredient, Knowledge, MagnesiumMatch, ThresholdBand
@@ -74,42 +75,63 @@ def daily_elemental_mg(fact: MedicationFact) -> DailyDose:
     Conservative: any factor the data do not state makes the whole dose unknown, so that no
     card rests on a guessed dose.
     """
+    total, why = _daily_total(fact)
+    if total is None:
+        return DailyDose(None, why)
+    # Known: every factor below is stated (``_daily_total`` checked them).
     match = fact.magnesium
-    if match is None:
-        return DailyDose(None, "not a magnesium product")
+    assert match is not None and match.elemental_fraction is not None
     fraction = match.elemental_fraction
-    if fraction is None:
-        return DailyDose(
-            None,
-            f"dose unknown: the elemental magnesium content of {match.salt_display.lower()} "
-            "is not known",
-        )
-    doses = fact.medication.doses
-    if not doses:
-        return DailyDose(None, "dose unknown: the order has no dosage instruction")
-    total = 0.0
     parts: list[str] = []
-    for dose in doses:
-        if dose.quantity is None:
-            return DailyDose(None, "dose unknown: no dose quantity")
-        if dose.frequency_per_day is None:
-            return DailyDose(None, "dose unknown: no dose frequency")
-        salt_mg, why = _product_mg(dose.quantity, match)
-        if salt_mg is None:
-            return DailyDose(None, f"dose unknown: {why}")
-        total += salt_mg * fraction * dose.frequency_per_day
+    for dose in fact.medication.doses:
+        assert dose.quantity is not None and dose.frequency_per_day is not None
+        salt_mg = _product_mg(dose.quantity, match)[0]
         amount = f"{dose.quantity.value:g} {dose.quantity.unit}".strip()
         per_dose = "" if amount == f"{salt_mg:g} mg" else f" = {salt_mg:g} mg"
         parts.append(f"{amount}{per_dose} x {dose.frequency_per_day:g}/day")
-    if not math.isfinite(total):
-        # Finite inputs can still overflow (e.g. 1e308 g x 1000/day): not a dose to reason on.
-        return DailyDose(None, "dose unknown: the stated amounts are out of any plausible range")
     basis = (
         "stated as elemental magnesium"
         if fraction == 1.0
         else f"x {fraction * 100:.1f}% elemental magnesium in {match.salt_display.lower()}"
     )
     return DailyDose(total, f"{' + '.join(parts)} {basis} = {total:.0f} mg elemental/day")
+
+
+def daily_elemental_mg_value(fact: MedicationFact) -> float | None:
+    """``daily_elemental_mg(fact).elemental_mg`` without writing out the working (most of the
+    cost), for rules that only compare the number."""
+    return _daily_total(fact)[0]
+
+
+def _daily_total(fact: MedicationFact) -> tuple[float | None, str]:
+    """(elemental mg/day, "") or (None, why it is unknown): the one computation of the dose."""
+    match = fact.magnesium
+    if match is None:
+        return None, "not a magnesium product"
+    fraction = match.elemental_fraction
+    if fraction is None:
+        return (
+            None,
+            f"dose unknown: the elemental magnesium content of {match.salt_display.lower()} "
+            "is not known",
+        )
+    doses = fact.medication.doses
+    if not doses:
+        return None, "dose unknown: the order has no dosage instruction"
+    total = 0.0
+    for dose in doses:
+        if dose.quantity is None:
+            return None, "dose unknown: no dose quantity"
+        if dose.frequency_per_day is None:
+            return None, "dose unknown: no dose frequency"
+        salt_mg, why = _product_mg(dose.quantity, match)
+        if salt_mg is None:
+            return None, f"dose unknown: {why}"
+        total += salt_mg * fraction * dose.frequency_per_day
+    if not math.isfinite(total):
+        # Finite inputs can still overflow (e.g. 1e308 g x 1000/day): not a dose to reason on.
+        return None, "dose unknown: the stated amounts are out of any plausible range"
+    return total, ""
 
 
 def _product_mg(quantity: Quantity, match: MagnesiumMatch) -> tuple[float | None, str]:
@@ -215,9 +237,28 @@ def serum_magnesium(picture: ClinicalPicture, knowledge: Knowledge) -> SerumMagn
     unit = value.unit or _implied_unit(lab, knowledge)
     mmol = knowledge.to_mmol_per_l(value.value, unit) if unit else None
     low, high, range_text = _reference_range(lab, unit, knowledge)
+    return SerumMagnesium(lab, mmol, low, high, range_text, _serum_defaults(knowledge).toxic_above)
+
+
+@dataclass(frozen=True)
+class _SerumDefaults:
+    """The knowledge's serum magnesium figures in mmol/L, converted once per knowledge."""
+
+    low: float | None  # default reference range
+    high: float | None
+    toxic_above: float | None
+
+
+@lru_cache(maxsize=8)  # keyed by the (immutable) knowledge: one entry per loaded knowledge
+def _serum_defaults(knowledge: Knowledge) -> _SerumDefaults:
+    default = knowledge.threshold("serum-magnesium-reference-range")
+    d_low = knowledge.to_mmol_per_l(default.low, default.unit) if default.low is not None else None
+    d_high = (
+        knowledge.to_mmol_per_l(default.high, default.unit) if default.high is not None else None
+    )
     toxic = knowledge.threshold("serum-magnesium-reflexes-diminish")
     toxic_above = knowledge.to_mmol_per_l(toxic.value, toxic.unit) if toxic.value else None
-    return SerumMagnesium(lab, mmol, low, high, range_text, toxic_above)
+    return _SerumDefaults(d_low, d_high, toxic_above)
 
 
 def _implied_unit(lab: Lab, knowledge: Knowledge) -> str:
@@ -231,10 +272,8 @@ def _reference_range(
     """The Observation's own range where it states a usable bound; a missing bound (a range
     with only a low limit is common) comes from the knowledge default, and the text says so."""
     default = knowledge.threshold("serum-magnesium-reference-range")
-    d_low = knowledge.to_mmol_per_l(default.low, default.unit) if default.low is not None else None
-    d_high = (
-        knowledge.to_mmol_per_l(default.high, default.unit) if default.high is not None else None
-    )
+    defaults = _serum_defaults(knowledge)
+    d_low, d_high = defaults.low, defaults.high
     for item in lab.reference_ranges:
         low = _to_mmol(item.low, unit, knowledge)
         high = _to_mmol(item.high, unit, knowledge)
@@ -327,14 +366,12 @@ def kidney_function(picture: ClinicalPicture, knowledge: Knowledge) -> KidneyFun
     egfr = latest.lab if latest is not None else None
     egfr_band = kdigo = None
     if egfr is not None and egfr.value is not None:
-        egfr_band = knowledge.threshold("egfr-renal-impairment").band_for_value(egfr.value.value)
-        kdigo = knowledge.threshold("kdigo-gfr-categories").band_for_value(egfr.value.value)
+        egfr_band, kdigo = _egfr_bands(knowledge, egfr.value.value)
     severity: str | None = egfr_band.id if egfr_band else None
     graded = egfr is not None and egfr.value is not None
     renal: list[ConditionFact] = []
     for fact in picture.conditions:
-        groups = [knowledge.condition_group(g) for g in sorted(fact.groups)]
-        renal_groups = [g for g in groups if g.category == "renal"]
+        renal_groups = _renal_groups(knowledge, fact.groups)
         if not renal_groups:
             continue
         renal.append(fact)
@@ -353,6 +390,26 @@ def kidney_function(picture: ClinicalPicture, knowledge: Knowledge) -> KidneyFun
         )
         display = worst.display
     return KidneyFunction(severity, tuple(renal), egfr, egfr_band, kdigo, display)
+
+
+# Pure look-ups on the immutable knowledge, memoised: an eGFR value and a condition's set of
+# groups recur from call to call; the bound keeps odd input from growing the memo.
+@lru_cache(maxsize=1024)
+def _egfr_bands(
+    knowledge: Knowledge, egfr: float
+) -> tuple[ThresholdBand | None, ThresholdBand | None]:
+    """The eGFR's band in egfr-renal-impairment and its KDIGO category."""
+    return (
+        knowledge.threshold("egfr-renal-impairment").band_for_value(egfr),
+        knowledge.threshold("kdigo-gfr-categories").band_for_value(egfr),
+    )
+
+
+@lru_cache(maxsize=1024)
+def _renal_groups(knowledge: Knowledge, group_ids: frozenset[str]) -> tuple[ConditionGroup, ...]:
+    """A condition's renal groups, in group id order."""
+    groups = [knowledge.condition_group(g) for g in sorted(group_ids)]
+    return tuple(g for g in groups if g.category == "renal")
 
 
 def _rank_of(knowledge: Knowledge, group_id: str) -> int:

@@ -20,7 +20,7 @@ def system_name(system: str) -> str:
 
 
 def codes_text(codings: tuple[Coding, ...], limit: int = 3) -> str:
-    return "; ".join(f"{system_name(c.system)} {c.code}" for c in codings[:limit])
+    return "; ".join([f"{system_name(c.system)} {c.code}" for c in codings[:limit]])
 
 
 def condition_text(condition: Condition) -> str:

@@ -15,10 +15,12 @@ the adult limit applies, and the card says so; below the youngest band there is 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 
 from cds_service.knowledge import Knowledge, ThresholdBand
 from cds_service.rules.derived import (
     daily_elemental_mg,
+    daily_elemental_mg_value,
     lower_first,
     magnesium_name,
     order_evidence,
@@ -40,32 +42,40 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     drafts = [f for f in picture.actionable_drafts if _counted(f)]
     if not drafts:
         return
-    threshold = knowledge.threshold(LIMIT)
     age = picture.age
-    band = threshold.band_for(age, picture.context.patient.sex) if age is not None else None
-    if age is None:
-        # Unknown age: the open-ended (adult) band rather than a guess.
-        band = next((b for b in threshold.bands if b.age_max is None), None)
+    band = _limit_band(knowledge, age, picture.context.patient.sex)
     if band is None or band.value is None:
         return
     others = [f for f in (*picture.medications, *picture.drafts) if _counted(f)]
     for fact in drafts:
-        daily = daily_elemental_mg(fact)
-        if daily.elemental_mg is None:
+        # The number decides; the working is written out only for a finding.
+        daily = daily_elemental_mg_value(fact)
+        if daily is None:
             continue
-        if daily.elemental_mg > band.value:
-            yield _finding(fact, daily.elemental_mg, (), band, age, "warning", knowledge)
+        if daily > band.value:
+            yield _finding(fact, daily, (), band, age, "warning", knowledge)
             continue
         with_others = [
             (other, dose)
             for other in others
-            if other is not fact and (dose := daily_elemental_mg(other).elemental_mg) is not None
+            if other is not fact and (dose := daily_elemental_mg_value(other)) is not None
         ]
-        total = daily.elemental_mg + sum(dose for _, dose in with_others)
+        total = daily + sum(dose for _, dose in with_others)
         if with_others and total > band.value:
             yield _finding(
                 fact, total, tuple(o for o, _ in with_others), band, age, "info", knowledge
             )
+
+
+# A pure look-up on the immutable knowledge, memoised (ages and sexes are few; bounded anyway).
+@lru_cache(maxsize=512)
+def _limit_band(knowledge: Knowledge, age: int | None, sex: str | None) -> ThresholdBand | None:
+    """The upper-limit band for the patient."""
+    threshold = knowledge.threshold(LIMIT)
+    if age is None:
+        # Unknown age: the open-ended (adult) band rather than a guess.
+        return next((b for b in threshold.bands if b.age_max is None), None)
+    return threshold.band_for(age, sex)
 
 
 def _finding(

@@ -30,12 +30,19 @@ POTENTIATED_BY_IV_MG = "potentiated-by-iv-magnesium"
 def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
     if hook == "patient-view":
         return
+    # Only a draft in some drug group can give a finding: look for one before the (costlier)
+    # myasthenia evidence, which the usual magnesium-only order does not need.
+    candidates = [
+        fact
+        for fact in picture.actionable_drafts
+        if fact.groups and not (fact.is_magnesium or fact.route == "topical")
+    ]
+    if not candidates:
+        return
     mg_evidence = myasthenia_evidence(picture, knowledge)
     if not mg_evidence:
         return
-    for fact in picture.actionable_drafts:
-        if fact.is_magnesium or fact.route == "topical":
-            continue
+    for fact in candidates:
         for group_id in sorted(fact.groups):
             group = knowledge.drug_group(group_id)
             effect = group.effect(AGGRAVATES)

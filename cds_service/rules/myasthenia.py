@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 from cds_service.knowledge import Knowledge
+from cds_service.knowledge.model import DrugEffect
 from cds_service.rules.derived import is_systemic_magnesium, lower_first, order_evidence
 from cds_service.rules.describe import condition_text, medication_text
 from cds_service.rules.findings import Evidence, Finding, Indicator, Proposal
@@ -88,12 +90,10 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     mg = myasthenia_evidence(picture, knowledge)
     if not mg:
         return
-    rule = knowledge.rule(RULE_ID)
-    paragraphs = [rule.statement(s).text for s in _STATEMENTS]
+    statements, antagonism = _catalogue(knowledge)
+    paragraphs = list(statements)
     if not mg.coded:
-        paragraphs.insert(0, rule.statement(POSSIBLE).text)
-    # The clinical source's claim that magnesium counteracts anticholinesterases (unverified).
-    antagonism = knowledge.drug_group("cholinesterase-inhibitor").effect(ANTAGONISED)
+        paragraphs.insert(0, knowledge.rule(RULE_ID).statement(POSSIBLE).text)
     on_file = picture.medications_in("cholinesterase-inhibitor")
     extra: tuple[str, ...] = ()
     if antagonism is not None and on_file:
@@ -109,6 +109,15 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     for fact in picture.actionable_drafts:
         if is_systemic_magnesium(fact):
             yield _finding(fact, mg, paragraphs, extra, RULE_ID, hook)
+
+
+@lru_cache(maxsize=8)  # keyed by the (immutable) knowledge: one entry per loaded knowledge
+def _catalogue(knowledge: Knowledge) -> tuple[tuple[str, ...], DrugEffect | None]:
+    """The rule's statements, in card order, and the clinical source's claim that magnesium
+    counteracts anticholinesterases (unverified), if the knowledge makes it."""
+    rule = knowledge.rule(RULE_ID)
+    statements = tuple(rule.statement(s).text for s in _STATEMENTS)
+    return statements, knowledge.drug_group("cholinesterase-inhibitor").effect(ANTAGONISED)
 
 
 def _finding(
