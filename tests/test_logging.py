@@ -10,6 +10,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,79 @@ def test_a_message_orjson_cannot_write_is_still_logged() -> None:
     record = logging.LogRecord("other.lib", logging.WARNING, __file__, 1, message, (), None)
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == message and line["level"] == "WARNING"
+
+
+def test_the_request_line_has_its_fields_in_order(tmp_path: Path, captured: io.StringIO) -> None:
+    from cds_service.app import create_app
+    from cds_service.settings import Settings
+
+    app = create_app(Settings(auth="off", database_url=f"sqlite:///{tmp_path / 'log.sqlite3'}"))
+    logging.getLogger().setLevel("INFO")
+    body = json.loads((REQUESTS_DIR / "mg-pyridostigmine.order-select.json").read_text())
+    client = app.test_client()
+    assert client.post(SERVICE_PATH, json=body).status_code == 200
+    assert client.post("/cds-services/no-such-service", json=body).status_code == 404
+    long_path = "/" + "x" * 100
+    assert client.get(long_path).status_code == 404
+
+    ok, unknown, elsewhere = [e for e in lines(captured) if e.get("event") == "request"]
+    assert list(ok) == [
+        "time", "level", "logger", "message", "event", "method", "path", "status", "latency_ms",
+        "hookInstance", "serviceId", "ruleIds", "timings_ms",
+    ]
+    assert ok["level"] == "INFO" and ok["logger"] == REQUEST_LOGGER
+    assert ok["message"] == f"POST {SERVICE_PATH} 200"
+    assert (ok["method"], ok["path"], ok["status"]) == ("POST", SERVICE_PATH, 200)
+    assert ok["hookInstance"] == body["hookInstance"]
+    assert ok["serviceId"] == "magnesium-order-select"
+    assert ok["ruleIds"] and ok["latency_ms"] >= 0
+    assert {"parse", "validation", "record", "total"} <= set(ok["timings_ms"])
+    # Refused before the service ran: no hookInstance, rules or timings.
+    assert list(unknown)[4:] == ["event", "method", "path", "status", "latency_ms", "serviceId"]
+    assert unknown["serviceId"] == "no-such-service" and unknown["status"] == 404
+    # Outside /cds-services the path is cut (it is whatever a scanner sent).
+    assert elsewhere["path"] == long_path[:64]
+    assert elsewhere["message"] == f"GET {long_path[:64]} 404"
+
+
+def test_no_request_line_below_its_level(tmp_path: Path, captured: io.StringIO) -> None:
+    from cds_service.app import create_app
+    from cds_service.settings import Settings
+
+    app = create_app(Settings(auth="off", database_url=f"sqlite:///{tmp_path / 'log.sqlite3'}"))
+    logging.getLogger().setLevel("WARNING")
+    assert app.test_client().get("/healthz").status_code == 200
+    assert not [e for e in lines(captured) if e.get("event") == "request"]
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        0.0,
+        1.0,
+        1_700_000_000.0,
+        1_700_000_000.0005,  # exactly half a millisecond: truncated, not rounded
+        1_700_000_000.9994999,
+        1_700_000_000.9999994,  # rounds to .999999 µs: still .999
+        1_700_000_000.9999996,  # rounds up to the next second, as datetime does
+        1_700_000_059.9999999,  # ... and into the next minute
+        1_795_610_802.2471113,
+        4_102_444_799.9999997,  # 2099-12-31T23:59:59.9999997 -> 2100
+        -0.0000004,
+        -1.5,
+    ],
+)
+def test_the_time_field_is_what_datetime_writes(created: float) -> None:
+    formatter = JsonFormatter()
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert formatter.iso_time(created) == expected
+    assert formatter.iso_time(created) == expected  # from the per-second cache
+
+
+def test_the_time_field_follows_the_clock_across_seconds() -> None:
+    formatter = JsonFormatter()
+    start = 1_795_610_801.5
+    for step in range(5000):
+        created = start + step * 0.000731
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        assert formatter.iso_time(created) == expected

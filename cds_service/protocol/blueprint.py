@@ -37,21 +37,25 @@ def discovery() -> ResponseReturnValue:
 
 @bp.post("/cds-services/<service_id>")
 def call_service(service_id: str) -> ResponseReturnValue:
-    g.service_id = service_id
+    # Each access through the g/request/current_app proxies is a context lookup: every call
+    # pays for them, so each is resolved once.
+    values = g._get_current_object()  # type: ignore[attr-defined]
+    values.service_id = service_id
     service = SERVICES_BY_ID.get(service_id)
     if service is None:
         raise ApiError(
             404, "unknown-service", f"no CDS service with id {service_id!r}; see /cds-services"
         )
     received = time.perf_counter()
-    body = read_json_body(request)
+    body = read_json_body(request._get_current_object())  # type: ignore[attr-defined]
     parsed = time.perf_counter()
     validate_or_400(body, "hook-request.schema.json", "hook request")
     validated = time.perf_counter()
     check_hook(service, body)
     hook_request = HookRequest.from_json(body)
-    g.hook_instance = hook_request.hook_instance
-    pipeline: HookPipeline = current_app.extensions[PIPELINE_EXTENSION]
+    values.hook_instance = hook_request.hook_instance
+    extensions = current_app.extensions
+    pipeline: HookPipeline = extensions[PIPELINE_EXTENSION]
     try:
         result = pipeline.run(service, hook_request)
     except DataUnavailable as exc:
@@ -62,14 +66,14 @@ def call_service(service_id: str) -> ResponseReturnValue:
             "from the FHIR server",
             [_missing_problem(m.to_json()) for m in exc.missing],
         ) from None
-    g.rule_ids = result.rule_ids
+    values.rule_ids = result.rule_ids
     recorded = time.perf_counter()
-    recorder = current_app.extensions.get(CARD_RECORDER_EXTENSION)
+    recorder = extensions.get(CARD_RECORDER_EXTENSION)
     if recorder is not None:
         recorder(service.id, hook_request.hook_instance, result)
     finished = time.perf_counter()
     # Per stage, for the request log and the benchmark (bench/).
-    g.timings_ms = {
+    values.timings_ms = {
         "parse": (parsed - received) * 1000,
         "validation": (validated - parsed) * 1000,
         **result.timings_ms,
