@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, event, func, insert, select
 
 from cds_service.app import create_app
 from cds_service.protocol.feedback import UNKNOWN_CARD_GRACE_S
@@ -157,6 +157,36 @@ def test_a_batch_is_idempotent_per_card_uuid(database_url: str) -> None:
     assert store.record_card_batches([first, retry]) == 1
     assert store.record_card_batches([retry]) == 0
     assert card_uuids(store) == {card}
+
+
+def test_batched_rows_read_back_as_recorded_and_stored_as_core_stores_them(
+    database_url: str,
+) -> None:
+    # SQLite's batch insert is driver SQL: it must store exactly what Core's insert stores.
+    store = FeedbackStore.open(database_url)
+    issued_at = datetime(2026, 11, 25, 13, 5, 9, 120034, tzinfo=UTC)
+    cards = [CardRecord(new_uuid(), f"rule-{i}", "warning") for i in range(3)]
+    assert store.record_card_batches([CardBatch(SELECT, "hook-9", tuple(cards), issued_at)]) == 3
+    with store.engine.begin() as connection:
+        connection.execute(
+            insert(IssuedCard),
+            {"card_uuid": new_uuid(), "service_id": SELECT, "rule_id": "rule-core",
+             "indicator": "info", "hook_instance": "hook-9", "issued_at": issued_at},
+        )
+    with store.engine.connect() as connection:
+        rows = connection.execute(
+            select(
+                IssuedCard.card_uuid, IssuedCard.service_id, IssuedCard.rule_id,
+                IssuedCard.indicator, IssuedCard.hook_instance, IssuedCard.issued_at,
+            ).where(IssuedCard.rule_id != "rule-core").order_by(IssuedCard.rule_id)
+        ).all()
+        stored = connection.exec_driver_sql(
+            "SELECT DISTINCT issued_at FROM issued_cards WHERE hook_instance = 'hook-9'"
+        ).scalars().all()
+    assert [tuple(row) for row in rows] == [
+        (card.card_uuid, SELECT, card.rule_id, "warning", "hook-9", issued_at) for card in cards
+    ]
+    assert stored == ["2026-11-25 13:05:09.120034"]  # one text for the instant, both ways
 
 
 def test_a_full_queue_writes_in_the_request_rather_than_dropping(database_url: str) -> None:
