@@ -306,3 +306,16 @@ def test_only_the_newest_usable_lab_of_each_kind_is_kept(observations: list[Any]
         default_knowledge().lab_kind(lab.codings) for lab in filtered.labs if lab.codings
     ]
     assert len(kinds) == len(set(kinds))  # at most one result per kind
+
+
+def test_an_empty_patient_id_owns_no_resource() -> None:
+    # The schema refuses an empty patientId; called directly, "Patient/" must still not read
+    # as the patient's own reference (its last segment is "Patient").
+    body = copy.deepcopy(typical().request)
+    body["context"]["patientId"] = ""
+    for bundle in body["prefetch"].values():
+        for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
+            entry["resource"]["subject"] = {"reference": "Patient/"}
+    _, filtered = _both_ways(body)
+    assert not filtered.conditions and not filtered.medications and not filtered.labs
+    assert any("another patient" in issue.problem for issue in filtered.issues)

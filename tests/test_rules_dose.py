@@ -113,3 +113,17 @@ def test_parenteral_and_topical_are_not_supplements() -> None:
     iv = draft(MG_SULFATE_INJ, route="iv", dose=(50, "mL"), per_day=4)
     soak = draft(MG_SULFATE, route="topical", dose=(500, "g"), per_day=1)
     assert run(dose.evaluate, context(drafts=[iv, soak])) == []
+
+
+def test_any_gender_text_gives_the_bands_answer_without_growing_the_memo() -> None:
+    # Patient.gender is whatever string a chart sends: each must get the band the knowledge
+    # gives it, and none may be kept in the (process-wide) look-up memo.
+    order = draft(MG_OXIDE_400, dose=(2, "{tbl}"), per_day=3)  # 1447 mg/day
+    expected = run(dose.evaluate, context(drafts=[order], sex="unknown"))
+    dose._limit_band.cache_clear()
+    for index in range(300):
+        odd = f"gender-{index}-" + "x" * 10_000
+        assert run(dose.evaluate, context(drafts=[order], sex=odd)) == expected
+    assert dose._limit_band.cache_info().currsize == 1
+    female = run(dose.evaluate, context(drafts=[order], sex="female"))
+    assert [f.summary for f in female] == [f.summary for f in expected]  # adult bands: 350 mg

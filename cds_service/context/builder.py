@@ -91,7 +91,7 @@ class Relevance(Protocol):
         """The kind of result a lab code is, None when no rule reads it.
 
         The rules read only the newest usable result of each kind (``latest_lab``), so the
-        context keeps just that one per kind (``_newest_usable_labs``).
+        context keeps just that one per kind (``_keep_if_newest``).
         """
         ...
 
@@ -346,7 +346,9 @@ def build_patient_context(
     # "Patient/<id>" as resources name their subject; a "/" in the id would make that
     # reference mean another id (``reference_id`` keeps the last segment).
     own_reference = (
-        f"Patient/{patient_id}" if isinstance(patient_id, str) and "/" not in patient_id else None
+        f"Patient/{patient_id}"
+        if isinstance(patient_id, str) and patient_id and "/" not in patient_id
+        else None
     )
 
     # Medication resources that came with the data (_include, the draft Bundle), for orders

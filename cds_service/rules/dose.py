@@ -43,7 +43,7 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     if not drafts:
         return
     age = picture.age
-    band = _limit_band(knowledge, age, picture.context.patient.sex)
+    band = _limit_band(knowledge, age, _band_sex(knowledge, picture.context.patient.sex))
     if band is None or band.value is None:
         return
     others = [f for f in (*picture.medications, *picture.drafts) if _counted(f)]
@@ -67,7 +67,27 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
             )
 
 
-# A pure look-up on the immutable knowledge, memoised (ages and sexes are few; bounded anyway).
+# Stands for every sex no band names: bands treat all such values alike (``applies_to``).
+_UNNAMED_SEX = "\x00unnamed"
+
+
+def _band_sex(knowledge: Knowledge, sex: str | None) -> str | None:
+    """``sex`` as the bands tell it apart. A chart's gender is any string: keyed as it is, the
+    memo below would keep every odd (or huge) value sent to it."""
+    if sex is None or sex in _named_sexes(knowledge):
+        return sex
+    return _UNNAMED_SEX
+
+
+@lru_cache(maxsize=8)
+def _named_sexes(knowledge: Knowledge) -> frozenset[str]:
+    named = frozenset(b.sex for b in knowledge.threshold(LIMIT).bands if b.sex is not None)
+    assert _UNNAMED_SEX not in named
+    return named
+
+
+# A pure look-up on the immutable knowledge, memoised: ages are few, and sexes are keyed by
+# ``_band_sex`` (bounded anyway).
 @lru_cache(maxsize=512)
 def _limit_band(knowledge: Knowledge, age: int | None, sex: str | None) -> ThresholdBand | None:
     """The upper-limit band for the patient."""

@@ -179,6 +179,7 @@ def _condition_lookup(knowledge: Knowledge, codings: tuple[Coding, ...]) -> froz
 _CODE_MEMO_SIZE = 50_000
 _MAX_REMEMBERED_CHARS = 200
 _T = TypeVar("_T")
+_NOT_LOOKED_UP = "\x00not looked up"  # lab_kind's memo miss (None is an answer)
 
 
 class KnowledgeRelevance:
@@ -207,8 +208,10 @@ class KnowledgeRelevance:
 
     def lab_kind(self, system: str, code: str) -> str | None:
         key = (system, code)
-        if key in self._lab_kinds:
-            return self._lab_kinds[key]
+        # One read (not "in" then [key]): another request thread may clear the memo between.
+        found = self._lab_kinds.get(key, _NOT_LOOKED_UP)
+        if found is not _NOT_LOOKED_UP:
+            return found
         found = self.knowledge.lab_kind((Coding(system, code),))
         _remember(self._lab_kinds, key, found)
         return found
