@@ -10,7 +10,6 @@ import io
 import json
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -160,36 +159,3 @@ def test_no_request_line_below_its_level(tmp_path: Path, captured: io.StringIO) 
     logging.getLogger().setLevel("WARNING")
     assert app.test_client().get("/healthz").status_code == 200
     assert not [e for e in lines(captured) if e.get("event") == "request"]
-
-
-@pytest.mark.parametrize(
-    "created",
-    [
-        0.0,
-        1.0,
-        1_700_000_000.0,
-        1_700_000_000.0005,  # exactly half a millisecond: truncated, not rounded
-        1_700_000_000.9994999,
-        1_700_000_000.9999994,  # rounds to .999999 µs: still .999
-        1_700_000_000.9999996,  # rounds up to the next second, as datetime does
-        1_700_000_059.9999999,  # ... and into the next minute
-        1_795_610_802.2471113,
-        4_102_444_799.9999997,  # 2099-12-31T23:59:59.9999997 -> 2100
-        -0.0000004,
-        -1.5,
-    ],
-)
-def test_the_time_field_is_what_datetime_writes(created: float) -> None:
-    formatter = JsonFormatter()
-    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
-    assert formatter.iso_time(created) == expected
-    assert formatter.iso_time(created) == expected  # from the per-second cache
-
-
-def test_the_time_field_follows_the_clock_across_seconds() -> None:
-    formatter = JsonFormatter()
-    start = 1_795_610_801.5
-    for step in range(5000):
-        created = start + step * 0.000731
-        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
-        assert formatter.iso_time(created) == expected
