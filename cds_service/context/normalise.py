@@ -22,7 +22,6 @@ from cds_service.context.model import (
     WITHDRAWN_LAB_STATUSES,
     Coding,
     Condition,
-    DataIssue,
     Dose,
     Lab,
     LabOrder,
@@ -654,6 +653,3 @@ def _draft_version(resources: list[dict[str, Any]]) -> str | None:
             return "STU3"
     return None
 
-
-def data_issue(where: str, problem: str) -> DataIssue:
-    return DataIssue(where=where, problem=problem)

@@ -52,10 +52,6 @@ def is_systemic_magnesium(fact: MedicationFact) -> bool:
     return fact.is_magnesium and fact.route != "topical"
 
 
-def is_oral_or_unstated(fact: MedicationFact) -> bool:
-    return fact.route in ("oral", None)
-
-
 # ---------------------------------------------------------------------------- dose
 
 
@@ -75,7 +71,7 @@ def daily_elemental_mg(fact: MedicationFact) -> DailyDose:
     Conservative: any factor the data do not state makes the whole dose unknown, so that no
     card rests on a guessed dose.
     """
-    total, why = _daily_total(fact)
+    total, why, salts_mg = _daily_total(fact)
     if total is None:
         return DailyDose(None, why)
     # Known: every factor below is stated (``_daily_total`` checked them).
@@ -83,9 +79,8 @@ def daily_elemental_mg(fact: MedicationFact) -> DailyDose:
     assert match is not None and match.elemental_fraction is not None
     fraction = match.elemental_fraction
     parts: list[str] = []
-    for dose in fact.medication.doses:
+    for dose, salt_mg in zip(fact.medication.doses, salts_mg, strict=True):
         assert dose.quantity is not None and dose.frequency_per_day is not None
-        salt_mg = _product_mg(dose.quantity, match)[0]
         amount = f"{dose.quantity.value:g} {dose.quantity.unit}".strip()
         per_dose = "" if amount == f"{salt_mg:g} mg" else f" = {salt_mg:g} mg"
         parts.append(f"{amount}{per_dose} x {dose.frequency_per_day:g}/day")
@@ -103,35 +98,39 @@ def daily_elemental_mg_value(fact: MedicationFact) -> float | None:
     return _daily_total(fact)[0]
 
 
-def _daily_total(fact: MedicationFact) -> tuple[float | None, str]:
-    """(elemental mg/day, "") or (None, why it is unknown): the one computation of the dose."""
+def _daily_total(fact: MedicationFact) -> tuple[float | None, str, tuple[float, ...]]:
+    """(elemental mg/day, "", mg of product per dose) or (None, why it is unknown, ()): the one
+    computation of the dose."""
     match = fact.magnesium
     if match is None:
-        return None, "not a magnesium product"
+        return None, "not a magnesium product", ()
     fraction = match.elemental_fraction
     if fraction is None:
         return (
             None,
             f"dose unknown: the elemental magnesium content of {match.salt_display.lower()} "
             "is not known",
+            (),
         )
     doses = fact.medication.doses
     if not doses:
-        return None, "dose unknown: the order has no dosage instruction"
+        return None, "dose unknown: the order has no dosage instruction", ()
     total = 0.0
+    salts_mg: list[float] = []
     for dose in doses:
         if dose.quantity is None:
-            return None, "dose unknown: no dose quantity"
+            return None, "dose unknown: no dose quantity", ()
         if dose.frequency_per_day is None:
-            return None, "dose unknown: no dose frequency"
+            return None, "dose unknown: no dose frequency", ()
         salt_mg, why = _product_mg(dose.quantity, match)
         if salt_mg is None:
-            return None, f"dose unknown: {why}"
+            return None, f"dose unknown: {why}", ()
+        salts_mg.append(salt_mg)
         total += salt_mg * fraction * dose.frequency_per_day
     if not math.isfinite(total):
         # Finite inputs can still overflow (e.g. 1e308 g x 1000/day): not a dose to reason on.
-        return None, "dose unknown: the stated amounts are out of any plausible range"
-    return total, ""
+        return None, "dose unknown: the stated amounts are out of any plausible range", ()
+    return total, "", tuple(salts_mg)
 
 
 def _product_mg(quantity: Quantity, match: MagnesiumMatch) -> tuple[float | None, str]:
