@@ -28,6 +28,7 @@ from bench import inprocess, servers
 from bench.http_load import LoadGenerator, LoadResult
 from bench.stats import fmt, percentile, summary, table
 from bench.workloads import BodyTemplate, Workload, all_workloads
+from cds_service import native
 from cds_service.context.model import Coding
 from cds_service.knowledge import default_knowledge, load_knowledge
 from cds_service.settings import Settings
@@ -178,6 +179,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "revision": _git_revision(),
         "gunicorn": f"{settings.workers} workers x {settings.threads} threads (gthread)",
+        "hot_path": native.status,
         "loadavg_start": _loadavg(),
     }
 
@@ -192,6 +194,7 @@ def _machine_table(info: dict[str, Any]) -> str:
         ["platform", info["platform"]],
         ["revision", info["revision"]],
         ["gunicorn", info["gunicorn"]],
+        ["context layer", info["hot_path"]],
         ["load average at start (1/5/15 min)", info["loadavg_start"]],
     ]
     return "## Machine\n\n" + table(["", ""], rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import re
@@ -17,6 +18,8 @@ from typing import Any
 import pytest
 import requests
 from processes import CDS, Served, free_port, run_cds, wait_until_up
+
+from cds_service import native
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -194,8 +197,10 @@ def test_invalid_setting_is_a_clear_error() -> None:
 def test_dockerfile_refers_to_things_that_exist() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.M)
-    for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
-        for path in source.split():
+    copies = re.findall(r"^COPY (?!--from=)(.+)$", dockerfile, re.M)
+    assert copies
+    for paths in copies:
+        for path in paths.split()[:-1]:  # the last is where they go
             assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
     user = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert user and user[-1] not in ("root", "0")
@@ -230,6 +235,13 @@ def test_wheel_carries_schemas_and_fixtures(tmp_path: Path) -> None:
     assert "cds_service/_bundled/schemas/hook-request.schema.json" in names
     assert "cds_service/_bundled/fixtures/patients/mg-pyridostigmine.json" in names
     assert any(name.startswith("cds_service/knowledge/data/") for name in names)
+    # The compiled hot path travels with it (hatch_build.py), with what it was built from.
+    assert f"cds_service/{native.MANIFEST_NAME}" in names
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for module in native.COMPILED_MODULES:
+        assert module.replace(".", "/") + suffix in names
+        assert module.replace(".", "/") + ".py" in names
+    assert not wheel.name.endswith("-py3-none-any.whl")  # a platform wheel
 
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one() -> None:

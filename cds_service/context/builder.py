@@ -588,13 +588,13 @@ def _read_referenced_medications(
             del readable[ref]
     if readable and fallback.available:
         for ref, result in fallback.client().fetch_all(readable).items():
-            resource = result.resource
+            fetched = result.resource
             if (
-                resource is not None
-                and resource.get("resourceType") == "Medication"
-                and f"Medication/{resource.get('id')}" == ref
+                fetched is not None
+                and fetched.get("resourceType") == "Medication"
+                and f"Medication/{fetched.get('id')}" == ref
             ):
-                referenced[ref] = resource
+                referenced[ref] = fetched
             else:
                 problems[ref] = (
                     f"could not be read from fhirServer ({result.problem})"

@@ -253,9 +253,10 @@ def source_ref(resource: dict[str, Any], origin: str) -> SourceRef:
 
 
 def to_patient(resource: dict[str, Any], origin: str, fallback_id: str) -> PatientInfo:
+    resource_id = resource.get("id")
     gender = resource.get("gender")
     return PatientInfo(
-        id=resource.get("id") if isinstance(resource.get("id"), str) else fallback_id,
+        id=resource_id if isinstance(resource_id, str) else fallback_id,
         birth_date=parse_date(resource.get("birthDate")),
         sex=gender if isinstance(gender, str) else None,
         source=source_ref(resource, origin),
