@@ -91,7 +91,8 @@ def _codes(concept: Any) -> Iterator[tuple[dict[str, Any] | None, str]]:
                 code = coding.get("code")
                 if isinstance(code, str):
                     code = code.strip()
-                elif isinstance(code, int):
+                elif isinstance(code, int) and not isinstance(code, bool):
+                    # JSON true/false is no code (compiled, a bool taken as int reads "1"/"0").
                     code = str(code).strip()
                 else:
                     continue
@@ -582,6 +583,8 @@ def model_problems(resource: dict[str, Any], fhir_version: str) -> list[str]:
         ]
     except (TypeError, ValueError) as exc:
         return [str(exc)[:200]]
+    except KeyError as exc:  # fhir_core: a contained resource of a type it does not know
+        return [f"unknown resource type ({exc})"[:200]]
     return []
 
 
