@@ -3,16 +3,18 @@
 Reading the context is most of a typical call's own CPU (README, Performance); compiled, the
 same code reads it in about 60 % of the time. The modules stay plain Python source: the
 extension is a faster build of exactly that source, and ``cds_service.native`` uses it only
-while it matches the source it was built from (else the source runs, as on a machine
-without a C compiler). ``CDS_PURE_PYTHON=1`` at install time skips compiling altogether.
+while it matches the sources it was built from (else the sources run, as on a machine
+without a C compiler). ``CDS_PURE_PYTHON=1`` at install time skips compiling.
 
-Editable installs (the README's) build the extensions next to the sources, as setuptools
-does; a regular wheel carries them. Either way ``cds_service/native-manifest.json`` records
-the SHA-256 of each source that was compiled.
+Editable installs (the README's) get the extensions next to the sources, as setuptools does;
+a regular wheel carries them. ``cds_service/native-manifest.json`` records the SHA-256 of
+every file the extensions were built from: the compiled modules and every ``cds_service``
+module they import, directly or not, since mypyc builds those modules' types into them.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
@@ -20,20 +22,19 @@ import os
 import shutil
 import sys
 import sysconfig
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-# Kept in step with cds_service.native.COMPILED_MODULES (a test checks they agree).
+# Kept in step with cds_service.native (a test checks they agree).
 COMPILED_MODULES = ("cds_service.context.normalise", "cds_service.context.builder")
 GROUP = "cds_service.native_group"  # the shared mypyc runtime lands inside the package
 MANIFEST = Path("cds_service") / "native-manifest.json"
 PURE_PYTHON_ENV = "CDS_PURE_PYTHON"
-
-
-def _source(module: str) -> Path:
-    return Path(*module.split(".")).with_suffix(".py")
+PACKAGE = "cds_service"
 
 
 def _extension_paths(root: Path) -> list[Path]:
@@ -43,6 +44,53 @@ def _extension_paths(root: Path) -> list[Path]:
         *package, module = name.split(".")
         paths.append(root.joinpath(*package, module + suffix))
     return paths
+
+
+def _module_file(root: Path, module: str) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None  # a name imported from a module, not a module
+
+
+def _imported(path: Path, module: str) -> Iterator[str]:
+    """The first-party names a module imports (absolute or relative), and their packages."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_bytes())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == PACKAGE:
+                yield from (".".join(parts[:end]) for end in range(1, len(parts) + 1))
+
+
+def built_from(root: Path) -> list[Path]:
+    """Every file whose content the extensions depend on: what mypy reads of ours."""
+    seen: dict[str, Path] = {}
+    todo = list(COMPILED_MODULES)
+    while todo:
+        module = todo.pop()
+        if module in seen or (path := _module_file(root, module)) is None:
+            continue
+        seen[module] = path
+        todo.extend(_imported(path, module))
+    return sorted(seen.values())
+
+
+def _digests(root: Path, files: list[Path]) -> dict[str, str]:
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in files
+    }
 
 
 class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
@@ -55,66 +103,86 @@ class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         manifest = root / MANIFEST
         if os.environ.get(PURE_PYTHON_ENV, "").strip().lower() in {"1", "true", "yes"}:
             # Extensions an earlier build left in the tree stay, with the manifest that says
-            # what they were built from (cds_service.native checks it).
+            # what they were built from: cds_service.native runs them only while that holds.
             self.app.display_info(f"{PURE_PYTHON_ENV} is set: not compiling; pure Python")
             return
+        # Hashed before compiling, checked after: a file saved meanwhile (an editor, a
+        # checkout) must not be vouched for by extensions built from its older content.
+        sources = _digests(root, built_from(root))
         if not self._compile(root):
             manifest.unlink(missing_ok=True)
             return
-        manifest.write_text(
-            json.dumps(
-                {
-                    module: hashlib.sha256((root / _source(module)).read_bytes()).hexdigest()
-                    for module in COMPILED_MODULES
-                },
-                indent=2,
+        if _digests(root, built_from(root)) != sources:
+            manifest.unlink(missing_ok=True)
+            self.app.display_warning(
+                "mypyc: sources changed while compiling; the extensions will not be used "
+                "until the next install"
             )
-            + "\n"
+            return
+        manifest.write_text(
+            json.dumps({"compiled": list(COMPILED_MODULES), "sources": sources}, indent=2) + "\n"
         )
         if version == "standard":
             # A regular wheel carries the extensions (editable ones find them in the tree).
             for path in _extension_paths(root):
-                build_data["force_include"][str(path)] = str(path.relative_to(root))
-            build_data["force_include"][str(manifest)] = str(MANIFEST)
+                build_data["force_include"][str(path)] = path.relative_to(root).as_posix()
+            build_data["force_include"][str(manifest)] = MANIFEST.as_posix()
             build_data["pure_python"] = False
             build_data["infer_tag"] = True
 
     def _compile(self, root: Path) -> bool:
-        from mypyc.build import mypycify
-        from setuptools import Distribution
-        from setuptools.errors import BaseError, CCompilerError
+        try:
+            from mypyc.build import mypycify
+            from setuptools import Distribution
+            from setuptools.errors import BaseError, CCompilerError
+        except ImportError as exc:  # a build without isolation, in an environment without them
+            self.app.display_warning(f"mypyc: {exc}; pure Python")
+            return False
 
-        sources = [str(_source(module)) for module in COMPILED_MODULES]
-        build_lib = root / "build" / "mypyc-lib"
-        shutil.rmtree(build_lib, ignore_errors=True)
-        with _working_directory(root):
-            # Type errors stop the build (sys.exit inside mypycify): they are bugs to fix.
-            extensions = mypycify(
-                [*sources, "--ignore-missing-imports"], opt_level="3", group_name=GROUP
-            )
-            distribution = Distribution({"name": "magnesium-cds-native", "ext_modules": extensions})
-            command = distribution.get_command_obj("build_ext")
-            command.build_lib = str(build_lib)  # type: ignore[attr-defined]
-            command.build_temp = str(root / "build" / "mypyc-temp")  # type: ignore[attr-defined]
-            try:
-                distribution.run_command("build_ext")
-            except (CCompilerError, BaseError, OSError) as exc:
-                # No C compiler or headers here: the same code runs as plain Python.
-                self.app.display_warning(
-                    f"mypyc: could not compile ({type(exc).__name__}: {exc}); pure Python"
+        modules = [
+            _module_file(root, module).relative_to(root).as_posix()  # type: ignore[union-attr]
+            for module in COMPILED_MODULES
+        ]
+        (root / "build").mkdir(exist_ok=True)
+        # Its own directory per build: two builds of one tree must not share C files.
+        scratch = Path(tempfile.mkdtemp(prefix="mypyc-", dir=root / "build"))
+        try:
+            with _working_directory(root):
+                # Type errors stop the build (sys.exit in mypycify): they are bugs to fix.
+                extensions = mypycify(
+                    [*modules, "--ignore-missing-imports"],
+                    opt_level="3",
+                    group_name=GROUP,
+                    target_dir=str(scratch / "c"),
                 )
-                for path in _extension_paths(root):
-                    path.unlink(missing_ok=True)
-                return False
-        for path in _extension_paths(root):
-            # Renamed into place, never rewritten: a running process keeps the file it mapped.
-            os.replace(build_lib / path.relative_to(root), path)
+                distribution = Distribution(
+                    {"name": "magnesium-cds-native", "ext_modules": extensions}
+                )
+                command = distribution.get_command_obj("build_ext")
+                command.build_lib = str(scratch / "lib")  # type: ignore[attr-defined]
+                command.build_temp = str(scratch / "temp")  # type: ignore[attr-defined]
+                try:
+                    distribution.run_command("build_ext")
+                except (CCompilerError, BaseError, OSError) as exc:
+                    # No C compiler or headers here: the same code runs as plain Python.
+                    self.app.display_warning(
+                        f"mypyc: could not compile ({type(exc).__name__}: {exc}); pure Python"
+                    )
+                    for path in _extension_paths(root):
+                        path.unlink(missing_ok=True)
+                    return False
+            for path in _extension_paths(root):
+                # Renamed into place, never rewritten: a running process keeps the file it
+                # mapped (same file system: scratch is inside the tree).
+                os.replace(scratch / "lib" / path.relative_to(root), path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         self.app.display_info(f"mypyc: compiled {', '.join(COMPILED_MODULES)}")
         return True
 
 
 @contextlib.contextmanager
-def _working_directory(path: Path) -> Any:
+def _working_directory(path: Path) -> Iterator[None]:
     previous = Path.cwd()
     os.chdir(path)
     sys.path.insert(0, str(path))

@@ -137,7 +137,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from cds_service.context.builder import DataUnavailable, default_client_factory
+    from cds_service.context.builder import default_client_factory
+    from cds_service.context.model import DataUnavailable
     from cds_service.knowledge import default_knowledge, load_knowledge
     from cds_service.pipeline import HookPipeline
     from cds_service.protocol.errors import ApiError

@@ -1,11 +1,12 @@
-"""Which build of the compiled hot path runs: the mypyc extension, or its Python source.
+"""Which build of the compiled hot path runs: the mypyc extensions, or their Python sources.
 
-``hatch_build.py`` compiles ``COMPILED_MODULES`` at install time and records the SHA-256 of
-each source in ``native-manifest.json``. Python imports an extension module in preference to
-the ``.py`` beside it, so an extension built from an older source would silently run old
-code (an editable install keeps its extensions in the work tree). ``install()``, run when
-``cds_service`` is first imported, therefore checks every compiled module against its
-source and, unless all match, has the sources imported instead: a module edited since the
+``hatch_build.py`` compiles ``COMPILED_MODULES`` at install time and records in
+``native-manifest.json`` the SHA-256 of every file they were built from: they and every module
+of ours they import (mypyc builds those modules' types into them). Python imports an
+extension in preference to the ``.py`` beside it, so an extension built from older sources
+would silently run old code (an editable install keeps its extensions in the work tree).
+``install()``, run when ``cds_service`` is first imported, therefore checks every recorded
+file and, unless all match, has the sources imported instead: a module edited since the
 install runs as edited, only slower, until the next ``pip install``. The compiled modules
 call one another directly, so they are used all together or not at all.
 
@@ -21,14 +22,15 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.abc import MetaPathFinder
 from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-# Kept in step with hatch_build.COMPILED_MODULES (a test checks they agree).
+# Kept in step with hatch_build (a test checks they agree).
 COMPILED_MODULES = ("cds_service.context.normalise", "cds_service.context.builder")
+GROUP_RUNTIME = "cds_service.native_group__mypyc"  # mypyc's shared runtime for the group
 PURE_PYTHON_ENV = "CDS_PURE_PYTHON"
 MANIFEST_NAME = "native-manifest.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -52,28 +54,38 @@ def extension_path(module: str) -> Path | None:
     return None
 
 
-def decide(environ: dict[str, str] | os._Environ[str] = os.environ) -> tuple[bool, str]:
+def decide(environ: Mapping[str, str] = os.environ) -> tuple[bool, str]:
     """``(use the extensions, why)``."""
-    built = [module for module in COMPILED_MODULES if extension_path(module) is not None]
+    wanted = (*COMPILED_MODULES, GROUP_RUNTIME)
+    built = [module for module in wanted if extension_path(module) is not None]
     if not built:
         return False, "pure Python (not compiled at install)"
     if environ.get(PURE_PYTHON_ENV, "").strip().lower() in {"1", "true", "yes"}:
         return False, f"pure Python ({PURE_PYTHON_ENV} is set)"
-    if len(built) != len(COMPILED_MODULES):
-        missing = sorted(set(COMPILED_MODULES) - set(built))
+    if len(built) != len(wanted):
+        missing = [module for module in wanted if module not in built]
         return False, f"pure Python (no extension for {', '.join(missing)})"
     try:
         recorded = json.loads((PACKAGE_DIR / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+        sources = recorded["sources"]
+        usable = recorded["compiled"] == list(COMPILED_MODULES) and isinstance(sources, dict)
+    except (OSError, ValueError, TypeError, KeyError):
+        usable = False
+    if not usable:
         return False, f"pure Python ({MANIFEST_NAME} missing or unreadable)"
+    root = PACKAGE_DIR.parent
     for module in COMPILED_MODULES:
+        if source_path(module).relative_to(root).as_posix() not in sources:
+            return False, f"pure Python ({MANIFEST_NAME} does not cover {module})"
+    # The compiled modules and everything of ours they import: mypyc built in their types.
+    for name, digest in sources.items():
         try:
-            digest = hashlib.sha256(source_path(module).read_bytes()).hexdigest()
+            current = hashlib.sha256((root / name).read_bytes()).hexdigest()
         except OSError:
-            return False, f"pure Python ({module} has no source)"
-        if not isinstance(recorded, dict) or recorded.get(module) != digest:
+            current = None
+        if current != digest:
             return False, (
-                f"pure Python ({module} changed since it was compiled; "
+                f"pure Python ({name} changed since the context layer was compiled; "
                 "pip install again to compile it)"
             )
     return True, "compiled (mypyc): " + ", ".join(COMPILED_MODULES)

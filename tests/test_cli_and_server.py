@@ -255,6 +255,7 @@ def test_wheel_carries_schemas_fixtures_and_the_compiled_context_layer(tmp_path:
     for module in native.COMPILED_MODULES:
         assert module.replace(".", "/") + suffix in names
         assert module.replace(".", "/") + ".py" in names
+    assert native.GROUP_RUNTIME.replace(".", "/") + suffix in names
     assert not wheel.name.endswith("-py3-none-any.whl")  # a platform wheel
 
 

@@ -25,35 +25,61 @@ EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 def test_the_build_hook_and_the_guard_name_the_same_modules() -> None:
     assert hatch_build.COMPILED_MODULES == native.COMPILED_MODULES
+    assert f"{hatch_build.GROUP}__mypyc" == native.GROUP_RUNTIME
     assert hatch_build.MANIFEST.name == native.MANIFEST_NAME
     assert hatch_build.PURE_PYTHON_ENV == native.PURE_PYTHON_ENV
 
 
+def test_the_manifest_covers_every_module_of_ours_the_compiled_ones_import() -> None:
+    files = {path.relative_to(ROOT).as_posix() for path in hatch_build.built_from(ROOT)}
+    # mypyc builds the types of what they import into the extensions: an edit there counts.
+    assert {
+        "cds_service/__init__.py",
+        "cds_service/native.py",
+        "cds_service/settings.py",
+        "cds_service/context/__init__.py",
+        "cds_service/context/builder.py",
+        "cds_service/context/normalise.py",
+        "cds_service/context/model.py",
+        "cds_service/context/fhir_client.py",
+        "cds_service/context/prefetch.py",
+    } <= files
+    assert all(name.startswith("cds_service/") and name.endswith(".py") for name in files)
+    assert "cds_service/rules/engine.py" not in files  # not imported by them
+
+
+DEPENDENCY = "cds_service/context/model.py"
+
+
 @pytest.fixture
 def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A stand-in package: the compiled modules' sources, no extension yet."""
-    package = tmp_path / "cds_service"
+    """A stand-in package: the compiled modules' sources and a dependency, no extension yet."""
     for module in native.COMPILED_MODULES:
         source = tmp_path.joinpath(*module.split(".")).with_suffix(".py")
         source.parent.mkdir(parents=True, exist_ok=True)
         source.write_text(f"NAME = {module!r}\n")
-    monkeypatch.setattr(native, "PACKAGE_DIR", package)
+    (tmp_path / DEPENDENCY).write_text("WITHDRAWN = frozenset()\n")
+    monkeypatch.setattr(native, "PACKAGE_DIR", tmp_path / "cds_service")
     return tmp_path
 
 
+def _extension(tree: Path, module: str) -> Path:
+    *package, name = module.split(".")
+    return tree.joinpath(*package, name + EXTENSION_SUFFIX)
+
+
 def _compile(tree: Path, modules: tuple[str, ...] = native.COMPILED_MODULES) -> None:
-    """What the build hook leaves behind: an extension per module and the manifest."""
-    for module in modules:
-        tree.joinpath(*module.split(".")).with_name(
-            module.split(".")[-1] + EXTENSION_SUFFIX
-        ).write_bytes(b"\x7fELF")
-    digests = {
-        module: hashlib.sha256(
-            tree.joinpath(*module.split(".")).with_suffix(".py").read_bytes()
-        ).hexdigest()
-        for module in native.COMPILED_MODULES
+    """What the build hook leaves behind: the extensions, the group runtime, the manifest."""
+    for module in (*modules, native.GROUP_RUNTIME):
+        _extension(tree, module).write_bytes(b"\x7fELF")
+    files = [tree.joinpath(*m.split(".")).with_suffix(".py") for m in native.COMPILED_MODULES]
+    files.append(tree / DEPENDENCY)
+    sources = {
+        path.relative_to(tree).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in files
     }
-    (tree / "cds_service" / native.MANIFEST_NAME).write_text(json.dumps(digests))
+    manifest = {"compiled": list(native.COMPILED_MODULES), "sources": sources}
+    (tree / "cds_service" / native.MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
 def test_without_extensions_the_sources_run(tree: Path) -> None:
@@ -67,16 +93,36 @@ def test_extensions_that_match_their_sources_run(tree: Path) -> None:
     assert why.startswith("compiled (mypyc)")
 
 
-def test_a_source_edited_after_the_build_runs_as_source(tree: Path) -> None:
+@pytest.mark.parametrize("edited", ["cds_service/context/builder.py", DEPENDENCY])
+def test_a_file_edited_after_the_build_makes_the_sources_run(tree: Path, edited: str) -> None:
+    # A dependency counts: e.g. a frozenset turned tuple there fails a compiled type check.
     _compile(tree)
-    edited = tree / "cds_service" / "context" / "builder.py"
-    edited.write_text(edited.read_text() + "EDITED = True\n")
+    path = tree / edited
+    path.write_text(path.read_text() + "EDITED = True\n")
     use, why = native.decide({})
     assert not use
-    assert "cds_service.context.builder changed since it was compiled" in why
+    assert f"{edited} changed since the context layer was compiled" in why
 
 
-@pytest.mark.parametrize("manifest", [None, "not json", "[]", "{}"])
+def test_a_file_removed_after_the_build_makes_the_sources_run(tree: Path) -> None:
+    _compile(tree)
+    (tree / DEPENDENCY).unlink()
+    assert not native.decide({})[0]
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        None,
+        "not json",
+        "[]",
+        "{}",
+        '{"compiled": [], "sources": {}}',
+        json.dumps({"compiled": list(native.COMPILED_MODULES), "sources": []}),
+        # Does not cover a compiled module: nothing vouches for it.
+        json.dumps({"compiled": list(native.COMPILED_MODULES), "sources": {}}),
+    ],
+)
 def test_without_a_usable_manifest_the_sources_run(tree: Path, manifest: str | None) -> None:
     _compile(tree)
     path = tree / "cds_service" / native.MANIFEST_NAME
@@ -89,12 +135,14 @@ def test_without_a_usable_manifest_the_sources_run(tree: Path, manifest: str | N
     assert why.startswith("pure Python (")
 
 
-def test_a_missing_extension_means_none_is_used(tree: Path) -> None:
-    # The compiled modules call one another directly: all of them or none.
-    _compile(tree, modules=native.COMPILED_MODULES[:1])
+@pytest.mark.parametrize("missing", [native.COMPILED_MODULES[1], native.GROUP_RUNTIME])
+def test_a_missing_extension_means_none_is_used(tree: Path, missing: str) -> None:
+    # The compiled modules call one another directly, through the group runtime: all or none.
+    _compile(tree)
+    _extension(tree, missing).unlink()
     use, why = native.decide({})
     assert not use
-    assert native.COMPILED_MODULES[1] in why
+    assert f"no extension for {missing}" in why
 
 
 @pytest.mark.parametrize("value", ["1", "true", " YES "])

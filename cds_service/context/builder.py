@@ -22,34 +22,17 @@ from cds_service.context.model import (
     Coding,
     Condition,
     DataIssue,
+    DataUnavailable,
     Lab,
     LabOrder,
     Medication,
+    MissingData,
     PatientContext,
     PatientInfo,
     lab_recency,
 )
 from cds_service.context.prefetch import PrefetchKey, UnresolvedToken, render_template
 from cds_service.settings import Settings
-
-
-@dataclass(frozen=True)
-class MissingData:
-    key: str
-    data: str
-    reason: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"prefetchKey": self.key, "data": self.data, "reason": self.reason}
-
-
-class DataUnavailable(Exception):
-    """Data the rules require could not be obtained (→ HTTP 412)."""
-
-    def __init__(self, missing: list[MissingData]) -> None:
-        super().__init__("; ".join(f"{m.key}: {m.reason}" for m in missing))
-        self.missing = missing
-
 
 ClientFactory = Callable[[str, str | None], FhirClient]
 

@@ -196,3 +196,22 @@ class PatientContext:
     draft_resources: Mapping[str, dict[str, Any]] = field(
         default_factory=dict, compare=False, repr=False
     )
+
+
+# Plain Python classes (this module is not compiled): copied, pickled and raised as usual.
+@dataclass(frozen=True)
+class MissingData:
+    key: str
+    data: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"prefetchKey": self.key, "data": self.data, "reason": self.reason}
+
+
+class DataUnavailable(Exception):
+    """Data the rules require could not be obtained (→ HTTP 412)."""
+
+    def __init__(self, missing: list[MissingData]) -> None:
+        super().__init__("; ".join(f"{m.key}: {m.reason}" for m in missing))
+        self.missing = missing

@@ -13,7 +13,7 @@ import orjson
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from cds_service.context.builder import DataUnavailable
+from cds_service.context.model import DataUnavailable
 from cds_service.pipeline import HookPipeline
 from cds_service.protocol.errors import ApiError
 from cds_service.protocol.hook_request import HookRequest
