@@ -179,7 +179,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "revision": _git_revision(),
         "gunicorn": f"{settings.workers} workers x {settings.threads} threads (gthread)",
-        "hot_path": native.status,
+        "context_layer": native.status,
         "loadavg_start": _loadavg(),
     }
 
@@ -194,7 +194,7 @@ def _machine_table(info: dict[str, Any]) -> str:
         ["platform", info["platform"]],
         ["revision", info["revision"]],
         ["gunicorn", info["gunicorn"]],
-        ["context layer", info["hot_path"]],
+        ["context layer", info["context_layer"]],
         ["load average at start (1/5/15 min)", info["loadavg_start"]],
     ]
     return "## Machine\n\n" + table(["", ""], rows)
