@@ -17,14 +17,14 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from test_hostile_input import (
-    _ciprofloxacin_with,
-    _update_offered,
     call_with_condition,
+    ciprofloxacin_with,
     data_issues,
     indicators,
     load,
     post,
     strict_json,
+    update_offered,
 )
 
 from cds_service.app import create_app
@@ -226,9 +226,9 @@ def test_a_contained_resource_of_an_unknown_type_is_reported_not_a_500(
     # The strict check of the draft an update sends back (model_problems): fhir.resources
     # raises KeyError, not a ValidationError, for a contained resource type it does not know.
     contained = json.dumps([{"resourceType": resource_type, "id": "m1"}])
-    response = post(client, _ciprofloxacin_with("contained", contained))
+    response = post(client, ciprofloxacin_with("contained", contained))
     assert response.status_code == 200, response.data[:300]
     answer = strict_json(response.data)
-    assert _update_offered(answer)
+    assert update_offered(answer)
     issues = data_issues(answer)
     assert any("unknown resource type" in issue["problem"] for issue in issues), issues

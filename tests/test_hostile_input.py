@@ -439,7 +439,7 @@ def test_what_only_the_stdlib_parser_reads_is_still_answered(client: FlaskClient
 CIPROFLOXACIN_SELECT = "/cds-services/magnesium-order-select"
 
 
-def _ciprofloxacin_with(field: str, raw_json: str) -> str:
+def ciprofloxacin_with(field: str, raw_json: str) -> str:
     """ciprofloxacin.order-select (its card offers an UPDATE that sends the draft back) with
     one field of the draft order set to ``raw_json``, written as is."""
     body = load("ciprofloxacin.order-select.json")
@@ -447,7 +447,7 @@ def _ciprofloxacin_with(field: str, raw_json: str) -> str:
     return json.dumps(body).replace('"@@"', raw_json)
 
 
-def _update_offered(answer: dict[str, Any]) -> bool:
+def update_offered(answer: dict[str, Any]) -> bool:
     return any(
         action["type"] == "update"
         for card in answer["cards"]
@@ -469,10 +469,10 @@ def test_a_draft_only_the_stdlib_can_write_is_still_sent_back(
 ) -> None:
     # orjson writes the answer; what it cannot write (but the stdlib parser read) is written
     # by the stdlib: never a 500 for a value copied from the EHR's own draft.
-    response = post(client, _ciprofloxacin_with(field, raw_json))
+    response = post(client, ciprofloxacin_with(field, raw_json))
     assert response.status_code == 200, response.data[:300]
     answer = strict_json(response.data)
-    assert _update_offered(answer)
+    assert update_offered(answer)
 
 
 def test_a_drug_name_with_a_lone_surrogate_still_gets_its_card(client: FlaskClient) -> None:
@@ -491,12 +491,12 @@ def test_a_draft_nested_absurdly_deep_is_read_but_never_sent_back(
 ) -> None:
     nested = '{"a":' * depth + "1" + "}" * depth
     note = f'[{{"text": "x", "extension": {nested}}}]'
-    response = post(client, _ciprofloxacin_with("note", note))
+    response = post(client, ciprofloxacin_with("note", note))
     if response.status_code == 400:  # beyond what the parsers read: refused as such
         assert response.get_json()["error"] == "invalid-json"
         return
     assert response.status_code == 200, response.data[:300]
     answer = strict_json(response.data)
     assert answer["cards"]  # the interaction is still found
-    assert not _update_offered(answer)
+    assert not update_offered(answer)
     assert any("levels deep" in issue["problem"] for issue in data_issues(answer))
