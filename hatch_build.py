@@ -35,6 +35,7 @@ GROUP = "cds_service.native_group"  # the shared mypyc runtime lands inside the 
 MANIFEST = Path("cds_service") / "native-manifest.json"
 PURE_PYTHON_ENV = "CDS_PURE_PYTHON"
 PACKAGE = "cds_service"
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})  # as cds_service.settings reads booleans
 
 
 def _extension_paths(root: Path) -> list[Path]:
@@ -101,7 +102,7 @@ class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             return
         root = Path(self.root)
         manifest = root / MANIFEST
-        if os.environ.get(PURE_PYTHON_ENV, "").strip().lower() in {"1", "true", "yes"}:
+        if os.environ.get(PURE_PYTHON_ENV, "").strip().lower() in TRUE_WORDS:
             # Extensions an earlier build left in the tree stay, with the manifest that says
             # what they were built from: cds_service.native runs them only while that holds.
             self.app.display_info(f"{PURE_PYTHON_ENV} is set: not compiling; pure Python")

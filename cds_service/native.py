@@ -28,6 +28,8 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
+from cds_service.settings import TRUE_WORDS  # standard library only: safe this early
+
 # Kept in step with hatch_build (a test checks they agree).
 COMPILED_MODULES = ("cds_service.context.normalise", "cds_service.context.builder")
 GROUP_RUNTIME = "cds_service.native_group__mypyc"  # mypyc's shared runtime for the group
@@ -60,7 +62,7 @@ def decide(environ: Mapping[str, str] = os.environ) -> tuple[bool, str]:
     built = [module for module in wanted if extension_path(module) is not None]
     if not built:
         return False, "pure Python (not compiled at install)"
-    if environ.get(PURE_PYTHON_ENV, "").strip().lower() in {"1", "true", "yes"}:
+    if environ.get(PURE_PYTHON_ENV, "").strip().lower() in TRUE_WORDS:
         return False, f"pure Python ({PURE_PYTHON_ENV} is set)"
     if len(built) != len(wanted):
         missing = [module for module in wanted if module not in built]

@@ -136,6 +136,11 @@ def parse_base_urls(raw: str, env_name: str) -> tuple[str, ...]:
     return tuple(urls)
 
 
+# How every boolean CDS_* variable is read (CDS_PURE_PYTHON too, in cds_service.native).
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
 def _convert(name: str, type_name: Any, raw: str) -> Any:
     env_name = ENV_PREFIX + name.upper()
     type_name = str(type_name)
@@ -146,9 +151,9 @@ def _convert(name: str, type_name: Any, raw: str) -> Any:
             return float(raw)
         if type_name == "bool":
             lowered = raw.strip().lower()
-            if lowered in {"1", "true", "yes", "on"}:
+            if lowered in TRUE_WORDS:
                 return True
-            if lowered in {"0", "false", "no", "off"}:
+            if lowered in FALSE_WORDS:
                 return False
             raise ValueError(raw)
     except ValueError as exc:

@@ -10,6 +10,7 @@ import hashlib
 import importlib.machinery
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import hatch_build
-from cds_service import native
+from cds_service import native, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -28,6 +29,7 @@ def test_the_build_hook_and_the_guard_name_the_same_modules() -> None:
     assert f"{hatch_build.GROUP}__mypyc" == native.GROUP_RUNTIME
     assert hatch_build.MANIFEST.name == native.MANIFEST_NAME
     assert hatch_build.PURE_PYTHON_ENV == native.PURE_PYTHON_ENV
+    assert hatch_build.TRUE_WORDS == settings.TRUE_WORDS
 
 
 def test_the_manifest_covers_every_module_of_ours_the_compiled_ones_import() -> None:
@@ -145,7 +147,7 @@ def test_a_missing_extension_means_none_is_used(tree: Path, missing: str) -> Non
     assert f"no extension for {missing}" in why
 
 
-@pytest.mark.parametrize("value", ["1", "true", " YES "])
+@pytest.mark.parametrize("value", ["1", "true", " YES ", "on"])
 def test_the_environment_can_ask_for_the_sources(tree: Path, value: str) -> None:
     _compile(tree)
     assert native.decide({native.PURE_PYTHON_ENV: value}) == (
@@ -153,6 +155,95 @@ def test_the_environment_can_ask_for_the_sources(tree: Path, value: str) -> None
         f"pure Python ({native.PURE_PYTHON_ENV} is set)",
     )
     assert native.decide({native.PURE_PYTHON_ENV: "0"})[0]
+
+
+class _Messages:
+    """hatchling's Application, as far as the hook uses it."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def display_info(self, message: str) -> None:
+        pass
+
+    def display_warning(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the package's sources (no extension, no manifest) to run the hook in."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", native.MANIFEST_NAME)
+    shutil.copytree(ROOT / "cds_service", tmp_path / "cds_service", ignore=ignore)
+    return tmp_path
+
+
+def _run_hook(
+    project: Path, monkeypatch: pytest.MonkeyPatch, compile_step: object, version: str
+) -> tuple[dict[str, object], _Messages]:
+    """The hook's bookkeeping around a stand-in for the (minute-long) compile."""
+    messages = _Messages()
+    hook = hatch_build.MypycBuildHook(
+        str(project), {}, None, None, str(project / "dist"), "wheel", app=messages
+    )
+    monkeypatch.setattr(hook, "_compile", compile_step)
+    build_data: dict[str, object] = {"force_include": {}}
+    hook.initialize(version, build_data)
+    return build_data, messages
+
+
+def test_the_hook_records_what_it_compiled(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build_data, messages = _run_hook(project, monkeypatch, lambda root: True, "standard")
+    manifest = json.loads((project / "cds_service" / native.MANIFEST_NAME).read_text())
+    assert manifest["compiled"] == list(native.COMPILED_MODULES)
+    model = (project / "cds_service/context/model.py").read_bytes()
+    assert manifest["sources"]["cds_service/context/model.py"] == hashlib.sha256(model).hexdigest()
+    carried = set(build_data["force_include"].values())  # type: ignore[attr-defined]
+    assert f"cds_service/{native.MANIFEST_NAME}" in carried
+    assert native.GROUP_RUNTIME.replace(".", "/") + EXTENSION_SUFFIX in carried
+    assert build_data["pure_python"] is False
+    assert not messages.warnings
+
+
+def test_a_file_saved_while_compiling_leaves_no_manifest(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The extensions hold the content from before the save: nothing may vouch for them.
+    def compile_while_an_editor_saves(root: Path) -> bool:
+        model = root / "cds_service/context/model.py"
+        model.write_text(model.read_text() + "SAVED = True\n")
+        return True
+
+    saving = compile_while_an_editor_saves
+    build_data, messages = _run_hook(project, monkeypatch, saving, "editable")
+    assert not (project / "cds_service" / native.MANIFEST_NAME).exists()
+    assert messages.warnings and "changed while compiling" in messages.warnings[0]
+    assert build_data == {"force_include": {}}
+
+
+def test_a_failed_compile_removes_the_old_manifest(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = project / "cds_service" / native.MANIFEST_NAME
+    manifest.write_text('{"compiled": [], "sources": {}}')
+    build_data, _ = _run_hook(project, monkeypatch, lambda root: False, "standard")
+    assert not manifest.exists()
+    assert build_data == {"force_include": {}}  # a pure-Python wheel
+
+
+def test_compiling_can_be_skipped_at_install(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(native.PURE_PYTHON_ENV, "on")
+    manifest = project / "cds_service" / native.MANIFEST_NAME
+    manifest.write_text("{}")  # an earlier build's: left for the guard to judge
+
+    def must_not_compile(root: Path) -> bool:
+        raise AssertionError("compiled although CDS_PURE_PYTHON is set")
+
+    build_data, _ = _run_hook(project, monkeypatch, must_not_compile, "editable")
+    assert manifest.read_text() == "{}"
+    assert build_data == {"force_include": {}}
 
 
 # Every request fixture and the benchmark's workloads, through the service in a fresh
