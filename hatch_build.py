@@ -9,7 +9,9 @@ without a C compiler). ``CDS_PURE_PYTHON=1`` at install time skips compiling.
 Editable installs (the README's) get the extensions next to the sources, as setuptools does;
 a regular wheel carries them. ``cds_service/native-manifest.json`` records the SHA-256 of
 every file the extensions were built from: the compiled modules and every ``cds_service``
-module they import, directly or not, since mypyc builds those modules' types into them.
+module they import, directly or not, since mypyc builds those modules' types into them. With
+the mypy and Python versions and each extension's SHA-256 it also tells a reinstall that the
+extensions in the tree are still what compiling would give, so they are not compiled again.
 """
 
 from __future__ import annotations
@@ -94,6 +96,42 @@ def _digests(root: Path, files: list[Path]) -> dict[str, str]:
     }
 
 
+def _toolchain() -> dict[str, str]:
+    """What decides the extensions besides the sources: mypyc's version and the interpreter
+    (its version and extension ABI) they were built for."""
+    try:
+        from mypy.version import __version__ as mypy_version
+    except ImportError:  # then nothing compiles either
+        mypy_version = ""
+    return {
+        "mypy": mypy_version,
+        "python": sys.version,
+        "extension_suffix": sysconfig.get_config_var("EXT_SUFFIX") or "",
+    }
+
+
+def _manifest(root: Path, sources: dict[str, str]) -> dict[str, Any]:
+    return {
+        "compiled": list(COMPILED_MODULES),
+        "sources": sources,
+        "toolchain": _toolchain(),
+        "extensions": _digests(root, [p for p in _extension_paths(root) if p.is_file()]),
+    }
+
+
+def _up_to_date(root: Path, manifest: Path, sources: dict[str, str]) -> bool:
+    """True when the tree's extensions are what compiling ``sources`` now would give: the
+    manifest names these modules, sources and toolchain, and every extension it records is
+    still there, byte for byte."""
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    if not all(path.is_file() for path in _extension_paths(root)):
+        return False
+    return isinstance(recorded, dict) and recorded == _manifest(root, sources)
+
+
 class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
     PLUGIN_NAME = "custom"
 
@@ -110,19 +148,24 @@ class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         # Hashed before compiling, checked after: a file saved meanwhile (an editor, a
         # checkout) must not be vouched for by extensions built from its older content.
         sources = _digests(root, built_from(root))
-        if not self._compile(root):
-            manifest.unlink(missing_ok=True)
-            return
-        if _digests(root, built_from(root)) != sources:
-            manifest.unlink(missing_ok=True)
-            self.app.display_warning(
-                "mypyc: sources changed while compiling; the extensions will not be used "
-                "until the next install"
+        if _up_to_date(root, manifest, sources):
+            # The README's test command reinstalls before every run: a minute saved each time.
+            self.app.display_info(
+                "mypyc: the extensions in the tree were built from these sources by this "
+                "mypy and Python; not recompiling"
             )
-            return
-        manifest.write_text(
-            json.dumps({"compiled": list(COMPILED_MODULES), "sources": sources}, indent=2) + "\n"
-        )
+        else:
+            if not self._compile(root):
+                manifest.unlink(missing_ok=True)
+                return
+            if _digests(root, built_from(root)) != sources:
+                manifest.unlink(missing_ok=True)
+                self.app.display_warning(
+                    "mypyc: sources changed while compiling; the extensions will not be used "
+                    "until the next install"
+                )
+                return
+            manifest.write_text(json.dumps(_manifest(root, sources), indent=2) + "\n")
         if version == "standard":
             # A regular wheel carries the extensions (editable ones find them in the tree).
             for path in _extension_paths(root):

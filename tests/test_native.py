@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,97 @@ def test_compiling_can_be_skipped_at_install(
     build_data, _ = _run_hook(project, monkeypatch, must_not_compile, "editable")
     assert manifest.read_text() == "{}"
     assert build_data == {"force_include": {}}
+
+
+def _compile_into_tree(root: Path) -> bool:
+    """Stands in for mypyc: puts an extension file (made-up bytes) where each one goes."""
+    for path in hatch_build._extension_paths(root):
+        path.write_bytes(b"compiled from " + path.name.encode())
+    return True
+
+
+def _must_not_compile(root: Path) -> bool:
+    raise AssertionError("compiled although the extensions in the tree were up to date")
+
+
+@pytest.mark.parametrize("version", ["editable", "standard"])
+def test_extensions_built_from_the_same_sources_are_not_compiled_again(
+    project: Path, monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    # The README's test command reinstalls before every run: a minute saved every time.
+    _run_hook(project, monkeypatch, _compile_into_tree, "editable")
+    manifest = project / "cds_service" / native.MANIFEST_NAME
+    first = manifest.read_text()
+    assert json.loads(first)["extensions"].keys() == {
+        path.relative_to(project).as_posix() for path in hatch_build._extension_paths(project)
+    }
+    build_data, messages = _run_hook(project, monkeypatch, _must_not_compile, version)
+    assert manifest.read_text() == first and not messages.warnings
+    if version == "standard":  # a wheel still carries them
+        carried = set(build_data["force_include"].values())  # type: ignore[attr-defined]
+        assert native.GROUP_RUNTIME.replace(".", "/") + EXTENSION_SUFFIX in carried
+
+
+def _edit_a_source(project: Path) -> None:
+    model = project / "cds_service/context/model.py"  # imported by the compiled modules
+    model.write_text(model.read_text() + "EDITED = True\n")
+
+
+def _edit_an_extension(project: Path) -> None:
+    hatch_build._extension_paths(project)[0].write_bytes(b"something else")
+
+
+def _remove_the_runtime(project: Path) -> None:
+    hatch_build._extension_paths(project)[-1].unlink()
+
+
+def _another_mypy(project: Path) -> None:
+    manifest = project / "cds_service" / native.MANIFEST_NAME
+    recorded = json.loads(manifest.read_text())
+    recorded["toolchain"]["mypy"] = "0.0.1"
+    manifest.write_text(json.dumps(recorded))
+
+
+def _another_python(project: Path) -> None:
+    manifest = project / "cds_service" / native.MANIFEST_NAME
+    recorded = json.loads(manifest.read_text())
+    recorded["toolchain"]["python"] = "3.11.0 (another build)"
+    manifest.write_text(json.dumps(recorded))
+
+
+def _an_older_manifest(project: Path) -> None:
+    # A manifest from before the toolchain was recorded: nothing says what built them.
+    manifest = project / "cds_service" / native.MANIFEST_NAME
+    recorded = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({k: recorded[k] for k in ("compiled", "sources")}))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _edit_a_source,
+        _edit_an_extension,
+        _remove_the_runtime,
+        _another_mypy,
+        _another_python,
+        _an_older_manifest,
+    ],
+)
+def test_anything_changed_since_the_build_compiles_again(
+    project: Path, monkeypatch: pytest.MonkeyPatch, change: Callable[[Path], None]
+) -> None:
+    _run_hook(project, monkeypatch, _compile_into_tree, "editable")
+    change(project)
+    compiled: list[Path] = []
+
+    def compile_again(root: Path) -> bool:
+        compiled.append(root)
+        return _compile_into_tree(root)
+
+    _run_hook(project, monkeypatch, compile_again, "editable")
+    assert compiled == [project]
+    recorded = json.loads((project / "cds_service" / native.MANIFEST_NAME).read_text())
+    assert recorded["toolchain"] == hatch_build._toolchain()
 
 
 # Every request fixture and the benchmark's workloads, through the service in a fresh
