@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.stats import summary
@@ -34,10 +34,39 @@ class LoadResult:
     seconds: float
     latency_ms: dict[str, float] = field(default_factory=dict)
     statuses: dict[int, int] = field(default_factory=dict)
+    # Every request's latency (ms), for combining rounds; not written to the JSON report.
+    latencies: list[float] = field(default_factory=list, repr=False)
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @classmethod
+    def combined(cls, rounds: list[LoadResult]) -> LoadResult:
+        """Several rounds of one target, workload and concurrency as one measurement: all
+        their requests over all their measured time, percentiles over every latency."""
+        first = rounds[0]
+        latencies = [value for r in rounds for value in r.latencies]
+        statuses: dict[int, int] = {}
+        for r in rounds:
+            for status, count in r.statuses.items():
+                statuses[status] = statuses.get(status, 0) + count
+        return cls(
+            first.target,
+            first.workload,
+            first.concurrency,
+            sum(r.requests for r in rounds),
+            sum(r.errors for r in rounds),
+            sum(r.seconds for r in rounds),
+            summary(latencies),
+            statuses,
+            latencies,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            name: value for name, value in asdict(self).items() if name != "latencies"
+        } | {"rps": self.rps}
 
 
 class _Shared:
@@ -152,6 +181,7 @@ def generate_load(
         elapsed,
         summary(latencies),
         statuses,
+        latencies,
     )
 
 

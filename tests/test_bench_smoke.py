@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 from bench import inprocess, servers
+from bench.__main__ import ratio_range
 from bench.floor_app import app as floor_app
+from bench.http_load import LoadResult
 from bench.workloads import (
     IRRELEVANT_CONDITIONS,
     IRRELEVANT_MEDICATIONS,
@@ -122,3 +124,19 @@ def test_the_floor_parses_and_answers_no_cards() -> None:
     response = client.post(path, data=body, content_type="application/json")
     assert response.status_code == 200
     assert response.get_json() == {"cards": []}
+
+
+def test_alternating_rounds_combine_into_one_measurement_per_target() -> None:
+    # Floor and ours alternate in short rounds (the VM's speed changes within seconds); each
+    # target's rounds then count as one run: every request over all measured time.
+    rounds = [
+        LoadResult("ours", "typical", 4, 300, 0, 1.0, {}, {200: 300}, [1.0] * 300),
+        LoadResult("ours", "typical", 4, 100, 1, 0.5, {}, {200: 99, 0: 1}, [3.0] * 100),
+    ]
+    combined = LoadResult.combined(rounds)
+    assert (combined.requests, combined.errors, combined.seconds) == (400, 1, 1.5)
+    assert round(combined.rps, 3) == round(400 / 1.5, 3)
+    assert combined.statuses == {200: 399, 0: 1}
+    assert combined.latency_ms["median"] == 1.0 and combined.latency_ms["p99"] == 3.0
+    assert "latencies" not in combined.to_json() and combined.to_json()["rps"] == combined.rps
+    assert ratio_range([0.512, 0.58, 0.547]) == "51–58 %" and ratio_range([]) == "–"
