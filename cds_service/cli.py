@@ -182,9 +182,19 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         for missing in exc.missing:
             print(f"required data unavailable: {missing.key}: {missing.reason}", file=sys.stderr)
         return EXIT_DATA_UNAVAILABLE
-    json.dump(result.response, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    _print_json(result.response)
     return 0
+
+
+def _print_json(value: Any) -> None:
+    """UTF-8 JSON on stdout whatever the locale, as the HTTP answer is: "§ 4 — ..." reads as
+    written, not as \\u escapes. The one thing UTF-8 cannot hold, a lone surrogate (the
+    stdlib parser accepts one in a draft order, and an update suggestion copies it back), is
+    written as its JSON escape (\\udc80), which means the same character."""
+    text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    sys.stdout.flush()
+    sys.stdout.buffer.write(text.encode("utf-8", "backslashreplace"))
+    sys.stdout.buffer.flush()
 
 
 def _print_api_error(source: Path, exc: ApiError) -> None:

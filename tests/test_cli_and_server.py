@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import requests
 from processes import CDS, Served, free_port, run_cds, wait_until_up
+from test_hostile_input import ciprofloxacin_with, update_offered
 
 from cds_service import native
 
@@ -87,6 +88,40 @@ def test_evaluate_prints_the_cards_without_a_server() -> None:
     assert result.returncode == 0, result.stderr
     [card] = json.loads(result.stdout)["cards"]
     assert card["indicator"] == "critical"
+
+
+def test_evaluate_writes_utf8_json_whatever_the_locale(tmp_path: Path) -> None:
+    # The card's "§" and "—" read as written (they were \\u escapes); an ASCII locale
+    # cannot make the output fail.
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run(
+        [CDS, "evaluate", str(MG_REQUEST)], capture_output=True, timeout=60, check=False, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode("utf-8")
+    assert "§" in text and "—" in text and "\\u" not in text
+    assert json.loads(text)["cards"][0]["indicator"] == "critical"
+
+
+def test_evaluate_writes_a_lone_surrogate_from_a_draft_as_its_json_escape(
+    tmp_path: Path,
+) -> None:
+    # UTF-8 cannot hold it; its escape is valid JSON and means the same character, which the
+    # update suggestion sends back as the EHR wrote it.
+    request = tmp_path / "request.json"
+    request.write_text(ciprofloxacin_with("note", '[{"text": "\\ud800 x"}]'))
+    done = subprocess.run([CDS, "evaluate", str(request)], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.decode("utf-8"))
+    assert update_offered(answer)
+    notes = [
+        action["resource"]["note"]
+        for card in answer["cards"]
+        for suggestion in card.get("suggestions", [])
+        for action in suggestion["actions"]
+        if action["type"] == "update"
+    ]
+    assert notes and all(note == [{"text": "\ud800 x"}] for note in notes)
 
 
 def test_evaluate_fetches_from_a_fhir_server_when_asked(fixture_server_process: str) -> None:
