@@ -10,8 +10,9 @@ Editable installs (the README's) get the extensions next to the sources, as setu
 a regular wheel carries them. ``cds_service/native-manifest.json`` records the SHA-256 of
 every file the extensions were built from: the compiled modules and every ``cds_service``
 module they import, directly or not, since mypyc builds those modules' types into them. With
-the mypy and Python versions and each extension's SHA-256 it also tells a reinstall that the
-extensions in the tree are still what compiling would give, so they are not compiled again.
+the mypy and Python versions, this file's and each extension's SHA-256 it also tells a
+reinstall that the extensions in the tree are still what compiling would give, so they are not
+compiled again.
 """
 
 from __future__ import annotations
@@ -97,14 +98,15 @@ def _digests(root: Path, files: list[Path]) -> dict[str, str]:
 
 
 def _toolchain() -> dict[str, str]:
-    """What decides the extensions besides the sources: mypyc's version and the interpreter
-    (its version and extension ABI) they were built for."""
+    """What decides the extensions besides the sources: mypyc's version, how this hook calls
+    it (this file), and the interpreter (its version and extension ABI) they were built for."""
     try:
         from mypy.version import __version__ as mypy_version
     except ImportError:  # then nothing compiles either
         mypy_version = ""
     return {
         "mypy": mypy_version,
+        "build_hook": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "python": sys.version,
         "extension_suffix": sysconfig.get_config_var("EXT_SUFFIX") or "",
     }

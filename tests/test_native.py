@@ -296,6 +296,14 @@ def _another_mypy(project: Path) -> None:
     manifest.write_text(json.dumps(recorded))
 
 
+def _another_build_hook(project: Path) -> None:
+    # e.g. another opt_level: the same sources compile differently.
+    manifest = project / "cds_service" / native.MANIFEST_NAME
+    recorded = json.loads(manifest.read_text())
+    recorded["toolchain"]["build_hook"] = "0" * 64
+    manifest.write_text(json.dumps(recorded))
+
+
 def _another_python(project: Path) -> None:
     manifest = project / "cds_service" / native.MANIFEST_NAME
     recorded = json.loads(manifest.read_text())
@@ -317,6 +325,7 @@ def _an_older_manifest(project: Path) -> None:
         _edit_an_extension,
         _remove_the_runtime,
         _another_mypy,
+        _another_build_hook,
         _another_python,
         _an_older_manifest,
     ],
