@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -97,16 +98,24 @@ def _digests(root: Path, files: list[Path]) -> dict[str, str]:
     }
 
 
-def _toolchain() -> dict[str, str]:
+# The environment variables through which setuptools changes how the C code is compiled.
+COMPILER_ENVIRONMENT = ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS", "LDSHARED")
+
+
+def _toolchain() -> dict[str, Any]:
     """What decides the extensions besides the sources: mypyc's version, how this hook calls
-    it (this file), and the interpreter (its version and extension ABI) they were built for."""
-    try:
-        from mypy.version import __version__ as mypy_version
-    except ImportError:  # then nothing compiles either
-        mypy_version = ""
+    it (this file; mypy reads no configuration file), the C compiler's settings, and the
+    interpreter (its version and extension ABI) they were built for."""
+    versions = {}
+    for name in ("mypy", "setuptools"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # then nothing compiles either
+            versions[name] = ""
     return {
-        "mypy": mypy_version,
+        **versions,
         "build_hook": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "compiler_environment": {name: os.environ.get(name) for name in COMPILER_ENVIRONMENT},
         "python": sys.version,
         "extension_suffix": sysconfig.get_config_var("EXT_SUFFIX") or "",
     }
@@ -150,18 +159,20 @@ class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         # Hashed before compiling, checked after: a file saved meanwhile (an editor, a
         # checkout) must not be vouched for by extensions built from its older content.
         sources = _digests(root, built_from(root))
-        if _up_to_date(root, manifest, sources):
+        if version == "editable" and _up_to_date(root, manifest, sources):
             # The README's test command reinstalls before every run: a minute saved each time.
+            # A wheel, which may be shipped, is always compiled afresh.
             self.app.display_info(
-                "mypyc: the extensions in the tree were built from these sources by this "
-                "mypy and Python; not recompiling"
+                "mypyc: the extensions in the tree were built from these sources with this "
+                "toolchain; not recompiling"
             )
         else:
+            # Until the new set is complete, no manifest vouches for the extensions: a process
+            # starting meanwhile must not run a mix of old and new ones.
+            manifest.unlink(missing_ok=True)
             if not self._compile(root):
-                manifest.unlink(missing_ok=True)
                 return
             if _digests(root, built_from(root)) != sources:
-                manifest.unlink(missing_ok=True)
                 self.app.display_warning(
                     "mypyc: sources changed while compiling; the extensions will not be used "
                     "until the next install"
@@ -196,7 +207,9 @@ class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             with _working_directory(root):
                 # Type errors stop the build (sys.exit in mypycify): they are bugs to fix.
                 extensions = mypycify(
-                    [*modules, "--ignore-missing-imports"],
+                    # No configuration file (mypy.ini, setup.cfg, the user's): the manifest's
+                    # toolchain is all that decides how the sources compile.
+                    [*modules, "--ignore-missing-imports", "--config-file="],
                     opt_level="3",
                     group_name=GROUP,
                     target_dir=str(scratch / "c"),

@@ -258,9 +258,8 @@ def _must_not_compile(root: Path) -> bool:
     raise AssertionError("compiled although the extensions in the tree were up to date")
 
 
-@pytest.mark.parametrize("version", ["editable", "standard"])
 def test_extensions_built_from_the_same_sources_are_not_compiled_again(
-    project: Path, monkeypatch: pytest.MonkeyPatch, version: str
+    project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The README's test command reinstalls before every run: a minute saved every time.
     _run_hook(project, monkeypatch, _compile_into_tree, "editable")
@@ -269,11 +268,65 @@ def test_extensions_built_from_the_same_sources_are_not_compiled_again(
     assert json.loads(first)["extensions"].keys() == {
         path.relative_to(project).as_posix() for path in hatch_build._extension_paths(project)
     }
-    build_data, messages = _run_hook(project, monkeypatch, _must_not_compile, version)
+    build_data, messages = _run_hook(project, monkeypatch, _must_not_compile, "editable")
     assert manifest.read_text() == first and not messages.warnings
-    if version == "standard":  # a wheel still carries them
-        carried = set(build_data["force_include"].values())  # type: ignore[attr-defined]
-        assert native.GROUP_RUNTIME.replace(".", "/") + EXTENSION_SUFFIX in carried
+    assert build_data == {"force_include": {}}
+
+
+def test_a_wheel_is_always_compiled_afresh(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A wheel may be shipped: nothing the tree holds is vouched for without compiling.
+    _run_hook(project, monkeypatch, _compile_into_tree, "editable")
+    compiled: list[Path] = []
+
+    def compile_again(root: Path) -> bool:
+        compiled.append(root)
+        return _compile_into_tree(root)
+
+    build_data, messages = _run_hook(project, monkeypatch, compile_again, "standard")
+    assert compiled == [project] and not messages.warnings
+    carried = set(build_data["force_include"].values())  # type: ignore[attr-defined]
+    assert carried == {
+        f"cds_service/{native.MANIFEST_NAME}",
+        *(path.relative_to(project).as_posix() for path in hatch_build._extension_paths(project)),
+    }
+    assert build_data["pure_python"] is False and build_data["infer_tag"] is True
+
+
+def test_no_manifest_vouches_for_the_extensions_while_they_are_replaced(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Swapped in one by one: a process starting meanwhile must run the sources, not a mix.
+    _run_hook(project, monkeypatch, _compile_into_tree, "editable")
+    manifest = project / "cds_service" / native.MANIFEST_NAME
+    recorded = json.loads(manifest.read_text())
+    recorded["toolchain"]["mypy"] = "0.0.1"
+    manifest.write_text(json.dumps(recorded))
+
+    def compile_checking(root: Path) -> bool:
+        assert not manifest.exists()
+        return _compile_into_tree(root)
+
+    _run_hook(project, monkeypatch, compile_checking, "editable")
+    assert json.loads(manifest.read_text())["toolchain"] == hatch_build._toolchain()
+
+
+def test_other_compiler_settings_compile_again(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _run_hook(project, monkeypatch, _compile_into_tree, "editable")
+    monkeypatch.setenv("CFLAGS", "-O0 -g")
+    compiled: list[Path] = []
+
+    def compile_again(root: Path) -> bool:
+        compiled.append(root)
+        return _compile_into_tree(root)
+
+    _run_hook(project, monkeypatch, compile_again, "editable")
+    assert compiled == [project]
+    recorded = json.loads((project / "cds_service" / native.MANIFEST_NAME).read_text())
+    assert recorded["toolchain"]["compiler_environment"]["CFLAGS"] == "-O0 -g"
 
 
 def _edit_a_source(project: Path) -> None:
