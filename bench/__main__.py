@@ -12,7 +12,6 @@ import contextlib
 import cProfile
 import io
 import json
-import math
 import os
 import platform
 import pstats
@@ -461,7 +460,10 @@ def run_http(
                 targets = (floor, ours, *(extra if name == "typical" else ()))
                 rounds: dict[str, list[LoadResult]] = {target.name: [] for target in targets}
                 for round_number in range(1, plan.http_rounds + 1):
-                    for target in targets:
+                    # Floor first in odd rounds, last in even ones: a steady drift within the
+                    # level then favours neither.
+                    order = targets if round_number % 2 else tuple(reversed(targets))
+                    for target in order:
                         _progress(
                             f"{target.name} {name} c={concurrency} "
                             f"(round {round_number}/{plan.http_rounds})"
@@ -484,12 +486,17 @@ def run_http(
                     {
                         "workload": name,
                         "concurrency": concurrency,
+                        # None where the floor answered nothing in a round (JSON has no NaN).
                         "ratios": [
-                            ours_round.rps / floor_round.rps if floor_round.rps else math.nan
+                            ours_round.rps / floor_round.rps if floor_round.rps else None
                             for ours_round, floor_round in zip(
                                 rounds[ours.name], rounds[floor.name], strict=True
                             )
                         ],
+                        "rounds": {
+                            target: [run.to_json() for run in runs]
+                            for target, runs in rounds.items()
+                        },
                     }
                 )
             memory[f"workers_after_{name}"] = _worker_memory(ours)
@@ -539,11 +546,12 @@ def _worker_memory(server: servers.Server) -> list[dict[str, int]]:
     return [{"pid": pid, **servers.memory_kib(pid)} for pid in server.worker_pids()]
 
 
-def ratio_range(ratios: list[float]) -> str:
+def ratio_range(ratios: list[float | None]) -> str:
     """The lowest and highest ours/floor of the rounds at one level, in per cent."""
-    if not ratios:
+    measured = [ratio for ratio in ratios if ratio is not None]
+    if not measured:
         return "–"
-    low, high = min(ratios) * 100, max(ratios) * 100
+    low, high = min(measured) * 100, max(measured) * 100
     return f"{fmt(low, 0)}–{fmt(high, 0)} %"
 
 

@@ -140,3 +140,4 @@ def test_alternating_rounds_combine_into_one_measurement_per_target() -> None:
     assert combined.latency_ms["median"] == 1.0 and combined.latency_ms["p99"] == 3.0
     assert "latencies" not in combined.to_json() and combined.to_json()["rps"] == combined.rps
     assert ratio_range([0.512, 0.58, 0.547]) == "51–58 %" and ratio_range([]) == "–"
+    assert ratio_range([None, 0.6]) == "60–60 %"  # a round the floor answered nothing in
