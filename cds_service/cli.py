@@ -192,9 +192,13 @@ def _print_json(value: Any) -> None:
     stdlib parser accepts one in a draft order, and an update suggestion copies it back), is
     written as its JSON escape (\\udc80), which means the same character."""
     text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    binary = getattr(sys.stdout, "buffer", None)
+    if binary is None:  # stdout replaced by a text-only stream (an embedding caller)
+        sys.stdout.write(text)
+        return
     sys.stdout.flush()
-    sys.stdout.buffer.write(text.encode("utf-8", "backslashreplace"))
-    sys.stdout.buffer.flush()
+    binary.write(text.encode("utf-8", "backslashreplace"))
+    binary.flush()
 
 
 def _print_api_error(source: Path, exc: ApiError) -> None:
