@@ -254,6 +254,17 @@ def _compile_into_tree(root: Path) -> bool:
     return True
 
 
+def _counting_compile() -> tuple[list[Path], Callable[[Path], bool]]:
+    """A stand-in compile that records each tree it compiled."""
+    compiled: list[Path] = []
+
+    def compile_step(root: Path) -> bool:
+        compiled.append(root)
+        return _compile_into_tree(root)
+
+    return compiled, compile_step
+
+
 def _must_not_compile(root: Path) -> bool:
     raise AssertionError("compiled although the extensions in the tree were up to date")
 
@@ -278,12 +289,7 @@ def test_a_wheel_is_always_compiled_afresh(
 ) -> None:
     # A wheel may be shipped: nothing the tree holds is vouched for without compiling.
     _run_hook(project, monkeypatch, _compile_into_tree, "editable")
-    compiled: list[Path] = []
-
-    def compile_again(root: Path) -> bool:
-        compiled.append(root)
-        return _compile_into_tree(root)
-
+    compiled, compile_again = _counting_compile()
     build_data, messages = _run_hook(project, monkeypatch, compile_again, "standard")
     assert compiled == [project] and not messages.warnings
     carried = set(build_data["force_include"].values())  # type: ignore[attr-defined]
@@ -299,10 +305,8 @@ def test_no_manifest_vouches_for_the_extensions_while_they_are_replaced(
 ) -> None:
     # Swapped in one by one: a process starting meanwhile must run the sources, not a mix.
     _run_hook(project, monkeypatch, _compile_into_tree, "editable")
+    _recorded("mypy", "0.0.1")(project)
     manifest = project / "cds_service" / native.MANIFEST_NAME
-    recorded = json.loads(manifest.read_text())
-    recorded["toolchain"]["mypy"] = "0.0.1"
-    manifest.write_text(json.dumps(recorded))
 
     def compile_checking(root: Path) -> bool:
         assert not manifest.exists()
@@ -317,12 +321,7 @@ def test_other_compiler_settings_compile_again(
 ) -> None:
     _run_hook(project, monkeypatch, _compile_into_tree, "editable")
     monkeypatch.setenv("CFLAGS", "-O0 -g")
-    compiled: list[Path] = []
-
-    def compile_again(root: Path) -> bool:
-        compiled.append(root)
-        return _compile_into_tree(root)
-
+    compiled, compile_again = _counting_compile()
     _run_hook(project, monkeypatch, compile_again, "editable")
     assert compiled == [project]
     recorded = json.loads((project / "cds_service" / native.MANIFEST_NAME).read_text())
@@ -342,26 +341,17 @@ def _remove_the_runtime(project: Path) -> None:
     hatch_build._extension_paths(project)[-1].unlink()
 
 
-def _another_mypy(project: Path) -> None:
-    manifest = project / "cds_service" / native.MANIFEST_NAME
-    recorded = json.loads(manifest.read_text())
-    recorded["toolchain"]["mypy"] = "0.0.1"
-    manifest.write_text(json.dumps(recorded))
+def _recorded(field: str, value: str) -> Callable[[Path], None]:
+    """A change: the manifest says the extensions were built with another ``field``."""
 
+    def change(project: Path) -> None:
+        manifest = project / "cds_service" / native.MANIFEST_NAME
+        recorded = json.loads(manifest.read_text())
+        recorded["toolchain"][field] = value
+        manifest.write_text(json.dumps(recorded))
 
-def _another_build_hook(project: Path) -> None:
-    # e.g. another opt_level: the same sources compile differently.
-    manifest = project / "cds_service" / native.MANIFEST_NAME
-    recorded = json.loads(manifest.read_text())
-    recorded["toolchain"]["build_hook"] = "0" * 64
-    manifest.write_text(json.dumps(recorded))
-
-
-def _another_python(project: Path) -> None:
-    manifest = project / "cds_service" / native.MANIFEST_NAME
-    recorded = json.loads(manifest.read_text())
-    recorded["toolchain"]["python"] = "3.11.0 (another build)"
-    manifest.write_text(json.dumps(recorded))
+    change.__name__ = f"another_{field}"
+    return change
 
 
 def _an_older_manifest(project: Path) -> None:
@@ -377,9 +367,10 @@ def _an_older_manifest(project: Path) -> None:
         _edit_a_source,
         _edit_an_extension,
         _remove_the_runtime,
-        _another_mypy,
-        _another_build_hook,
-        _another_python,
+        _recorded("mypy", "0.0.1"),
+        # e.g. another opt_level: the same sources compile differently.
+        _recorded("build_hook", "0" * 64),
+        _recorded("python", "3.11.0 (another build)"),
         _an_older_manifest,
     ],
 )
@@ -388,12 +379,7 @@ def test_anything_changed_since_the_build_compiles_again(
 ) -> None:
     _run_hook(project, monkeypatch, _compile_into_tree, "editable")
     change(project)
-    compiled: list[Path] = []
-
-    def compile_again(root: Path) -> bool:
-        compiled.append(root)
-        return _compile_into_tree(root)
-
+    compiled, compile_again = _counting_compile()
     _run_hook(project, monkeypatch, compile_again, "editable")
     assert compiled == [project]
     recorded = json.loads((project / "cds_service" / native.MANIFEST_NAME).read_text())
