@@ -3,6 +3,7 @@ flags, UTC timestamps, concurrent writers and an unreachable database."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -77,6 +78,28 @@ def test_many_processes_starting_at_once_migrate_once(store_url: str) -> None:
         thread.join(timeout=60)
     assert errors == []
     store = FeedbackStore.open(store_url)
+    assert migrate.current_revision(store.engine) == migrate.head_revision()
+    store.close()
+
+
+def test_a_new_sqlite_store_waits_for_a_writer_that_holds_the_file(tmp_path: Path) -> None:
+    # Switching a new file to WAL needs an exclusive lock, and while another connection holds
+    # a pending write SQLite says "database is locked" at once, without its busy timeout:
+    # processes opening a new store together failed so about one time in ten.
+    path = tmp_path / "store.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE other_app (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO other_app VALUES (1)")
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        store = FeedbackStore.open(f"sqlite:///{path}")
+    finally:
+        release.join()
+        holder.close()
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     assert migrate.current_revision(store.engine) == migrate.head_revision()
     store.close()
 

@@ -9,6 +9,8 @@ transaction never has to upgrade a read snapshot, which SQLite refuses without w
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, exc
@@ -56,7 +58,7 @@ def _configure_sqlite(engine: Engine, *, in_memory: bool) -> None:
         try:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             if not in_memory:
-                cursor.execute("PRAGMA journal_mode = WAL")
+                _switch_to_wal(cursor)
                 # In WAL mode, NORMAL syncs at checkpoints rather than at every commit: a
                 # crash of the service loses nothing; a power cut may lose the last commits
                 # of an audit trail, not clinical data. It halves the cost of every call.
@@ -69,6 +71,28 @@ def _configure_sqlite(engine: Engine, *, in_memory: bool) -> None:
     def _on_begin(connection: Any) -> None:
         immediate = connection.get_execution_options().get(WRITE, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode = WAL``, waiting for the lock it needs like any other writer.
+
+    Switching a new database to WAL takes an exclusive lock, and while another connection
+    holds a pending write SQLite answers "database is locked" at once, without its busy
+    timeout: several processes opening a new store together failed that way. Once the file
+    is in WAL mode (it stays so), the statement needs no lock.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            busy = getattr(error, "sqlite_errorname", "SQLITE_BUSY") == "SQLITE_BUSY"
+            if not busy or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def _discard_connections_inherited_across_fork(engine: Engine) -> None:
