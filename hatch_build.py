@@ -10,9 +10,9 @@ Editable installs (the README's) get the extensions next to the sources, as setu
 a regular wheel carries them. ``cds_service/native-manifest.json`` records the SHA-256 of
 every file the extensions were built from: the compiled modules and every ``cds_service``
 module they import, directly or not, since mypyc builds those modules' types into them. With
-the mypy and Python versions, this file's and each extension's SHA-256 it also tells a
-reinstall that the extensions in the tree are still what compiling would give, so they are not
-compiled again.
+the toolchain (mypy, setuptools and Python versions, C compiler settings, this file's SHA-256)
+and each extension's SHA-256 it also tells an editable reinstall that the extensions in the
+tree are still what compiling would give, so they are not compiled again.
 """
 
 from __future__ import annotations

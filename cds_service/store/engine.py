@@ -88,7 +88,7 @@ def _switch_to_wal(cursor: Any) -> None:
             cursor.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as error:
-            busy = getattr(error, "sqlite_errorname", "SQLITE_BUSY") == "SQLITE_BUSY"
+            busy = getattr(error, "sqlite_errorname", "SQLITE_BUSY").startswith("SQLITE_BUSY")
             if not busy or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
