@@ -88,7 +88,7 @@ def _switch_to_wal(cursor: Any) -> None:
             cursor.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as error:
-            busy = getattr(error, "sqlite_errorname", "SQLITE_BUSY").startswith("SQLITE_BUSY")
+            busy = error.sqlite_errorname.startswith("SQLITE_BUSY")  # Python 3.11+
             if not busy or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
