@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--diagnose",
         action="store_true",
-        help="also serve typical with the feedback store in memory (not production): "
-        "what SQLite's commits and write locks cost over HTTP",
+        help="also serve typical with the feedback store in memory, and without the request "
+        "log and card recording (neither is a production setting): what SQLite's commits and "
+        "all per-call bookkeeping cost over HTTP",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -439,18 +440,28 @@ def run_http(
         )
         extra: list[servers.Server] = []
         if diagnose:
-            # Not the production configuration: each worker keeps issued cards in its own
-            # in-memory SQLite, showing what the file store's commits and locks cost.
-            port = servers.free_port()
-            env = servers.production_env(workdir, "http-memstore", port, settings)
-            env["CDS_DATABASE_URL"] = "sqlite:///:memory:"
-            extra.append(
-                stack.enter_context(
-                    servers.gunicorn_server(
-                        MEMSTORE, servers.service_command(port), env, port, workdir
+            # Not production configurations, typical only: what part of the gap to the floor
+            # the file store's commits and locks are, and what all per-call bookkeeping is.
+            memstore_port, unrecorded_port = servers.free_port(), servers.free_port()
+            variants = (
+                # Each worker its own in-memory SQLite: no file commits, no shared write lock.
+                (
+                    MEMSTORE,
+                    servers.service_command(memstore_port),
+                    memstore_port,
+                    {"CDS_DATABASE_URL": "sqlite:///:memory:"},
+                ),
+                (UNRECORDED, servers.unrecorded_command(), unrecorded_port, {}),
+            )
+            for target, command, port, overrides in variants:
+                env = servers.production_env(workdir, f"http-{len(extra)}", port, settings)
+                extra.append(
+                    stack.enter_context(
+                        servers.gunicorn_server(
+                            target, command, {**env, **overrides}, port, workdir
+                        )
                     )
                 )
-            )
         load = stack.enter_context(LoadGenerator())
         memory["workers_after_start"] = _worker_memory(ours)
         for name, levels in plan.levels.items():
@@ -513,13 +524,15 @@ def run_http(
 
 
 MEMSTORE = "ours, store in memory"
+UNRECORDED = "ours, no request log or card recording"
+DIAGNOSTIC_TARGETS = (MEMSTORE, UNRECORDED)
 
 
 def _diagnostic_table(results: list[LoadResult]) -> str:
     by_key = {(r.target, r.workload, r.concurrency): r for r in results}
     rows = []
     for (target, workload, concurrency), r in by_key.items():
-        if target != MEMSTORE:
+        if target not in DIAGNOSTIC_TARGETS:
             continue
         ours, floor = (
             by_key[("ours", workload, concurrency)],
@@ -527,6 +540,7 @@ def _diagnostic_table(results: list[LoadResult]) -> str:
         )
         rows.append(
             [
+                target,
                 workload,
                 str(concurrency),
                 fmt(ours.rps, 0),
@@ -536,8 +550,8 @@ def _diagnostic_table(results: list[LoadResult]) -> str:
                 fmt(r.latency_ms["p99"]),
             ]
         )
-    headers = ["workload", "concurrency", "ours req/s", "store in memory req/s", "of floor"]
-    return "Diagnostic (not production): feedback store in memory, per worker:\n\n" + table(
+    headers = ["variant", "workload", "concurrency", "ours req/s", "variant req/s", "of floor"]
+    return "Diagnostic variants (not production settings), in the same rounds:\n\n" + table(
         [*headers, "median ms", "p99 ms"], rows
     )
 

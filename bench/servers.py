@@ -129,6 +129,11 @@ def floor_command() -> list[str]:
     return [sys.executable, "-m", "bench.floor_app"]
 
 
+def unrecorded_command() -> list[str]:
+    """The diagnostic service without request log and card recording; binds CDS_PORT."""
+    return [sys.executable, "-m", "bench.unrecorded_app"]
+
+
 @dataclass
 class Server:
     name: str

@@ -8,10 +8,11 @@ each with the expected card, so that ``python -m bench`` measures real work.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from bench import inprocess, servers
-from bench.__main__ import ratio_range
+from bench import inprocess, servers, unrecorded_app
+from bench.__main__ import MEMSTORE, UNRECORDED, _diagnostic_table, ratio_range
 from bench.floor_app import app as floor_app
 from bench.http_load import LoadResult
 from bench.workloads import (
@@ -25,10 +26,14 @@ from bench.workloads import (
     large,
     typical,
 )
+from cds_service.app import create_app
 from cds_service.context.model import Coding
 from cds_service.context.normalise import model_problems
 from cds_service.knowledge import default_knowledge
+from cds_service.logging_setup import REQUEST_LOGGER
+from cds_service.protocol.feedback import STORE_EXTENSION
 from cds_service.protocol.services import PREFETCH_KEYS
+from cds_service.settings import Settings
 
 
 def _counts(resources: list[dict]) -> dict[str, int]:
@@ -141,3 +146,65 @@ def test_alternating_rounds_combine_into_one_measurement_per_target() -> None:
     assert "latencies" not in combined.to_json() and combined.to_json()["rps"] == combined.rps
     assert ratio_range([0.512, 0.58, 0.547]) == "51–58 %" and ratio_range([]) == "–"
     assert ratio_range([None, 0.6]) == "60–60 %"  # a round the floor answered nothing in
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_the_unrecorded_diagnostic_answers_alike_but_neither_logs_nor_records(
+    tmp_path: Path,
+) -> None:
+    # `--diagnose` compares the service with this variant to show what the per-call
+    # bookkeeping costs: it must do the same clinical work and only skip the bookkeeping.
+    body = BodyTemplate(typical().request).render(0)
+    path = f"/cds-services/{typical().service_id}"
+    request_logger = logging.getLogger(REQUEST_LOGGER)
+    seen = _Records()
+    request_logger.addHandler(seen)
+    answers, issued = [], []
+    try:
+        for name, build in (("ours", create_app), ("unrecorded", unrecorded_app.build_app)):
+            app = build(Settings(auth="off", database_url=f"sqlite:///{tmp_path / name}.db"))
+            response = app.test_client().post(
+                path, data=body, content_type="application/json"
+            )
+            assert response.status_code == 200
+            cards = response.get_json()["cards"]
+            store = app.extensions[STORE_EXTENSION]
+            assert store.flush_recorder()
+            answers.append(cards)
+            issued.append(store.issued_by(card["uuid"] for card in cards))
+            assert len(seen.records) == 1, name  # the service's line, none from the variant
+    finally:
+        request_logger.removeHandler(seen)
+        request_logger.setLevel(logging.NOTSET)  # build_app's setting is process-wide
+    ours, unrecorded = answers
+    assert ours and unrecorded == ours
+    assert len(issued[0]) == len(ours) and issued[1] == {}
+
+
+def test_the_diagnostic_table_shows_each_variant_against_ours_and_the_floor() -> None:
+    def result(target: str, requests: int) -> LoadResult:
+        latency = {"median": 2.0, "p95": 2.0, "p99": 2.0}
+        return LoadResult(target, "typical", 4, requests, 0, 1.0, latency, {200: requests}, [2.0])
+
+    results = [
+        result("floor", 2000),
+        result("ours", 1000),
+        result(MEMSTORE, 1100),
+        result(UNRECORDED, 1250),
+    ]
+    lines = _diagnostic_table(results).splitlines()
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines if "typical" in line]
+    assert [row[0] for row in rows] == [MEMSTORE, UNRECORDED]
+    # variant, workload, concurrency, ours req/s, variant req/s, share of the floor's
+    assert [row[1:6] for row in rows] == [
+        ["typical", "4", "1,000", "1,100", "55 %"],
+        ["typical", "4", "1,000", "1,250", "62 %"],
+    ]
