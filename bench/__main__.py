@@ -443,7 +443,7 @@ def run_http(
             # Not production configurations, typical only: what part of the gap to the floor
             # the file store's commits and locks are, and what all per-call bookkeeping is.
             memstore_port, unrecorded_port = servers.free_port(), servers.free_port()
-            variants = (
+            variants: tuple[tuple[str, list[str], int, dict[str, str]], ...] = (
                 # Each worker its own in-memory SQLite: no file commits, no shared write lock.
                 (
                     MEMSTORE,
@@ -490,6 +490,7 @@ def run_http(
                                 max_requests=plan.http_max_requests // plan.http_rounds,
                                 max_seconds=plan.http_seconds / plan.http_rounds,
                                 warmup_seconds=plan.http_warmup_seconds,
+                                server_pids=[target.process.pid, *target.worker_pids()],
                             )
                         )
                 results.extend(LoadResult.combined(runs) for runs in rounds.values())
@@ -548,11 +549,12 @@ def _diagnostic_table(results: list[LoadResult]) -> str:
                 f"{fmt(r.rps / floor.rps * 100 if floor.rps else float('nan'), 0)} %",
                 fmt(r.latency_ms["median"]),
                 fmt(r.latency_ms["p99"]),
+                f"{fmt(r.server_cpu_ms_per_call)} / {fmt(ours.server_cpu_ms_per_call)}",
             ]
         )
     headers = ["variant", "workload", "concurrency", "ours req/s", "variant req/s", "of floor"]
     return "Diagnostic variants (not production settings), in the same rounds:\n\n" + table(
-        [*headers, "median ms", "p99 ms"], rows
+        [*headers, "median ms", "p99 ms", "server CPU ms/call variant / ours"], rows
     )
 
 
@@ -597,6 +599,7 @@ def _http_table(results: list[LoadResult], round_ratios: list[dict[str, Any]]) -
                 fmt(ours.latency_ms["p99"]),
                 fmt(floor.latency_ms["median"]),
                 fmt(floor.latency_ms["p99"]),
+                f"{fmt(ours.server_cpu_ms_per_call)} / {fmt(floor.server_cpu_ms_per_call)}",
                 f"{ours.requests}/{floor.requests}",
                 f"{ours.errors}/{floor.errors}",
             ]
@@ -613,6 +616,7 @@ def _http_table(results: list[LoadResult], round_ratios: list[dict[str, Any]]) -
         "ours p99 ms",
         "floor median ms",
         "floor p99 ms",
+        "server CPU ms/call ours / floor",
         "requests ours/floor",
         "non-200 ours/floor",
     ]

@@ -11,11 +11,14 @@ from __future__ import annotations
 import http.client
 import itertools
 import multiprocessing
+import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.stats import summary
@@ -36,10 +39,18 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
     # Every request's latency (ms), for combining rounds; not written to the JSON report.
     latencies: list[float] = field(default_factory=list, repr=False)
+    # CPU the server's processes used while the requests were measured (user + system).
+    server_cpu_seconds: float | None = None
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def server_cpu_ms_per_call(self) -> float | None:
+        if self.server_cpu_seconds is None or not self.requests:
+            return None
+        return self.server_cpu_seconds * 1000 / self.requests
 
     @classmethod
     def combined(cls, rounds: list[LoadResult]) -> LoadResult:
@@ -51,6 +62,7 @@ class LoadResult:
         for r in rounds:
             for status, count in r.statuses.items():
                 statuses[status] = statuses.get(status, 0) + count
+        cpu = [r.server_cpu_seconds for r in rounds]
         return cls(
             first.target,
             first.workload,
@@ -61,12 +73,26 @@ class LoadResult:
             summary(latencies),
             statuses,
             latencies,
+            None if None in cpu else sum(c for c in cpu if c is not None),
         )
 
     def to_json(self) -> dict[str, Any]:
         return {
             name: value for name, value in asdict(self).items() if name != "latencies"
-        } | {"rps": self.rps}
+        } | {"rps": self.rps, "server_cpu_ms_per_call": self.server_cpu_ms_per_call}
+
+
+def cpu_seconds(pids: Sequence[int]) -> float | None:
+    """User + system CPU of these processes so far (/proc; None where it cannot be read)."""
+    ticks = 0
+    try:
+        for pid in pids:
+            # utime and stime: fields 14 and 15, after the parenthesised command name.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class _Shared:
@@ -164,12 +190,22 @@ def generate_load(
     max_seconds: float,
     warmup_seconds: float,
     offset: int,
+    server_pids: Sequence[int] = (),
 ) -> LoadResult:
-    """Warm up (discarded), then measure. Runs inside the load-generator process."""
+    """Warm up (discarded), then measure. Runs inside the load-generator process.
+
+    ``server_pids``: the server's processes, whose CPU over the measured phase (not the
+    warm-up) the result reports; read here, where the phase starts and ends.
+    """
     if warmup_seconds > 0:
         _phase(port, path, template, concurrency, 10**9, warmup_seconds, offset + 10**8)
+    cpu_before = cpu_seconds(server_pids) if server_pids else None
     latencies, statuses, elapsed = _phase(
         port, path, template, concurrency, max_requests, max_seconds, offset
+    )
+    cpu_after = cpu_seconds(server_pids) if server_pids else None
+    server_cpu = (
+        cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
     )
     errors = sum(count for status, count in statuses.items() if status != 200)
     return LoadResult(
@@ -182,6 +218,7 @@ def generate_load(
         summary(latencies),
         statuses,
         latencies,
+        server_cpu,
     )
 
 

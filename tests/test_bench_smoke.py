@@ -14,7 +14,7 @@ from pathlib import Path
 from bench import inprocess, servers, unrecorded_app
 from bench.__main__ import MEMSTORE, UNRECORDED, _diagnostic_table, ratio_range
 from bench.floor_app import app as floor_app
-from bench.http_load import LoadResult
+from bench.http_load import LoadGenerator, LoadResult, cpu_seconds
 from bench.workloads import (
     IRRELEVANT_CONDITIONS,
     IRRELEVANT_MEDICATIONS,
@@ -171,9 +171,7 @@ def test_the_unrecorded_diagnostic_answers_alike_but_neither_logs_nor_records(
     try:
         for name, build in (("ours", create_app), ("unrecorded", unrecorded_app.build_app)):
             app = build(Settings(auth="off", database_url=f"sqlite:///{tmp_path / name}.db"))
-            response = app.test_client().post(
-                path, data=body, content_type="application/json"
-            )
+            response = app.test_client().post(path, data=body, content_type="application/json")
             assert response.status_code == 200
             cards = response.get_json()["cards"]
             store = app.extensions[STORE_EXTENSION]
@@ -204,7 +202,49 @@ def test_the_diagnostic_table_shows_each_variant_against_ours_and_the_floor() ->
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines if "typical" in line]
     assert [row[0] for row in rows] == [MEMSTORE, UNRECORDED]
     # variant, workload, concurrency, ours req/s, variant req/s, share of the floor's
+    assert [row[-1] for row in rows] == ["– / –", "– / –"]  # no CPU figures in these results
     assert [row[1:6] for row in rows] == [
         ["typical", "4", "1,000", "1,100", "55 %"],
         ["typical", "4", "1,000", "1,250", "62 %"],
     ]
+
+
+def test_a_load_run_reports_the_servers_cpu_per_measured_call(tmp_path: Path) -> None:
+    # The floor under the production gunicorn options, loaded through the real generator:
+    # the CPU its processes used during the measured phase, per call, comes back with it.
+    port = servers.free_port()
+    env = servers.production_env(tmp_path, "floor", port, Settings(workers=1, threads=2))
+    workload = typical()
+    with (
+        servers.gunicorn_server("floor", servers.floor_command(), env, port, tmp_path) as floor,
+        LoadGenerator() as load,
+    ):
+        result = load.run(
+            target="floor",
+            workload=workload.name,
+            port=port,
+            path=f"/cds-services/{workload.service_id}",
+            template=BodyTemplate(workload.request),
+            concurrency=2,
+            max_requests=400,
+            max_seconds=20,
+            warmup_seconds=0,
+            server_pids=[floor.process.pid, *floor.worker_pids()],
+        )
+    assert result.requests == 400 and result.statuses == {200: 400}
+    assert result.server_cpu_seconds is not None and result.server_cpu_seconds > 0
+    cpu_ms = result.server_cpu_ms_per_call
+    assert cpu_ms is not None and 0 < cpu_ms < 100
+    assert result.to_json()["server_cpu_ms_per_call"] == cpu_ms
+
+
+def test_server_cpu_combines_over_rounds_and_is_unknown_if_any_round_lacks_it() -> None:
+    def round_of(requests: int, cpu: float | None) -> LoadResult:
+        return LoadResult("ours", "typical", 4, requests, 0, 1.0, {}, {200: requests}, [1.0], cpu)
+
+    combined = LoadResult.combined([round_of(300, 0.3), round_of(100, 0.2)])
+    assert combined.server_cpu_seconds == 0.5 and combined.server_cpu_ms_per_call == 1.25
+    unknown = LoadResult.combined([round_of(300, 0.3), round_of(100, None)])
+    assert unknown.server_cpu_seconds is None and unknown.server_cpu_ms_per_call is None
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    assert cpu_seconds([pid_max + 1]) is None  # no such process: unknown, not zero
