@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from flask import Flask, jsonify
+from flask.json.provider import DefaultJSONProvider
 from flask.typing import ResponseReturnValue
 
 from cds_service import native
@@ -52,7 +53,8 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     # "/cds-services//x" answers 404 JSON, not a bare 308 redirect (set before any route).
     app.url_map.merge_slashes = False
-    app.json.sort_keys = False  # keep the spec's field order readable
+    if isinstance(app.json, DefaultJSONProvider):  # Flask's own, unless a subclass swaps it
+        app.json.sort_keys = False  # keep the spec's field order readable
     app.extensions["cds_settings"] = settings
     app.extensions["cds_knowledge"] = knowledge
     app.extensions[PIPELINE_EXTENSION] = HookPipeline(

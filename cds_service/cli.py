@@ -161,13 +161,14 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         if isinstance(body, dict) and args.fhir_server:
             body["fhirServer"] = args.fhir_server
         validate_or_400(body, "hook-request.schema.json", "hook request")
-        if args.service:
-            service = SERVICES_BY_ID[args.service]
-        else:
-            service = next((s for s in SERVICES if s.hook == body["hook"]), None)
-            if service is None:
-                print(f"cds-service: no service answers the {body['hook']!r} hook", file=sys.stderr)
-                return EXIT_INVALID
+        service = (
+            SERVICES_BY_ID[args.service]
+            if args.service
+            else next((s for s in SERVICES if s.hook == body["hook"]), None)
+        )
+        if service is None:
+            print(f"cds-service: no service answers the {body['hook']!r} hook", file=sys.stderr)
+            return EXIT_INVALID
         check_hook(service, body)
     except ApiError as exc:
         _print_api_error(args.request, exc)
@@ -237,7 +238,10 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_INVALID
     store = FeedbackStore.open(settings.database_url, migrate_schema=False)
     try:
-        report = build_report(store.engine, args.since, **_catalogue_names(settings))
+        rule_titles, reason_names = _catalogue_names(settings)
+        report = build_report(
+            store.engine, args.since, rule_titles=rule_titles, reason_names=reason_names
+        )
     except SQLAlchemyError as exc:
         print(f"cds-service: cannot read {store.url}: {type(exc).__name__}", file=sys.stderr)
         return EXIT_INVALID
@@ -251,7 +255,9 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _catalogue_names(settings: Settings) -> dict[str, dict[Any, str]]:
+def _catalogue_names(
+    settings: Settings,
+) -> tuple[dict[str, str], dict[tuple[str, str], str]]:
     """Rule titles and override-reason displays from the knowledge, for a readable report."""
     from cds_service.knowledge import default_knowledge, load_knowledge
 
@@ -259,15 +265,14 @@ def _catalogue_names(settings: Settings) -> dict[str, dict[Any, str]]:
         load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
     )
     rules = [knowledge.rule(rule_id) for rule_id in knowledge.rule_ids]
-    return {
-        "rule_titles": {rule.id: rule.title for rule in rules},
-        "reason_names": {
-            (reason.system, reason.code): reason.display
-            for rule in rules
-            for reason in rule.override_reasons
-            if reason.display
-        },
+    rule_titles = {rule.id: rule.title for rule in rules}
+    reason_names = {
+        (reason.system, reason.code): reason.display
+        for rule in rules
+        for reason in rule.override_reasons
+        if reason.display
     }
+    return rule_titles, reason_names
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def install_request_logging(app: Flask) -> None:
             return response
         # Each access through the request/g proxies is a context lookup: resolve them once.
         req = request._get_current_object()  # type: ignore[attr-defined]
-        values = g._get_current_object()  # type: ignore[attr-defined]
+        values = g._get_current_object()
         method = req.method
         path = req.path if req.path.startswith("/cds-services") else req.path[:64]
         status = response.status_code

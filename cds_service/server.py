@@ -37,7 +37,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-class GunicornApp(BaseApplication):  # type: ignore[misc]
+class GunicornApp(BaseApplication):
     def __init__(self, app: Flask, options: dict[str, Any]) -> None:
         self._app = app
         self._options = options

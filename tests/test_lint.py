@@ -1,4 +1,5 @@
-"""`ruff` is part of the test suite, so a lint failure fails CI like any other test."""
+"""`ruff` and `mypy` are part of the test suite, so a lint or type error fails CI like any
+other test."""
 
 from __future__ import annotations
 
@@ -15,6 +16,20 @@ def test_ruff_is_clean() -> None:
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_is_clean() -> None:
+    # The package and the benchmark, with pyproject.toml's [tool.mypy]. mypyc type-checks
+    # the compiled modules at install time too, but only those and what they import.
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "cds_service", "bench"],
+        capture_output=True,
+        text=True,
+        timeout=600,
         check=False,
         cwd=ROOT,
     )

@@ -15,7 +15,7 @@ import copy
 import json
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -392,6 +392,7 @@ def build_prefetch(scenario: Scenario, context: Resource, store: FixtureStore) -
     prefetch: Resource = {}
     for key in PREFETCH_KEYS:
         query = render_template(key.template, context)
+        convert: Callable[[Resource], Resource] | None
         if scenario.shape == "dstu2":
             if key.resource_type == "MedicationRequest":
                 continue  # no such type in DSTU2: the sandbox drops the failed key

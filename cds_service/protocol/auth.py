@@ -248,8 +248,7 @@ class TokenVerifier:
         if not isinstance(kid, str) or not kid:
             raise AuthError("no kid in the JWT header")
         iss = unverified.get("iss")
-        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
-        if issuer is None:
+        if not isinstance(iss, str) or (issuer := self.issuers.get(iss)) is None:
             raise AuthError(f"iss {_show(iss)} is not a trusted issuer")
         key = self._key(issuer, header.get("jku"), kid)
         _check_key_fits(key, alg)

@@ -39,7 +39,7 @@ def discovery() -> ResponseReturnValue:
 def call_service(service_id: str) -> ResponseReturnValue:
     # Each access through the g/request/current_app proxies is a context lookup: every call
     # pays for them, so each is resolved once.
-    values = g._get_current_object()  # type: ignore[attr-defined]
+    values = g._get_current_object()
     values.service_id = service_id
     service = SERVICES_BY_ID.get(service_id)
     if service is None:

@@ -106,7 +106,7 @@ def build_report(
     since_at = datetime.combine(since, time.min, UTC) if since else None
     names: dict[tuple[str, str], str] = {}
     cards: dict[str, tuple[str, str, datetime]] = {}  # uuid → service, rule, issued_at
-    final: dict[str, tuple[str, ReasonKey]] = {}  # uuid → latest outcome, its reason
+    final: dict[str, tuple[str | None, ReasonKey]] = {}  # uuid → latest outcome, its reason
     with engine.connect() as connection:
         card_query = select(
             IssuedCard.card_uuid, IssuedCard.service_id, IssuedCard.rule_id, IssuedCard.issued_at
@@ -150,12 +150,12 @@ def build_report(
     weekly = bool(issued_days) and (max(issued_days) - min(issued_days)).days > DAILY_SPAN_DAYS
     by_period: dict[tuple[str, date], _Tally] = defaultdict(_Tally)
     for uuid, (service_id, rule_id, issued_at) in cards.items():
-        outcome, reason = final.get(uuid, (None, None))
+        last_outcome, last_reason = final.get(uuid, (None, None))
         for tally in (
             totals, by_rule[rule_id], by_service[service_id],
             by_period[(rule_id, _period(issued_at, weekly=weekly))],
         ):
-            tally.add(outcome, reason)
+            tally.add(last_outcome, last_reason)
 
     titles = rule_titles or {}
     return {
@@ -281,10 +281,12 @@ def override_rate_chart(report: dict[str, Any]) -> bytes | None:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for rule_id, points in sorted(series.items()):
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=rule_id)
+        # Dates go through matplotlib's unit converters; its type stubs accept only numbers.
+        days = [p[0] for p in points]
+        axes.plot(days, [p[1] for p in points], marker="o", label=rule_id)  # type: ignore[arg-type]
     periods = sorted({p[0] for points in series.values() for p in points})
     if len(periods) <= 12:
-        axes.set_xticks(periods)  # ticks on the periods themselves, never on hours
+        axes.set_xticks(periods)  # type: ignore[arg-type]  # on the periods, never on hours
     else:
         axes.xaxis.set_major_locator(AutoDateLocator(minticks=3, maxticks=12))
     axes.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
