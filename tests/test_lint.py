@@ -10,27 +10,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_ruff_is_clean() -> None:
+def _tool_output_if_it_fails(*command: str, timeout: float) -> str | None:
+    """Runs ``python -m <command>`` in the checkout; its output if it exits non-zero."""
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)],
+        [sys.executable, "-m", *command],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
         cwd=ROOT,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    return None if result.returncode == 0 else result.stdout + result.stderr
+
+
+def test_ruff_is_clean() -> None:
+    failure = _tool_output_if_it_fails("ruff", "check", "--no-cache", str(ROOT), timeout=120)
+    assert failure is None, failure
 
 
 def test_mypy_is_clean() -> None:
     # The package and the benchmark, with pyproject.toml's [tool.mypy]. mypyc type-checks
     # the compiled modules at install time too, but only those and what they import.
-    result = subprocess.run(
-        [sys.executable, "-m", "mypy", "cds_service", "bench"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    failure = _tool_output_if_it_fails("mypy", "cds_service", "bench", timeout=600)
+    assert failure is None, failure
