@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "--diagnose",
         action="store_true",
         help="also serve typical with the feedback store in memory, and without the request "
-        "log and card recording (neither is a production setting): what SQLite's commits and "
-        "all per-call bookkeeping cost over HTTP",
+        "log line and card recording (neither is a production setting): what SQLite's commits, "
+        "and what those two, cost over HTTP",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -441,20 +441,22 @@ def run_http(
         extra: list[servers.Server] = []
         if diagnose:
             # Not production configurations, typical only: what part of the gap to the floor
-            # the file store's commits and locks are, and what all per-call bookkeeping is.
+            # the file store's commits and locks are, and what the request log line and card
+            # recording are.
             memstore_port, unrecorded_port = servers.free_port(), servers.free_port()
-            variants: tuple[tuple[str, list[str], int, dict[str, str]], ...] = (
+            variants: tuple[tuple[str, str, list[str], int, dict[str, str]], ...] = (
                 # Each worker its own in-memory SQLite: no file commits, no shared write lock.
                 (
                     MEMSTORE,
+                    "http-memstore",
                     servers.service_command(memstore_port),
                     memstore_port,
                     {"CDS_DATABASE_URL": "sqlite:///:memory:"},
                 ),
-                (UNRECORDED, servers.unrecorded_command(), unrecorded_port, {}),
+                (UNRECORDED, "http-unrecorded", servers.unrecorded_command(), unrecorded_port, {}),
             )
-            for target, command, port, overrides in variants:
-                env = servers.production_env(workdir, f"http-{len(extra)}", port, settings)
+            for target, files, command, port, overrides in variants:
+                env = servers.production_env(workdir, files, port, settings)
                 extra.append(
                     stack.enter_context(
                         servers.gunicorn_server(
@@ -480,17 +482,16 @@ def run_http(
                             f"(round {round_number}/{plan.http_rounds})"
                         )
                         rounds[target.name].append(
-                            load.run(
-                                target=target.name,
+                            run_round(
+                                load,
+                                target,
                                 workload=name,
-                                port=target.port,
                                 path=f"/cds-services/{workload.service_id}",
                                 template=template,
                                 concurrency=concurrency,
                                 max_requests=plan.http_max_requests // plan.http_rounds,
                                 max_seconds=plan.http_seconds / plan.http_rounds,
                                 warmup_seconds=plan.http_warmup_seconds,
-                                server_pids=[target.process.pid, *target.worker_pids()],
                             )
                         )
                 results.extend(LoadResult.combined(runs) for runs in rounds.values())
@@ -522,6 +523,19 @@ def run_http(
         "round_ratios": round_ratios,
         "memory": memory,
     }
+
+
+def run_round(load: LoadGenerator, target: servers.Server, **plan: Any) -> LoadResult:
+    """One round of load on one server, with the CPU its processes used over it.
+
+    The CPU figure counts only if the same processes served the whole round: a worker that
+    gunicorn replaced meanwhile (after a crash or a timeout) would be missing from it.
+    """
+    processes = [target.process.pid, *target.worker_pids()]
+    result = load.run(target=target.name, port=target.port, server_pids=processes, **plan)
+    if [target.process.pid, *target.worker_pids()] != processes:
+        result = replace(result, server_cpu_seconds=None)
+    return result
 
 
 MEMSTORE = "ours, store in memory"

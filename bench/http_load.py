@@ -11,16 +11,15 @@ from __future__ import annotations
 import http.client
 import itertools
 import multiprocessing
-import os
 import socket
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from bench.procfs import cpu_seconds
 from bench.stats import summary
 from bench.workloads import BodyTemplate
 
@@ -80,19 +79,6 @@ class LoadResult:
         return {
             name: value for name, value in asdict(self).items() if name != "latencies"
         } | {"rps": self.rps, "server_cpu_ms_per_call": self.server_cpu_ms_per_call}
-
-
-def cpu_seconds(pids: Sequence[int]) -> float | None:
-    """User + system CPU of these processes so far (/proc; None where it cannot be read)."""
-    ticks = 0
-    try:
-        for pid in pids:
-            # utime and stime: fields 14 and 15, after the parenthesised command name.
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return None
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class _Shared:

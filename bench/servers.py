@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from bench import procfs
 from bench.workloads import Workload
 from cds_service import native
 from cds_service.settings import Settings
@@ -151,13 +152,8 @@ class Server:
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == self.process.pid:
+            fields = procfs.stat_fields(int(entry.name))
+            if fields is not None and int(fields[procfs.PPID]) == self.process.pid:
                 pids.append(int(entry.name))
         return sorted(pids)
 
@@ -235,8 +231,5 @@ def _stop(server: Server) -> None:
 
 
 def _start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime
+    fields = procfs.stat_fields(pid)
+    return None if fields is None else int(fields[procfs.START_TIME])

@@ -1,10 +1,11 @@
-"""Diagnostic only, never a production setting: the service without its per-call bookkeeping.
+"""Diagnostic only, never a production setting: the service without request log or card records.
 
 The floor (``bench/floor_app.py``) neither writes a request log line nor records the cards it
 issues; the service does both on every call (the operations log, and the issued-card rows the
 feedback endpoint and ``cds-service report`` rely on). This is ``cds-service serve``'s app with
 those two switched off, so that ``python -m bench --diagnose`` shows, in the same alternating
-rounds, how much of the gap to the floor is that bookkeeping and how much the clinical work.
+rounds, how much of the gap to the floor those two are (the rest: validation, the clinical
+work, the bigger answer).
 Run: ``python -m bench.unrecorded_app`` (binds ``CDS_HOST:CDS_PORT`` like the floor).
 """
 

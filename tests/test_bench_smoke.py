@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 from bench import inprocess, servers, unrecorded_app
-from bench.__main__ import MEMSTORE, UNRECORDED, _diagnostic_table, ratio_range
+from bench.__main__ import MEMSTORE, UNRECORDED, _diagnostic_table, ratio_range, run_round
 from bench.floor_app import app as floor_app
-from bench.http_load import LoadGenerator, LoadResult, cpu_seconds
+from bench.http_load import LoadGenerator, LoadResult
+from bench.procfs import cpu_seconds
 from bench.workloads import (
     IRRELEVANT_CONDITIONS,
     IRRELEVANT_MEDICATIONS,
@@ -165,6 +168,7 @@ def test_the_unrecorded_diagnostic_answers_alike_but_neither_logs_nor_records(
     body = BodyTemplate(typical().request).render(0)
     path = f"/cds-services/{typical().service_id}"
     request_logger = logging.getLogger(REQUEST_LOGGER)
+    level_before = request_logger.level
     seen = _Records()
     request_logger.addHandler(seen)
     answers, issued = [], []
@@ -181,7 +185,7 @@ def test_the_unrecorded_diagnostic_answers_alike_but_neither_logs_nor_records(
             assert len(seen.records) == 1, name  # the service's line, none from the variant
     finally:
         request_logger.removeHandler(seen)
-        request_logger.setLevel(logging.NOTSET)  # build_app's setting is process-wide
+        request_logger.setLevel(level_before)  # build_app's setting is process-wide
     ours, unrecorded = answers
     assert ours and unrecorded == ours
     assert len(issued[0]) == len(ours) and issued[1] == {}
@@ -209,9 +213,11 @@ def test_the_diagnostic_table_shows_each_variant_against_ours_and_the_floor() ->
     ]
 
 
-def test_a_load_run_reports_the_servers_cpu_per_measured_call(tmp_path: Path) -> None:
+def test_a_load_round_reports_the_servers_cpu_per_measured_call_without_the_warmup(
+    tmp_path: Path,
+) -> None:
     # The floor under the production gunicorn options, loaded through the real generator:
-    # the CPU its processes used during the measured phase, per call, comes back with it.
+    # the CPU its processes used while the requests were measured comes back with the round.
     port = servers.free_port()
     env = servers.production_env(tmp_path, "floor", port, Settings(workers=1, threads=2))
     workload = typical()
@@ -219,23 +225,79 @@ def test_a_load_run_reports_the_servers_cpu_per_measured_call(tmp_path: Path) ->
         servers.gunicorn_server("floor", servers.floor_command(), env, port, tmp_path) as floor,
         LoadGenerator() as load,
     ):
-        result = load.run(
-            target="floor",
+        processes = [floor.process.pid, *floor.worker_pids()]
+        before = cpu_seconds(processes)
+        result = run_round(
+            load,
+            floor,
             workload=workload.name,
-            port=port,
             path=f"/cds-services/{workload.service_id}",
             template=BodyTemplate(workload.request),
             concurrency=2,
-            max_requests=400,
+            max_requests=300,
+            max_seconds=20,
+            warmup_seconds=1.5,  # at full load, several times the measured requests' CPU
+        )
+        whole_round = cpu_seconds(processes)
+    assert result.requests == 300 and result.statuses == {200: 300}
+    assert before is not None and whole_round is not None
+    measured = result.server_cpu_seconds
+    assert measured is not None and 0 < measured < 0.6 * (whole_round - before)
+    cpu_ms = result.server_cpu_ms_per_call
+    assert cpu_ms is not None and 0 < cpu_ms < 10  # the floor: well under 1 ms here
+    assert result.to_json()["server_cpu_ms_per_call"] == cpu_ms
+
+
+class _WorkerReplaced(servers.Server):
+    """A server whose worker list changes during the round, as when gunicorn replaces one."""
+
+    listed = 0
+
+    def worker_pids(self) -> list[int]:
+        self.listed += 1
+        workers = super().worker_pids()
+        return workers if self.listed == 1 else [*workers, 2**22 + 1]
+
+
+def test_a_round_whose_workers_changed_has_no_cpu_figure(tmp_path: Path) -> None:
+    port = servers.free_port()
+    env = servers.production_env(tmp_path, "floor", port, Settings(workers=1, threads=1))
+    workload = typical()
+    with (
+        servers.gunicorn_server("floor", servers.floor_command(), env, port, tmp_path) as floor,
+        LoadGenerator() as load,
+    ):
+        replaced = _WorkerReplaced(floor.name, floor.port, floor.process, floor.log_path)
+        result = run_round(
+            load,
+            replaced,
+            workload=workload.name,
+            path=f"/cds-services/{workload.service_id}",
+            template=BodyTemplate(workload.request),
+            concurrency=1,
+            max_requests=20,
             max_seconds=20,
             warmup_seconds=0,
-            server_pids=[floor.process.pid, *floor.worker_pids()],
         )
-    assert result.requests == 400 and result.statuses == {200: 400}
-    assert result.server_cpu_seconds is not None and result.server_cpu_seconds > 0
-    cpu_ms = result.server_cpu_ms_per_call
-    assert cpu_ms is not None and 0 < cpu_ms < 100
-    assert result.to_json()["server_cpu_ms_per_call"] == cpu_ms
+    assert result.requests == 20 and result.statuses == {200: 20}
+    assert result.server_cpu_seconds is None and result.server_cpu_ms_per_call is None
+
+
+def test_cpu_seconds_counts_user_and_system_time_as_the_kernel_does() -> None:
+    times_before, ours_before = os.times(), cpu_seconds([os.getpid()])
+    deadline = time.process_time() + 0.15
+    while time.process_time() < deadline:  # user time
+        sum(range(1000))
+    with open("/dev/zero", "rb", buffering=0) as zero:  # system time: the kernel fills pages
+        deadline = time.process_time() + 0.3
+        while time.process_time() < deadline:
+            zero.read(1 << 22)
+    times_after, ours_after = os.times(), cpu_seconds([os.getpid()])
+    assert ours_before is not None and ours_after is not None
+    system = times_after.system - times_before.system
+    both = system + times_after.user - times_before.user
+    assert system > 0.05  # else this test would not tell user-only from user + system
+    assert abs((ours_after - ours_before) - both) < 0.03  # two readings of 10 ms ticks
 
 
 def test_server_cpu_combines_over_rounds_and_is_unknown_if_any_round_lacks_it() -> None:
