@@ -34,6 +34,16 @@ DISCOVERY_SCHEMA = Draft202012Validator(load_schema("discovery.schema.json"))
 # --- discovery ----------------------------------------------------------------------------
 
 
+def test_answers_keep_the_specs_field_order(cds_url: str) -> None:
+    # JSON objects are unordered, but people read these answers while integrating: the card
+    # starts with its uuid, summary and indicator, as the spec lists them, not alphabetically.
+    discovery = requests.get(f"{cds_url}/cds-services", timeout=10).json()
+    assert list(discovery["services"][0])[:3] == ["hook", "id", "title"]
+    request = load_request("mg-pyridostigmine.order-select.json")
+    answer = assert_conformant(call(cds_url, "magnesium-order-select", request))
+    assert list(answer["cards"][0])[:3] == ["uuid", "summary", "indicator"]
+
+
 def test_discovery_lists_one_service_per_hook_with_prefetch(cds_url: str) -> None:
     response = requests.get(f"{cds_url}/cds-services", timeout=10)
     assert response.status_code == 200
