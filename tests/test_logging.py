@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 from auth_support import JwtIssuer
 
-from cds_service.logging_setup import REQUEST_LOGGER, JsonFormatter
+from cds_service.logging_setup import REQUEST_LOGGER, JsonFormatter, LineWriteHandler
 
 REQUESTS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "requests"
 SERVICE_PATH = "/cds-services/magnesium-order-select"
@@ -159,3 +161,57 @@ def test_no_request_line_below_its_level(tmp_path: Path, captured: io.StringIO) 
     logging.getLogger().setLevel("WARNING")
     assert app.test_client().get("/healthz").status_code == 200
     assert not [e for e in lines(captured) if e.get("event") == "request"]
+
+
+def _json_line_handler(stream: Any) -> LineWriteHandler:
+    handler = LineWriteHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    return handler
+
+
+def test_lines_written_by_many_threads_at_once_stay_whole(tmp_path: Path) -> None:
+    # The service's handler writes without a lock: each line must still arrive whole, one per
+    # record, through a pipe (how a container runtime reads stderr) as to a file.
+    logger = logging.getLogger("cds_service.test.concurrent-lines")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    reader, writer = os.pipe()
+    received: list[bytes] = []
+
+    def drain_pipe() -> None:
+        received.extend(iter(lambda: os.read(reader, 65536), b""))
+
+    drain = threading.Thread(target=drain_pipe)
+    drain.start()
+    log_file = (tmp_path / "service.log").open("a")
+    handlers = [_json_line_handler(os.fdopen(writer, "w")), _json_line_handler(log_file)]
+    for handler in handlers:
+        logger.addHandler(handler)
+    padding = "x" * 300  # a line of request size, not a few bytes
+
+    def write_lines(thread: int) -> None:
+        for number in range(500):
+            logger.info("line %d %d", thread, number, extra={"path": padding})
+
+    threads = [threading.Thread(target=write_lines, args=(t,)) for t in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.stream.close()
+    drain.join(timeout=10)
+    for text in (b"".join(received).decode(), (tmp_path / "service.log").read_text()):
+        lines = text.splitlines()
+        messages = {json.loads(line)["message"] for line in lines}  # each line is whole JSON
+        assert len(lines) == len(messages) == 8 * 500
+
+
+def test_a_stream_without_a_descriptor_still_gets_every_line() -> None:
+    stream = io.StringIO()
+    record = logging.LogRecord("cds_service.x", logging.INFO, "", 0, "hello %s", ("é",), None)
+    _json_line_handler(stream).handle(record)
+    assert json.loads(stream.getvalue())["message"] == "hello é"
