@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from flask import Flask, jsonify
 from flask.json.provider import DefaultJSONProvider
@@ -29,35 +28,6 @@ READINESS_EXTENSION = "cds_readiness_checks"
 
 log = logging.getLogger(__name__)
 
-# Far more than the views and hooks an app registers; beyond it, functions are not remembered.
-_SYNC_CACHE_MAX = 1024
-
-
-class CdsFlask(Flask):
-    """Flask, remembering which views and hooks are synchronous.
-
-    Flask asks ``ensure_sync`` for every view and request hook of every request (six per
-    service call here), and each answer inspects the function's code flags: about 20 µs of a
-    typical call's CPU in process, for answers that cannot change. ``async def`` views are
-    still handed to Flask's own ``async_to_sync``, as before.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._sync_functions: dict[Callable[..., Any], Callable[..., Any]] = {}
-
-    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        try:
-            return self._sync_functions[func]
-        except KeyError:
-            pass
-        except TypeError:  # an unhashable callable: nothing to remember it by
-            return super().ensure_sync(func)
-        synchronous = super().ensure_sync(func)
-        if len(self._sync_functions) < _SYNC_CACHE_MAX:
-            self._sync_functions[func] = synchronous
-        return synchronous
-
 
 def create_app(
     settings: Settings | None = None,
@@ -79,7 +49,7 @@ def create_app(
     compile_request_validators()
     log.info("context layer: %s", native.status, extra={"event": "startup"})
 
-    app = CdsFlask(__name__)
+    app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     # "/cds-services//x" answers 404 JSON, not a bare 308 redirect (set before any route).
     app.url_map.merge_slashes = False

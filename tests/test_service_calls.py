@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import copy
 import uuid
-from pathlib import Path
 from typing import Any
 
-import flask.app
 import pytest
 import requests
 from flask import Flask
@@ -26,11 +24,9 @@ from hook_calls import (
 )
 from jsonschema import Draft202012Validator
 
-from cds_service.app import create_app
 from cds_service.fixture_server import fixture_state
 from cds_service.protocol.services import PREFETCH_KEYS
 from cds_service.resources import load_schema
-from cds_service.settings import Settings
 
 DISCOVERY_SCHEMA = Draft202012Validator(load_schema("discovery.schema.json"))
 
@@ -457,44 +453,3 @@ def test_health_and_readiness(cds_url: str) -> None:
     ready = requests.get(f"{cds_url}/readyz", timeout=5)
     assert ready.status_code == 200
     assert ready.json()["checks"]["knowledge"] == "ok"
-
-
-# --- the app's remembered synchronous views and hooks --------------------------------------
-
-
-def test_views_and_hooks_are_checked_once_and_async_views_still_go_to_flask(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    app = create_app(Settings(auth="off", database_url=f"sqlite:///{tmp_path / 'db.sqlite3'}"))
-    inspected: list[object] = []
-    flask_check = flask.app.iscoroutinefunction  # what Flask.ensure_sync asks of each function
-
-    def counting_check(func: object) -> bool:
-        inspected.append(func)
-        return flask_check(func)
-
-    monkeypatch.setattr(flask.app, "iscoroutinefunction", counting_check)
-
-    async def async_view() -> dict[str, str]:
-        return {"never": "served"}
-
-    app.add_url_rule("/async-probe", view_func=async_view)
-    client = app.test_client()
-    request = load_request("mg-pyridostigmine.order-select.json")
-    answers = [
-        client.post("/cds-services/magnesium-order-select", json=request) for _ in range(2)
-    ]
-    assert [answer.status_code for answer in answers] == [200, 200]
-    checked_so_far = len(inspected)
-    assert checked_so_far >= 3  # the view and the request hooks
-    client.post("/cds-services/magnesium-order-select", json=request)
-    assert len(inspected) == checked_so_far  # the later calls ask nothing again
-    assert answers[0].get_json()["cards"] == answers[1].get_json()["cards"]
-    view = app.view_functions["cds_hooks.call_service"]
-    assert app.ensure_sync(view) is view
-    # Flask's answer for an async view is not bypassed: without its 'async' extra it refuses
-    # the view, and the service answers with its JSON 500, not with an unawaited coroutine.
-    for _ in range(2):
-        refused = client.get("/async-probe")
-        assert refused.status_code == 500
-        assert refused.get_json()["error"] == "internal-error"
