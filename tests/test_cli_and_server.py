@@ -10,8 +10,10 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import uuid
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -334,3 +336,32 @@ def test_demo_runs_service_and_fixture_server_together_without_auth(
         assert response.status_code == 200, response.text
         assert response.json()["cards"][0]["indicator"] == "critical"
         assert any("AUTHENTICATION IS OFF" in line for line in served.log_lines())
+
+
+def test_under_gunicorn_every_call_gets_one_whole_request_line(tmp_path: Path) -> None:
+    # Two workers, four threads each, sixteen clients at once: the JSON request lines of both
+    # processes share one log file and are written without a lock (LineWriteHandler).
+    port = free_port()
+    env = {"CDS_AUTH": "off", "CDS_WORKERS": "2", "CDS_THREADS": "4",
+           "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}"}
+    command = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    template = json.loads(MG_REQUEST.read_text())
+    sent = [str(uuid.uuid4()) for _ in range(240)]
+
+    def call(hook_instance: str) -> int:
+        with requests.Session() as session:
+            body = {**template, "hookInstance": hook_instance}
+            return session.post(
+                f"http://127.0.0.1:{port}/cds-services/magnesium-order-select",
+                json=body, timeout=30,
+            ).status_code
+
+    with run_cds(command, env, tmp_path / "serve.log", port=port, workers=2) as served:
+        with ThreadPoolExecutor(max_workers=16) as clients:
+            assert set(clients.map(call, sent)) == {200}
+        log_lines = served.log_lines()
+    entries = [json.loads(line) for line in log_lines if line.startswith("{")]  # whole JSON
+    calls = [e for e in entries if e.get("event") == "request" and e["method"] == "POST"]
+    assert sorted(e["hookInstance"] for e in calls) == sorted(sent)  # one line each, none lost
+    assert {e["status"] for e in calls} == {200}
+    assert {tuple(e["ruleIds"]) for e in calls} == {("myasthenia-magnesium",)}
