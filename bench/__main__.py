@@ -442,8 +442,8 @@ def run_http(
         if diagnose:
             # Not production configurations, typical only: what part of the gap to the floor
             # the file store's commits and locks are, and what the request log line and card
-            # recording are.
-            memstore_port, unrecorded_port = servers.free_port(), servers.free_port()
+            # recording are, each alone and together.
+            memstore_port = servers.free_port()
             variants: tuple[tuple[str, str, list[str], int, dict[str, str]], ...] = (
                 # Each worker its own in-memory SQLite: no file commits, no shared write lock.
                 (
@@ -453,7 +453,15 @@ def run_http(
                     memstore_port,
                     {"CDS_DATABASE_URL": "sqlite:///:memory:"},
                 ),
-                (UNRECORDED, "http-unrecorded", servers.unrecorded_command(), unrecorded_port, {}),
+                # The service without its request line, its card recording, or both.
+                *(
+                    (target, files, servers.unrecorded_command(*skip), port, {})
+                    for target, files, skip, port in (
+                        (NO_LOG, "http-no-log", ("log",), servers.free_port()),
+                        (NO_RECORDING, "http-no-recording", ("cards",), servers.free_port()),
+                        (UNRECORDED, "http-unrecorded", (), servers.free_port()),
+                    )
+                ),
             )
             for target, files, command, port, overrides in variants:
                 env = servers.production_env(workdir, files, port, settings)
@@ -539,8 +547,10 @@ def run_round(load: LoadGenerator, target: servers.Server, **plan: Any) -> LoadR
 
 
 MEMSTORE = "ours, store in memory"
+NO_LOG = "ours, no request log"
+NO_RECORDING = "ours, no card recording"
 UNRECORDED = "ours, no request log or card recording"
-DIAGNOSTIC_TARGETS = (MEMSTORE, UNRECORDED)
+DIAGNOSTIC_TARGETS = (MEMSTORE, NO_LOG, NO_RECORDING, UNRECORDED)
 
 
 def _diagnostic_table(results: list[LoadResult]) -> str:

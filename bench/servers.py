@@ -130,9 +130,10 @@ def floor_command() -> list[str]:
     return [sys.executable, "-m", "bench.floor_app"]
 
 
-def unrecorded_command() -> list[str]:
-    """The diagnostic service without request log and card recording; binds CDS_PORT."""
-    return [sys.executable, "-m", "bench.unrecorded_app"]
+def unrecorded_command(*skip: str) -> list[str]:
+    """The diagnostic service without request log, card recording or (no argument) both;
+    binds CDS_PORT."""
+    return [sys.executable, "-m", "bench.unrecorded_app", *skip]
 
 
 @dataclass

@@ -13,8 +13,18 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from bench import inprocess, servers, unrecorded_app
-from bench.__main__ import MEMSTORE, UNRECORDED, _diagnostic_table, ratio_range, run_round
+from bench.__main__ import (
+    MEMSTORE,
+    NO_LOG,
+    NO_RECORDING,
+    UNRECORDED,
+    _diagnostic_table,
+    ratio_range,
+    run_round,
+)
 from bench.floor_app import app as floor_app
 from bench.http_load import LoadGenerator, LoadResult
 from bench.procfs import cpu_seconds
@@ -160,35 +170,51 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-def test_the_unrecorded_diagnostic_answers_alike_but_neither_logs_nor_records(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("name", "skip", "logs", "records"),
+    [
+        ("ours", None, True, True),
+        ("no-log", ("log",), False, True),
+        ("no-recording", ("cards",), True, False),
+        ("unrecorded", ("log", "cards"), False, False),
+    ],
+)
+def test_each_diagnostic_variant_answers_alike_and_skips_only_what_it_names(
+    tmp_path: Path, name: str, skip: tuple[str, ...] | None, logs: bool, records: bool
 ) -> None:
-    # `--diagnose` compares the service with this variant to show what the per-call
-    # bookkeeping costs: it must do the same clinical work and only skip the bookkeeping.
+    # `--diagnose` compares the service with these variants to show what each piece of per-call
+    # bookkeeping costs: each must do the same clinical work and skip only its own piece.
     body = BodyTemplate(typical().request).render(0)
     path = f"/cds-services/{typical().service_id}"
     request_logger = logging.getLogger(REQUEST_LOGGER)
     level_before = request_logger.level
     seen = _Records()
     request_logger.addHandler(seen)
-    answers, issued = [], []
+    settings = Settings(auth="off", database_url=f"sqlite:///{tmp_path / name}.db")
     try:
-        for name, build in (("ours", create_app), ("unrecorded", unrecorded_app.build_app)):
-            app = build(Settings(auth="off", database_url=f"sqlite:///{tmp_path / name}.db"))
-            response = app.test_client().post(path, data=body, content_type="application/json")
-            assert response.status_code == 200
-            cards = response.get_json()["cards"]
-            store = app.extensions[STORE_EXTENSION]
-            assert store.flush_recorder()
-            answers.append(cards)
-            issued.append(store.issued_by(card["uuid"] for card in cards))
-            assert len(seen.records) == 1, name  # the service's line, none from the variant
+        app = create_app(settings) if skip is None else unrecorded_app.build_app(settings, skip)
+        response = app.test_client().post(path, data=body, content_type="application/json")
+        assert response.status_code == 200
+        cards = response.get_json()["cards"]
+        store = app.extensions[STORE_EXTENSION]
+        assert store.flush_recorder()
+        issued = store.issued_by(card["uuid"] for card in cards)
+        lines = len(seen.records)
     finally:
         request_logger.removeHandler(seen)
         request_logger.setLevel(level_before)  # build_app's setting is process-wide
-    ours, unrecorded = answers
-    assert ours and unrecorded == ours
-    assert len(issued[0]) == len(ours) and issued[1] == {}
+    assert inprocess.rule_ids_of({"cards": cards}) == ("myasthenia-magnesium",)
+    assert lines == (1 if logs else 0)
+    assert len(issued) == (len(cards) if records else 0)
+
+
+@pytest.mark.parametrize("skip", [(), ("log", "audit")])
+def test_a_diagnostic_variant_refuses_to_skip_nothing_or_something_unknown(
+    tmp_path: Path, skip: tuple[str, ...]
+) -> None:
+    settings = Settings(auth="off", database_url=f"sqlite:///{tmp_path / 'x'}.db")
+    with pytest.raises(ValueError, match="skip one or more of"):
+        unrecorded_app.build_app(settings, skip)
 
 
 def test_the_diagnostic_table_shows_each_variant_against_ours_and_the_floor() -> None:
@@ -200,15 +226,19 @@ def test_the_diagnostic_table_shows_each_variant_against_ours_and_the_floor() ->
         result("floor", 2000),
         result("ours", 1000),
         result(MEMSTORE, 1100),
+        result(NO_LOG, 1150),
+        result(NO_RECORDING, 1200),
         result(UNRECORDED, 1250),
     ]
     lines = _diagnostic_table(results).splitlines()
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines if "typical" in line]
-    assert [row[0] for row in rows] == [MEMSTORE, UNRECORDED]
+    assert [row[0] for row in rows] == [MEMSTORE, NO_LOG, NO_RECORDING, UNRECORDED]
     # variant, workload, concurrency, ours req/s, variant req/s, share of the floor's
-    assert [row[-1] for row in rows] == ["– / –", "– / –"]  # no CPU figures in these results
+    assert {row[-1] for row in rows} == {"– / –"}  # no CPU figures in these results
     assert [row[1:6] for row in rows] == [
         ["typical", "4", "1,000", "1,100", "55 %"],
+        ["typical", "4", "1,000", "1,150", "57 %"],
+        ["typical", "4", "1,000", "1,200", "60 %"],
         ["typical", "4", "1,000", "1,250", "62 %"],
     ]
 
