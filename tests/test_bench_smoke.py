@@ -208,6 +208,28 @@ def test_each_diagnostic_variant_answers_alike_and_skips_only_what_it_names(
     assert len(issued) == (len(cards) if records else 0)
 
 
+@pytest.mark.parametrize(
+    ("argv", "skip"),
+    [([], ("log", "cards")), (["log"], ("log",)), (["cards"], ("cards",))],
+)
+def test_the_diagnostic_command_line_names_what_to_skip(
+    argv: list[str], skip: tuple[str, ...]
+) -> None:
+    # What `python -m bench --diagnose` starts: servers.unrecorded_command(*argv).
+    command = servers.unrecorded_command(*argv)
+    assert command[1:3] == ["-m", "bench.unrecorded_app"]
+    assert unrecorded_app.parse_skip(command[3:]) == skip
+
+
+def test_the_diagnostic_command_line_refuses_what_it_cannot_skip(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        unrecorded_app.parse_skip(["log", "audit"])
+    assert exit_info.value.code == 2
+    assert "cannot skip audit: choose from log, cards" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("skip", [(), ("log", "audit")])
 def test_a_diagnostic_variant_refuses_to_skip_nothing_or_something_unknown(
     tmp_path: Path, skip: tuple[str, ...]
