@@ -24,13 +24,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import inprocess, servers
+from bench import cold, inprocess, servers
 from bench.http_load import LoadGenerator, LoadResult
 from bench.stats import fmt, percentile, summary, table
 from bench.workloads import BodyTemplate, Workload, all_workloads
 from cds_service import native
 from cds_service.context.model import Coding
 from cds_service.knowledge import default_knowledge, load_knowledge
+from cds_service.protocol.feedback import STORE_EXTENSION
 from cds_service.settings import Settings
 
 
@@ -48,6 +49,9 @@ class Plan:
     # seconds, and short alternating rounds let a slow stretch hit both alike.
     http_rounds: int
     profile_iterations: int
+    # --diagnose, in process: calls per target, mode and round of the warm/cold comparison.
+    cold_calls: int = 250
+    cold_rounds: int = 4
 
 
 FULL = Plan(
@@ -79,6 +83,8 @@ QUICK = Plan(
     http_warmup_seconds=0.2,
     http_rounds=2,
     profile_iterations=3,
+    cold_calls=5,
+    cold_rounds=2,
 )
 
 
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also serve typical with the feedback store in memory, and without the request "
         "log line and card recording (neither is a production setting): what SQLite's commits, "
-        "and what those two, cost over HTTP",
+        "and what those two, cost over HTTP; and time typical and the floor in process with "
+        "warm and with cold CPU caches",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -115,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             report["knowledge"] = knowledge_figures()
             print("\n## Knowledge (per process)\n\n" + _knowledge_table(report["knowledge"]))
             report["inprocess"] = run_inprocess(plan, workloads, workdir)
+        if args.diagnose:
+            report["cold_caches"] = run_cold(plan, workloads["typical"], workdir)
         if args.only in (None, "http"):
             report["http"] = run_http(plan, workloads, workdir, args.diagnose)
         if args.profile:
@@ -299,6 +308,8 @@ def run_inprocess(plan: Plan, workloads: dict[str, Workload], workdir: Path) -> 
         )
     )
 
+    for recording_app in (app, jwt_app):  # see run_cold
+        recording_app.extensions[STORE_EXTENSION].flush_recorder()
     print(_latency_table(results) + "\n\n" + _stage_table(results), flush=True)
     by_name = {(r.workload, r.variant): r for r in results}
     added = _round_trips(by_name, workloads)
@@ -321,6 +332,22 @@ def run_inprocess(plan: Plan, workloads: dict[str, Workload], workdir: Path) -> 
         ],
         "round_trips": added,
     }
+
+
+def run_cold(plan: Plan, workload: Workload, workdir: Path) -> dict[str, Any]:
+    """--diagnose: typical and the floor through WSGI, with warm and with cold caches."""
+    from bench.floor_app import app as floor_app
+
+    print("\n## In process: warm and cold CPU caches (WSGI, typical)\n", flush=True)
+    targets = {"floor": floor_app, "ours": inprocess.make_app(workdir, "cold-caches")}
+    _progress(
+        f"warm/cold: {plan.cold_rounds} rounds of {plan.cold_calls} calls per target and mode"
+    )
+    results = cold.run(targets, workload, plan.cold_calls, plan.cold_rounds)
+    # Its cards written before the work directory goes (the writer thread would recreate it).
+    targets["ours"].extensions[STORE_EXTENSION].flush_recorder()
+    print(cold.table(results, floor="floor", ours="ours"), flush=True)
+    return {"sweep_mib": cold.SWEEP_MIB, "results": [r.to_json() for r in results]}
 
 
 def _progress(message: str) -> None:

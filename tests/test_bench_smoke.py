@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import inprocess, servers, unrecorded_app
+from bench import cold, inprocess, servers, unrecorded_app
 from bench.__main__ import (
     MEMSTORE,
     NO_LOG,
@@ -362,3 +362,60 @@ def test_server_cpu_combines_over_rounds_and_is_unknown_if_any_round_lacks_it() 
     assert unknown.server_cpu_seconds is None and unknown.server_cpu_ms_per_call is None
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     assert cpu_seconds([pid_max + 1]) is None  # no such process: unknown, not zero
+
+
+def test_a_direct_wsgi_call_does_all_a_served_call_does(tmp_path: Path) -> None:
+    # The warm/cold diagnostic times calls through WSGI, as gunicorn makes them: the answer,
+    # the request line and the recorded cards must all happen inside the timed call.
+    request_logger = logging.getLogger(REQUEST_LOGGER)
+    seen = _Records()
+    request_logger.addHandler(seen)
+    try:
+        app = inprocess.make_app(tmp_path, "wsgi", process_wide=False)
+        body = BodyTemplate(typical().request).render(7)
+        status, cpu_ms, answer = cold.wsgi_call(
+            app, f"/cds-services/{typical().service_id}", body
+        )
+        cards = json.loads(answer)["cards"]
+        store = app.extensions[STORE_EXTENSION]
+        assert store.flush_recorder()
+        issued = store.issued_by(card["uuid"] for card in cards)
+        hook_instance = json.loads(body)["hookInstance"]
+        lines = [r for r in seen.records if getattr(r, "hookInstance", None) == hook_instance]
+    finally:
+        request_logger.removeHandler(seen)
+    assert status == 200
+    assert cpu_ms > 0
+    assert len(lines) == 1 and lines[0].ruleIds == ["myasthenia-magnesium"]
+    assert inprocess.rule_ids_of({"cards": cards}) == ("myasthenia-magnesium",)
+    assert len(issued) == len(cards)
+
+
+def test_the_warm_and_cold_rounds_time_each_target_in_each_mode(tmp_path: Path) -> None:
+    sweeps: list[int] = []
+    targets = {
+        "floor": floor_app,
+        "ours": inprocess.make_app(tmp_path, "cold", process_wide=False),
+    }
+    results = cold.run(
+        targets, typical(), calls_per_round=2, rounds=2, sweep=lambda: sweeps.append(1)
+    )
+    by_key = {(r.target, r.mode): r for r in results}
+    assert set(by_key) == {(t, m) for t in ("floor", "ours") for m in ("warm", "cold")}
+    for result in results:
+        assert result.statuses == {200: 4}  # 2 rounds of 2 counted calls; settling calls not
+        assert len(result.cpu_ms) == 4 and all(ms > 0 for ms in result.cpu_ms)
+    # The caches are swept before every cold call (counted or settling) and never otherwise.
+    assert len(sweeps) == 2 * 2 * (cold._SETTLE + 2)
+    report = cold.table(results, floor="floor", ours="ours")
+    assert "| floor | 4 |" in report and "| ours | 4 |" in report
+    assert "ours − floor:" in report and "200×8" in report
+
+
+def test_the_cache_sweep_writes_every_cache_line_of_its_buffer() -> None:
+    sweep = cold.CacheSweep(mib=1)
+    buffer = sweep._buffer
+    buffer[:] = b"\xff" * len(buffer)
+    sweep()
+    assert set(buffer[::64]) == {0}
+    assert set(buffer[1::64]) == {0xFF}  # one byte a line: the rest is left as it was
