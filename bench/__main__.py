@@ -31,8 +31,8 @@ from bench.workloads import BodyTemplate, Workload, all_workloads
 from cds_service import native
 from cds_service.context.model import Coding
 from cds_service.knowledge import default_knowledge, load_knowledge
-from cds_service.protocol.feedback import STORE_EXTENSION
 from cds_service.settings import Settings
+from cds_service.store.writer import flush_writers_at_exit
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             print("\n## Profile: large workload, in process\n")
             print(profile_large(plan, workloads["large"], workdir))
+        # Every in-process app's queued cards written before their database's directory goes:
+        # a card writer still writing would recreate files in it while it is being removed.
+        flush_writers_at_exit()
     report["machine"]["loadavg_end"] = _loadavg()
     print(f"\nload average at the end: {report['machine']['loadavg_end']}")
     if "inprocess" in report or "http" in report:
@@ -308,8 +311,6 @@ def run_inprocess(plan: Plan, workloads: dict[str, Workload], workdir: Path) -> 
         )
     )
 
-    for recording_app in (app, jwt_app):  # see run_cold
-        recording_app.extensions[STORE_EXTENSION].flush_recorder()
     print(_latency_table(results) + "\n\n" + _stage_table(results), flush=True)
     by_name = {(r.workload, r.variant): r for r in results}
     added = _round_trips(by_name, workloads)
@@ -344,8 +345,6 @@ def run_cold(plan: Plan, workload: Workload, workdir: Path) -> dict[str, Any]:
         f"warm/cold: {plan.cold_rounds} rounds of {plan.cold_calls} calls per target and mode"
     )
     results = cold.run(targets, workload, plan.cold_calls, plan.cold_rounds)
-    # Its cards written before the work directory goes (the writer thread would recreate it).
-    targets["ours"].extensions[STORE_EXTENSION].flush_recorder()
     print(cold.table(results, floor="floor", ours="ours"), flush=True)
     return {"sweep_mib": cold.SWEEP_MIB, "results": [r.to_json() for r in results]}
 
