@@ -118,20 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     workloads = {w.name: w for w in all_workloads()}
     with tempfile.TemporaryDirectory(prefix="cds-bench-") as tmp:
         workdir = Path(tmp)
-        if args.only in (None, "inprocess"):
-            report["knowledge"] = knowledge_figures()
-            print("\n## Knowledge (per process)\n\n" + _knowledge_table(report["knowledge"]))
-            report["inprocess"] = run_inprocess(plan, workloads, workdir)
-        if args.diagnose:
-            report["cold_caches"] = run_cold(plan, workloads["typical"], workdir)
-        if args.only in (None, "http"):
-            report["http"] = run_http(plan, workloads, workdir, args.diagnose)
-        if args.profile:
-            print("\n## Profile: large workload, in process\n")
-            print(profile_large(plan, workloads["large"], workdir))
-        # Every in-process app's queued cards written before their database's directory goes:
-        # a card writer still writing would recreate files in it while it is being removed.
-        flush_writers_at_exit()
+        try:
+            if args.only in (None, "inprocess"):
+                report["knowledge"] = knowledge_figures()
+                print("\n## Knowledge (per process)\n\n" + _knowledge_table(report["knowledge"]))
+                report["inprocess"] = run_inprocess(plan, workloads, workdir)
+            if args.diagnose:
+                report["cold_caches"] = run_cold(plan, workloads["typical"], workdir)
+            if args.only in (None, "http"):
+                report["http"] = run_http(plan, workloads, workdir, args.diagnose)
+            if args.profile:
+                print("\n## Profile: large workload, in process\n")
+                print(profile_large(plan, workloads["large"], workdir))
+        finally:
+            # Every in-process app's queued cards written before their database's directory
+            # goes, even when a part failed: a card writer still writing would recreate files
+            # in it while it is being removed.
+            flush_writers_at_exit()
     report["machine"]["loadavg_end"] = _loadavg()
     print(f"\nload average at the end: {report['machine']['loadavg_end']}")
     if "inprocess" in report or "http" in report:
