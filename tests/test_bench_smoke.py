@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import bench.__main__ as bench_main
 from bench import cold, inprocess, servers, unrecorded_app
 from bench.__main__ import (
     MEMSTORE,
@@ -47,6 +48,7 @@ from cds_service.logging_setup import REQUEST_LOGGER
 from cds_service.protocol.feedback import STORE_EXTENSION
 from cds_service.protocol.services import PREFETCH_KEYS
 from cds_service.settings import Settings
+from cds_service.store.writer import CardWriter
 
 
 def _counts(resources: list[dict]) -> dict[str, int]:
@@ -133,6 +135,31 @@ def test_one_call_of_each_workload_answers_with_the_expected_card(tmp_path: Path
         assert workload.expected_rule_ids <= set(result.rule_ids), workload.name
         stages = set(result.stages_ms)
         assert {"parse", "validation", "context", "rules", "cards", "record"} <= stages
+
+
+def test_a_failed_run_still_writes_the_queued_cards_before_its_directory_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A part of the run that fails after calls were answered: their cards are still queued
+    # (the writer waits out a long window here), and must be written before the work
+    # directory is removed, not by a writer thread racing its removal.
+    writers: list[CardWriter] = []
+
+    def answer_then_fail(plan: object, workloads: object, workdir: Path) -> None:
+        app = inprocess.make_app(workdir, "failing", process_wide=False)
+        writer = app.extensions[STORE_EXTENSION].card_writer
+        writer.window_s = 60.0
+        writers.append(writer)
+        result = inprocess.run(app, typical(), iterations=1, warmup=0)
+        assert dict(result.statuses) == {200: 1}
+        assert writer.batches_written == 0  # still queued
+        raise RuntimeError("a part of the run failed")
+
+    monkeypatch.setattr(bench_main, "run_inprocess", answer_then_fail)
+    with pytest.raises(RuntimeError, match="a part of the run failed"):
+        bench_main.main(["--quick", "--only", "inprocess"])
+    [writer] = writers
+    assert writer.batches_written == 1 and writer.pending_cards() == 0
 
 
 def test_the_floor_parses_and_answers_no_cards() -> None:
