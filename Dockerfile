@@ -1,14 +1,5 @@
 # Production image: gunicorn (via `cds-service serve`), non-root, health-checked.
 
-# Build stage: the full image has the C compiler that compiles the hot path (hatch_build.py).
-FROM python:3.11-bookworm AS build
-WORKDIR /build
-COPY pyproject.toml README.md hatch_build.py ./
-COPY cds_service ./cds_service
-COPY schemas ./schemas
-COPY fixtures ./fixtures
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
-
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,12 +7,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-COPY --from=build /wheels /wheels
-# The image is refused unless the compiled context layer is in it and imports (native.py).
-RUN pip install /wheels/*.whl \
-    && rm -rf /wheels \
-    && python -c "import cds_service.native as n, cds_service.context.builder as b; \
-assert n.compiled and b.__file__.endswith('.so'), n.status" \
+WORKDIR /build
+COPY pyproject.toml README.md ./
+COPY cds_service ./cds_service
+COPY schemas ./schemas
+COPY fixtures ./fixtures
+RUN pip install . \
+    && rm -rf /build \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin cds
 
 USER cds

@@ -28,7 +28,6 @@ from bench import cold, inprocess, servers
 from bench.http_load import LoadGenerator, LoadResult
 from bench.stats import fmt, percentile, summary, table
 from bench.workloads import BodyTemplate, Workload, all_workloads
-from cds_service import native
 from cds_service.context.model import Coding
 from cds_service.knowledge import default_knowledge, load_knowledge
 from cds_service.settings import Settings
@@ -200,7 +199,6 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "revision": _git_revision(),
         "gunicorn": f"{settings.workers} workers x {settings.threads} threads (gthread)",
-        "context_layer": native.status,
         "loadavg_start": _loadavg(),
     }
 
@@ -215,7 +213,6 @@ def _machine_table(info: dict[str, Any]) -> str:
         ["platform", info["platform"]],
         ["revision", info["revision"]],
         ["gunicorn", info["gunicorn"]],
-        ["context layer", info["context_layer"]],
         ["load average at start (1/5/15 min)", info["loadavg_start"]],
     ]
     return "## Machine\n\n" + table(["", ""], rows)

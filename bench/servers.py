@@ -25,7 +25,6 @@ from typing import Any
 
 from bench import procfs
 from bench.workloads import Workload
-from cds_service import native
 from cds_service.settings import Settings
 
 LOOPBACK = "127.0.0.1"
@@ -97,11 +96,7 @@ def fixture_servers(
 
 def production_env(workdir: Path, name: str, port: int, settings: Settings) -> dict[str, str]:
     """The environment of a server: no inherited CDS_* settings, only the ones named here."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CDS_") or k == native.PURE_PYTHON_ENV  # the same build as in process
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
     env.update(
         {
             "CDS_HOST": LOOPBACK,

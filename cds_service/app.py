@@ -9,7 +9,6 @@ from flask import Flask, jsonify
 from flask.json.provider import DefaultJSONProvider
 from flask.typing import ResponseReturnValue
 
-from cds_service import native
 from cds_service.context.builder import ClientFactory, default_client_factory
 from cds_service.knowledge import Knowledge, default_knowledge, load_knowledge
 from cds_service.logging_setup import configure_logging, install_request_logging
@@ -47,7 +46,6 @@ def create_app(
         )
 
     compile_request_validators()
-    log.info("context layer: %s", native.status, extra={"event": "startup"})
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes

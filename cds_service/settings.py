@@ -136,7 +136,7 @@ def parse_base_urls(raw: str, env_name: str) -> tuple[str, ...]:
     return tuple(urls)
 
 
-# How every boolean CDS_* variable is read (CDS_PURE_PYTHON too, in cds_service.native).
+# How every boolean CDS_* variable is read.
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
 import os
 import re
@@ -21,8 +20,6 @@ import pytest
 import requests
 from processes import CDS, Served, free_port, run_cds, wait_until_up
 from test_hostile_input import ciprofloxacin_with, update_offered
-
-from cds_service import native
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -249,15 +246,15 @@ def test_dockerfile_refers_to_things_that_exist() -> None:
     assert "CDS_AUTH=off" not in dockerfile
 
 
-def _build_wheel(tmp_path: Path, env: dict[str, str] | None = None) -> tuple[Path, set[str]]:
+def _build_wheel(tmp_path: Path) -> tuple[Path, set[str]]:
     """A wheel built from a copy of the project (a build writes into its source tree)."""
     if shutil.which("pip", path=str(BIN)) is None:
         pytest.skip("pip not available in this environment")
     source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md", "hatch_build.py"):
+    for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.so", native.MANIFEST_NAME)
+    ignore = shutil.ignore_patterns("__pycache__")
     for name in ("cds_service", "schemas", "fixtures"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
     done = subprocess.run(
@@ -273,7 +270,6 @@ def _build_wheel(tmp_path: Path, env: dict[str, str] | None = None) -> tuple[Pat
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, **(env or {})},
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -281,28 +277,14 @@ def _build_wheel(tmp_path: Path, env: dict[str, str] | None = None) -> tuple[Pat
     return wheel, set(zipfile.ZipFile(wheel).namelist())
 
 
-def test_wheel_carries_schemas_fixtures_and_the_compiled_context_layer(tmp_path: Path) -> None:
+def test_wheel_is_pure_python_and_carries_schemas_and_fixtures(tmp_path: Path) -> None:
     wheel, names = _build_wheel(tmp_path)
+    assert wheel.name.endswith("-py3-none-any.whl")
     assert "cds_service/_bundled/schemas/hook-request.schema.json" in names
     assert "cds_service/_bundled/fixtures/patients/mg-pyridostigmine.json" in names
     assert any(name.startswith("cds_service/knowledge/data/") for name in names)
-    # The compiled hot path travels with it (hatch_build.py), with what it was built from.
-    assert f"cds_service/{native.MANIFEST_NAME}" in names
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    for module in native.COMPILED_MODULES:
-        assert module.replace(".", "/") + suffix in names
-        assert module.replace(".", "/") + ".py" in names
-    assert native.GROUP_RUNTIME.replace(".", "/") + suffix in names
-    assert not wheel.name.endswith("-py3-none-any.whl")  # a platform wheel
-
-
-def test_without_a_c_compiler_the_wheel_is_pure_python(tmp_path: Path) -> None:
-    # CC names the compiler setuptools runs: one that always fails stands for none at all.
-    wheel, names = _build_wheel(tmp_path, {"CC": "false"})
-    assert wheel.name.endswith("-py3-none-any.whl")
-    assert not [name for name in names if name.endswith(".so")]
-    assert f"cds_service/{native.MANIFEST_NAME}" not in names
     assert "cds_service/context/normalise.py" in names
+    assert not [name for name in names if name.endswith(".so")]
 
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one() -> None:

@@ -29,7 +29,6 @@ def test_ruff_is_clean() -> None:
 
 
 def test_mypy_is_clean() -> None:
-    # The package and the benchmark, with pyproject.toml's [tool.mypy]. mypyc type-checks
-    # the compiled modules at install time too, but only those and what they import.
+    # The package and the benchmark, with pyproject.toml's [tool.mypy].
     failure = _tool_output_if_it_fails("mypy", "cds_service", "bench", timeout=600)
     assert failure is None, failure

@@ -198,7 +198,6 @@ class PatientContext:
     )
 
 
-# Plain Python classes (this module is not compiled): copied, pickled and raised as usual.
 @dataclass(frozen=True)
 class MissingData:
     key: str

@@ -92,7 +92,7 @@ def _codes(concept: Any) -> Iterator[tuple[dict[str, Any] | None, str]]:
                 if isinstance(code, str):
                     code = code.strip()
                 elif isinstance(code, int) and not isinstance(code, bool):
-                    # JSON true/false is no code (compiled, a bool taken as int reads "1"/"0").
+                    # JSON true/false is no code.
                     code = str(code).strip()
                 else:
                     continue

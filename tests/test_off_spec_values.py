@@ -1,10 +1,9 @@
-"""Off-spec JSON where the compiled context layer (mypyc) declares a narrower type than JSON has.
+"""Off-spec JSON where the context layer expects a narrower type than JSON has.
 
-mypyc checks annotations at run time: a JSON value reaching a ``str``, ``int``, ``float``,
-``bool``, ``dict`` or ``tuple`` it is not would raise TypeError (a 500) where Python carried
-on, and an ``int`` that is really a ``bool`` is read as 1 or 0. Each case sends the off-spec
-value through the service over HTTP and expects a 200 that reads what it can and reports the
-rest, with the compiled build as with the source (``cds_service.native.status`` says which ran).
+A JSON value of another type where a ``str``, ``int``, ``float``, ``bool``, ``dict`` or list is
+expected must not become a TypeError (a 500), and a ``bool`` is not an ``int`` (``True`` is no
+code "1"). Each case sends the off-spec value through the service over HTTP and expects a 200
+that reads what it can and reports the rest.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ SNOMED = "http://snomed.info/sct"
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Flask:
-    database = tmp_path_factory.mktemp("compiled-types") / "cds.sqlite3"
+    database = tmp_path_factory.mktemp("off-spec") / "cds.sqlite3"
     return create_app(Settings(auth="off", database_url=f"sqlite:///{database}"))
 
 
@@ -179,7 +178,7 @@ def _bool_codes(body: dict[str, Any]) -> None:
     _entry(body, "conditions")["code"]["coding"][0]["code"] = False  # ICD-10-CM G70.00
 
 
-def test_a_boolean_code_is_no_code_in_either_build(client: FlaskClient) -> None:
+def test_a_boolean_code_is_no_code(client: FlaskClient) -> None:
     # Compiled, a bool reached ``int`` and was read as the code "1"/"0" (Python: "True"):
     # cards then named a code the EHR never sent ("RxNorm 1").
     body = load("mg-pyridostigmine.order-select.json")
