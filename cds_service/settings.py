@@ -1,8 +1,8 @@
 """Configuration: one frozen dataclass, read from ``CDS_*`` environment variables.
 
 Every field has a safe, documented default so that ``cds-service serve`` works with no
-configuration at all. ``SETTINGS_DOC`` is the single source for the README's settings table
-(``tests/test_settings.py`` checks that the README lists every setting).
+configuration at all. ``SETTINGS_DOC`` is the single source for the settings table in docs/settings.md
+(``tests/test_settings.py`` checks that it lists every setting).
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def setting_defaults() -> dict[str, Any]:
 
 
 def settings_table_markdown() -> str:
-    """The README's settings table (kept in sync by tests/test_settings.py)."""
+    """The table of docs/settings.md (kept in sync by tests/test_settings.py)."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     defaults = setting_defaults()
     for name, meaning in SETTINGS_DOC.items():

@@ -1,4 +1,4 @@
-"""Settings come from CDS_* variables, fail clearly, and are all documented in the README."""
+"""Settings come from CDS_* variables, fail clearly, and are all documented in docs/settings.md."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ def test_invalid_value_names_the_variable() -> None:
         Settings.from_env({"CDS_WORKERS": "many"})
 
 
-def test_readme_documents_every_setting_with_its_default() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_docs_list_every_setting_with_its_default() -> None:
+    readme = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
     assert settings_table_markdown() in readme, (
-        "README settings table is stale: paste the output of "
+        "docs/settings.md's table is stale: paste the output of "
         "`python -c 'from cds_service.settings import settings_table_markdown as t; print(t())'`"
     )
     for name in setting_defaults():
