@@ -1,8 +1,8 @@
 """Configuration: one frozen dataclass, read from ``CDS_*`` environment variables.
 
 Every field has a safe, documented default so that ``cds-service serve`` works with no
-configuration at all. ``SETTINGS_DOC`` is the single source for the settings table in docs/settings.md
-(``tests/test_settings.py`` checks that it lists every setting).
+configuration at all. ``SETTINGS_DOC`` is the single source for the settings table in
+docs/settings.md (``tests/test_settings.py`` checks that it lists every setting).
 """
 
 from __future__ import annotations
