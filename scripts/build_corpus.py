@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -478,7 +479,10 @@ def build(source: Path, out: Path, per_version: int) -> None:
     }
     for version, folder in VERSIONS.items():
         ranked = []
-        for path, blob, bundle in repository.read(repository.blobs(folder)):
+        listed = repository.blobs(folder)
+        read: set[str] = set()
+        for path, blob, bundle in repository.read(listed):
+            read.add(path)
             patient = _patient(bundle)
             if patient is None or not patient.get("id"):
                 continue
@@ -500,6 +504,9 @@ def build(source: Path, out: Path, per_version: int) -> None:
             (directory / f"{patient_id}.json").write_text(text + "\n", encoding="utf-8")
         manifest["versions"][version] = {
             "folder": folder, "bundles": len(ranked),
+            # Listed at the commit but not in the snapshot read (a shallow mirror may leave out
+            # its largest files).
+            "absent": sorted(path for path, _ in listed if path not in read),
             "patients": [{"path": path, "blob": blob, "patientId": patient_id}
                          for _, path, blob, patient_id, _ in sorted(chosen, key=lambda c: c[1])],
         }
@@ -548,6 +555,7 @@ class CallResult:
     body: Any
     # (kind, system, code, group) the service's clinical picture held for this call.
     recognised: set[tuple[str, str, str, str]]
+    elapsed_ms: float = 0.0  # the POST through the test client, in this process
 
 
 def _picture_codes(picture: Any) -> set[tuple[str, str, str, str]]:
@@ -592,10 +600,12 @@ def run_corpus(client: Any, calls: Sequence[CorpusCall]) -> list[CallResult]:
     with pictures_seen() as seen:
         for call in calls:
             seen.clear()
+            started = time.perf_counter()
             response = client.post(f"/cds-services/{call.service_id}", json=call.request)
+            elapsed_ms = (time.perf_counter() - started) * 1000
             recognised = set().union(*(_picture_codes(p) for p in seen)) if seen else set()
             results.append(CallResult(call, response.status_code, response.get_json(silent=True),
-                                      recognised))
+                                      recognised, elapsed_ms))
     return results
 
 
@@ -619,7 +629,10 @@ def report(results: Sequence[CallResult], knowledge: KnowledgeCodes) -> str:
             rule = card.get("extension", {}).get("org.magnesium-cds", {}).get("ruleId", "?")
             cards[(rule, card.get("indicator", "?"))] += 1
     patients = {(r.call.version, r.call.patient_file) for r in results}
-    lines.append(f"requests: {len(results)} ({len(patients)} patients)")
+    times = sorted(r.elapsed_ms for r in results)
+    lines.append(f"requests: {len(results)} ({len(patients)} patients) in "
+                 f"{sum(times) / 1000:.1f} s, median {times[len(times) // 2]:.2f} ms a call "
+                 "(Flask test client, in process)")
     for version, statuses in by_version.items():
         shown = ", ".join(f"{status}: {n}" for status, n in sorted(statuses.items()))
         lines.append(f"  {version}: {sum(statuses.values())} requests; {shown}")
