@@ -102,19 +102,33 @@ class CorpusCode:
     display: str = field(default="", compare=False)
 
 
-def _group_codes(data: Any, found: dict[str, set[str]], group: str | None = None) -> None:
-    """Every ``code`` under a generated terminology file's entries, by the group they name."""
+_NAMING_KEYS = ("group", "group_id", "ingredient", "ingredient_code", "concept", "parent", "root")
+
+
+def _group_codes(
+    data: Any, known: set[str], found: dict[str, set[str]], group: str | None = None
+) -> None:
+    """Every code under a generated terminology file's entries, by what names their group: a
+    naming key's value (``"concept": "91637004"``, ``"ingredient": {"code": "2551"}``) or a
+    mapping key that is a known group id, concept, ingredient code or name. Codes are the
+    ``code`` of an entry and plain strings in a list."""
     if isinstance(data, dict):
-        named = next((data[key] for key in ("group", "group_id", "ingredient", "concept")
-                      if isinstance(data.get(key), str)), None)
-        group = named or group
+        for key in _NAMING_KEYS:
+            value = data.get(key)
+            value = value.get("code") or value.get("id") if isinstance(value, dict) else value
+            if isinstance(value, str) and value:
+                group = value
+                break
         if group and isinstance(data.get("code"), str):
             found.setdefault(group, set()).add(data["code"])
-        for value in data.values():
-            _group_codes(value, found, group)
+        for key, value in data.items():
+            _group_codes(value, known, found, key if key in known else group)
     elif isinstance(data, list):
         for item in data:
-            _group_codes(item, found, group)
+            if isinstance(item, str) and group:
+                found.setdefault(group, set()).add(item)
+            else:
+                _group_codes(item, known, found, group)
 
 
 class KnowledgeCodes:
@@ -159,16 +173,28 @@ class KnowledgeCodes:
         self.loinc = {
             entry["code"]: group["id"] for group in labs["groups"] for entry in group["codes"]
         }
+        condition_groups = {group["id"] for group in conditions["groups"]}
+        drug_groups = {group["id"] for group in medications["drug_groups"]}
+        salts = {salt["id"] for salt in medications["magnesium"]["salts"]}
+        self.terminology_files: list[str] = []
         terminology = directory / "terminology"
         for path in sorted(terminology.glob("*.json")) if terminology.is_dir() else []:
+            self.terminology_files.append(path.name)
             found: dict[str, set[str]] = {}
-            _group_codes(json.loads(path.read_text(encoding="utf-8")), found)
+            known = {*self.snomed, *self.rxnorm, *names, *condition_groups, *drug_groups, *salts}
+            _group_codes(json.loads(path.read_text(encoding="utf-8")), known, found)
             for named, codes in found.items():
-                group_id = (self.snomed.get(named) or self.rxnorm.get(named)
-                            or names.get(named.lower()) or named)
+                # A SNOMED CT concept or condition group id names a condition group; an RxNorm
+                # ingredient, ingredient name, drug group or salt names a drug group.
+                condition = self.snomed.get(named) or (named if named in condition_groups
+                                                       else None)
+                drug = self.rxnorm.get(named) or names.get(named.lower()) or (
+                    named if named in drug_groups else "magnesium" if named in salts else None)
                 for code in codes:
-                    self.snomed.setdefault(code, group_id)
-                    self.rxnorm.setdefault(code, group_id)
+                    if condition:
+                        self.snomed.setdefault(code, condition)
+                    if drug:
+                        self.rxnorm.setdefault(code, drug)
         for child, parent in SNOMED_PARENTS.items():
             if parent in self.snomed:
                 self.snomed.setdefault(child, self.snomed[parent])
@@ -642,8 +668,9 @@ def report(results: Sequence[CallResult], knowledge: KnowledgeCodes) -> str:
     verdict = inventory(results, knowledge)
     recognised = sorted(c for c, ok in verdict.items() if ok)
     missed = sorted(c for c, ok in verdict.items() if not ok)
+    files = ", ".join(knowledge.terminology_files) or "none"
     lines.append(f"codes of knowledge groups: {len(verdict)}; recognised {len(recognised)}, "
-                 f"not recognised {len(missed)}")
+                 f"not recognised {len(missed)} (terminology files read: {files})")
     for title, codes in (("recognised", recognised), ("not recognised", missed)):
         lines.append(f"  {title}:")
         lines.extend(f"    {c.kind} {c.code} {c.display!r} -> {c.group}" for c in codes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -214,3 +215,53 @@ def test_every_corpus_code_of_a_knowledge_group_is_recognised(
         and (code.kind, code.system, code.code, code.group) not in result.recognised
     ]
     assert not missed, f"{len(missed)} requests, e.g. {missed[:3]}"
+
+
+# --- the inventory's own reading of the knowledge files --------------------------------------
+
+
+def test_knowledge_codes_read_the_group_code_lists_and_rxnorm_names() -> None:
+    codes = build_corpus.KnowledgeCodes()
+    snomed, icd, rxnorm, loinc = (build_corpus.SNOMED, build_corpus.ICD10CM, build_corpus.RXNORM,
+                                  build_corpus.LOINC)
+    assert codes.condition_group(snomed, "91637004") == "myasthenia-gravis"
+    assert codes.condition_group(icd, "G70.01") == "myasthenia-gravis"  # prefix
+    assert codes.condition_group(icd, "N18.4") == "ckd-stage-4"
+    assert codes.condition_group(icd, "N18") == "ckd-unspecified"  # exact only
+    assert codes.condition_group(snomed, "95417003") == "fibromyalgia"  # SNOMED_PARENTS
+    assert codes.condition_group(snomed, "38341003") is None  # hypertension
+    assert codes.medication_group(rxnorm, "2551", "") == "fluoroquinolone"
+    assert codes.medication_group(rxnorm, "198741", "") == "magnesium"
+    levothyroxine = "Levothyroxine Sodium 0.075 MG Oral Tablet"
+    assert codes.medication_group(rxnorm, "966222", levothyroxine) == "thyroid-hormone"
+    assert codes.medication_group(rxnorm, "1", "Milk of Magnesia 400 MG/5ML") == "magnesium"
+    # An excipient is no magnesium order; a name inside another word is no match.
+    assert codes.medication_group(rxnorm, "2", "Ibuprofen 200 MG (magnesium stearate)") is None
+    assert codes.medication_group(rxnorm, "3", "Hydrochlorothiazide 25 MG") is None
+    assert codes.lab_group(loinc, "33914-3") == "egfr"
+    assert codes.lab_group(loinc, "2598-1") is None  # urine magnesium
+
+
+def test_knowledge_codes_read_generated_terminology_files(tmp_path: Path) -> None:
+    """Descendants and products in ``knowledge/data/terminology/`` join their group, whether a
+    file names the group by a naming key or by a mapping key."""
+    data = tmp_path / "data"
+    shutil.copytree(build_corpus.KNOWLEDGE_DIR, data)
+    (data / "terminology").mkdir(exist_ok=True)
+    (data / "terminology" / "snomed-test.json").write_text(json.dumps({
+        "source": "test", "expansions": [
+            {"concept": "91637004", "contains": [{"code": "230686005"}, {"code": "193207007"}]},
+            {"group": "fibromyalgia", "codes": ["95417003"]},
+        ]}), encoding="utf-8")
+    (data / "terminology" / "rxnorm-test.json").write_text(json.dumps({
+        "ingredients": {"2551": {"products": [{"code": "309309"}]},
+                        "levothyroxine": {"brands": [{"code": "224920"}]}}}), encoding="utf-8")
+    codes = build_corpus.KnowledgeCodes(data)
+    assert codes.terminology_files == ["rxnorm-test.json", "snomed-test.json"]
+    assert codes.condition_group(build_corpus.SNOMED, "230686005") == "myasthenia-gravis"
+    assert codes.condition_group(build_corpus.SNOMED, "193207007") == "myasthenia-gravis"
+    assert codes.medication_group(build_corpus.RXNORM, "309309", "") == "fluoroquinolone"
+    assert codes.medication_group(build_corpus.RXNORM, "224920", "") == "thyroid-hormone"
+    # A SNOMED CT descendant is not a drug, an RxNorm product not a condition.
+    assert codes.medication_group(build_corpus.RXNORM, "230686005", "") is None
+    assert codes.condition_group(build_corpus.SNOMED, "309309") is None
