@@ -581,6 +581,9 @@ class CallResult:
     body: Any
     # (kind, system, code, group) the service's clinical picture held for this call.
     recognised: set[tuple[str, str, str, str]]
+    # Did the rules run (a picture was built)? Not when the answer is a 4xx, nor when the
+    # service decides on purpose not to evaluate (a deceased patient, say).
+    evaluated: bool
     elapsed_ms: float = 0.0  # the POST through the test client, in this process
 
 
@@ -631,18 +634,20 @@ def run_corpus(client: Any, calls: Sequence[CorpusCall]) -> list[CallResult]:
             elapsed_ms = (time.perf_counter() - started) * 1000
             recognised = set().union(*(_picture_codes(p) for p in seen)) if seen else set()
             results.append(CallResult(call, response.status_code, response.get_json(silent=True),
-                                      recognised, elapsed_ms))
+                                      recognised, bool(seen), elapsed_ms))
     return results
 
 
 def inventory(results: Sequence[CallResult], knowledge: KnowledgeCodes) -> dict[CorpusCode, bool]:
-    """Each corpus code of a knowledge group → recognised in every call whose data holds it."""
-    verdict: dict[CorpusCode, bool] = {}
+    """Each corpus code of a knowledge group → recognised: in every evaluated call whose data
+    holds it the service's picture maps it to its group, and there is at least one such call."""
+    outcomes: dict[CorpusCode, list[bool]] = {}
     for result in results:
         for code in request_codes(result.call.request, knowledge):
-            seen = (code.kind, code.system, code.code, code.group) in result.recognised
-            verdict[code] = verdict.get(code, True) and seen
-    return verdict
+            seen = outcomes.setdefault(code, [])
+            if result.evaluated:
+                seen.append((code.kind, code.system, code.code, code.group) in result.recognised)
+    return {code: bool(seen) and all(seen) for code, seen in outcomes.items()}
 
 
 def report(results: Sequence[CallResult], knowledge: KnowledgeCodes) -> str:
@@ -662,7 +667,8 @@ def report(results: Sequence[CallResult], knowledge: KnowledgeCodes) -> str:
     for version, statuses in by_version.items():
         shown = ", ".join(f"{status}: {n}" for status, n in sorted(statuses.items()))
         lines.append(f"  {version}: {sum(statuses.values())} requests; {shown}")
-    lines.append(f"cards: {sum(cards.values())}")
+    evaluated = sum(result.evaluated for result in results)
+    lines.append(f"evaluated (the rules ran): {evaluated}; cards: {sum(cards.values())}")
     for (rule, indicator), n in sorted(cards.items()):
         lines.append(f"  {rule} ({indicator}): {n}")
     verdict = inventory(results, knowledge)
