@@ -210,11 +210,10 @@ class FhirClient:
         self._deadline = time.monotonic() + config.call_deadline
         self._in_flight = _InFlight()
         self._origin: Origin | None = None
-        if refused is None:
-            try:
-                self._origin = origin_of(self.base_url)
-            except UnsafeUrl as exc:
-                refused = f"the fhirServer URL is refused: {exc}"
+        try:
+            self._origin = origin_of(self.base_url)
+        except UnsafeUrl as exc:
+            refused = f"the fhirServer URL is refused: {exc}"
         self.refused = refused
 
     def fetch_all(
@@ -243,7 +242,9 @@ class FhirClient:
             return FetchResult(key, None, reason)
 
         if self.refused is not None:
-            log.warning("not fetching from a fhirServer this service may not use: %s", self.refused)
+            log.warning(
+                "not fetching from fhirServer %s: %s", self._origin or "(unreadable)", self.refused
+            )
             return {key: not_had(key, self.refused) for key in jobs}
         left = self._deadline - time.monotonic()
         if left <= 0:
