@@ -20,6 +20,7 @@ import pytest
 import requests
 from fhir_listeners import Server
 from hook_calls import assert_conformant, call, data_issues, load_request
+from processes import free_port, run_cds
 
 from cds_service.app import create_app
 from cds_service.fixture_server import serve_in_background
@@ -152,7 +153,7 @@ def test_hundreds_of_medication_reads_that_hang_end_at_the_deadline_as_data_issu
 
 
 def test_a_prefetched_call_is_not_slowed_by_a_stalling_server(
-    cds: str, stalling: Stalling, tmp_path: Path
+    cds: str, stalling: Stalling
 ) -> None:
     """Nothing to fetch, nothing waited for: the deadline is a ceiling, not a delay."""
     stalling.handler = stalling.hang
@@ -161,3 +162,29 @@ def test_a_prefetched_call_is_not_slowed_by_a_stalling_server(
     assert_conformant(response)
     assert took < DEADLINE / 2
     assert stalling.seen == []
+
+
+def test_under_gunicorn_a_header_dripping_server_is_cut_off_at_the_deadline(
+    stalling: Stalling, tmp_path: Path
+) -> None:
+    """``cds-service serve`` as deployed: the deadline holds in its worker threads too."""
+    stalling.handler = stalling.drip_headers
+    port = free_port()
+    env = {
+        "CDS_AUTH": "off",
+        "CDS_WORKERS": "1",
+        "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}",
+        "CDS_FHIR_SERVER_ALLOWLIST": stalling.base,
+        "CDS_CALL_DEADLINE_SECONDS": str(DEADLINE),
+    }
+    command = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    with run_cds(command, env, tmp_path / "serve.log", port=port, workers=1) as served:
+        body = load_request("mg-pyridostigmine.order-select.noprefetch.json", stalling.base)
+        response, took = timed_call(served.url, "magnesium-order-select", body)
+        assert response.status_code == 412, response.text
+        assert took < DEADLINE + SLACK, took
+        assert stalling.hung_up.wait(2), "the worker kept the stalled connection open"
+        # The worker is free again: the next call is answered at once.
+        prefetched = load_request("mg-pyridostigmine.order-select.json", stalling.base)
+        response, took = timed_call(served.url, "magnesium-order-select", prefetched)
+        assert response.status_code == 200 and took < DEADLINE / 2
