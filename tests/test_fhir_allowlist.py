@@ -23,6 +23,7 @@ from hook_calls import data_issues, load_request, send_json
 from processes import free_port, run_cds, wait_until_up
 
 from cds_service.app import create_app
+from cds_service.context.fhir_origin import UnsafeUrl, origin_of
 from cds_service.protocol.auth import TrustedIssuersError, load_trusted_issuers
 from cds_service.settings import Settings, SettingsError
 
@@ -273,3 +274,44 @@ def test_the_demo_fetches_from_its_fixture_server_only(
         assert elsewhere.status_code == 412, elsewhere.text
         assert NOT_ALLOWED in elsewhere.text
     assert attacker.connections == 0
+
+
+# --- the reading itself --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:1\\@127.0.0.1:2/",  # urlsplit: port 2; urllib3: port 1
+        "http://a.example\\.b.example/",
+        "http://user@fhir.example.org/",
+        "http://fhir.example.org:1:2/",
+        "http://fhir.example.org:0/",
+        "http://fhir.example.org:99999/",
+        "http://fhir.example.org:+80/",
+        "http://127.0.0.1%3A9999/",
+        "http://fhir.example.org\t/",
+        "http://fhir.example.org /",
+        "http://fhïr.example.org/",
+        "http://fhir.example.org:８０/",
+        "ftp://fhir.example.org/",
+        "//fhir.example.org/",
+        "http:///fhir.example.org/",
+    ],
+)
+def test_a_url_that_could_be_read_two_ways_is_refused(url: str) -> None:
+    with pytest.raises(UnsafeUrl):
+        origin_of(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "origin"),
+    [
+        ("HTTPS://Fhir.Example.org:443/r4/Patient?x=1#f", "https://fhir.example.org"),
+        ("http://127.0.0.1:8090", "http://127.0.0.1:8090"),
+        ("http://[::1]:8090/fhir", "http://[::1]:8090"),
+        ("http://fhir.example.org:80/a%20b", "http://fhir.example.org"),
+    ],
+)
+def test_an_unambiguous_url_reads_as_its_origin(url: str, origin: str) -> None:
+    assert str(origin_of(url)) == origin

@@ -74,6 +74,7 @@ class FetchFailed(Exception):
 
 
 NOT_IN_TIME = "the FHIR server did not answer in time"
+UNEXPECTED = "reading the FHIR server's answer failed"
 # After the deadline has shut a fetch's sockets, how long the call still waits for its
 # threads to notice (they are not blocked any more; this is scheduling slack).
 _ABORT_GRACE_SECONDS = 0.5
@@ -255,11 +256,12 @@ class FhirClient:
         try:
             if len(jobs) == 1:
                 key, job = next(iter(jobs.items()))
-                return {key: self._guarded(job)}
+                return {key: self._guarded(job, not_had(key, UNEXPECTED))}
             workers = max(1, min(self.config.max_workers, len(jobs)))
             pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fhir-fetch")
             futures: dict[str, Future[FetchResult]] = {
-                key: pool.submit(self._guarded, job) for key, job in jobs.items()
+                key: pool.submit(self._guarded, job, not_had(key, UNEXPECTED))
+                for key, job in jobs.items()
             }
             wait(futures.values(), timeout=left + _ABORT_GRACE_SECONDS)
             # Jobs not started are dropped; a thread still running ends with its socket,
@@ -273,10 +275,16 @@ class FhirClient:
         finally:
             watchdog.cancel()
 
-    def _guarded(self, job: Callable[[], FetchResult]) -> FetchResult:
+    def _guarded(self, job: Callable[[], FetchResult], failed: FetchResult) -> FetchResult:
+        """``job`` with its sockets under the deadline's watchdog; ``failed`` if it raises."""
         _current.in_flight = self._in_flight
         try:
             return job()
+        except Exception as exc:
+            # Whatever a server answers must not turn into a 500. The type only: an
+            # exception's text may hold a query URL, and with it the patient's id.
+            log.error("FHIR fetch failed unexpectedly (%s)", type(exc).__name__)
+            return failed
         finally:
             self._in_flight.release()
             _current.in_flight = None

@@ -53,6 +53,10 @@ def origin_of(url: str) -> Origin:
         raise UnsafeUrl("the URL is not http(s)")
     if "@" in split.netloc or connected.auth:
         raise UnsafeUrl("the URL holds user information")
+    if "%" in split.netloc:
+        raise UnsafeUrl("the URL's host is percent-encoded")
+    if split_port == 0:
+        raise UnsafeUrl("the URL names port 0")
     host = (connected.host or "").strip("[]").lower()
     if not host or host != (split.hostname or "").lower():
         raise UnsafeUrl("the URL's host reads differently to different parsers")
