@@ -75,6 +75,7 @@ def make_app(workdir: Path, name: str, *, process_wide: bool = True, **overrides
     values: dict[str, Any] = {
         "auth": "off",
         "database_url": f"sqlite:///{workdir / f'{name}.sqlite3'}",
+        "fhir_server_allowlist": "*",  # the benchmark's own fixture servers
         **overrides,
     }
     settings = Settings(**values)

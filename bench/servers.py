@@ -106,6 +106,8 @@ def production_env(workdir: Path, name: str, port: int, settings: Settings) -> d
             # Authentication off: auth is measured in process (see README, Performance).
             "CDS_AUTH": "off",
             "CDS_DATABASE_URL": f"sqlite:///{workdir / f'{name}.sqlite3'}",
+            # The no-prefetch workloads fetch from the benchmark's own fixture servers.
+            "CDS_FHIR_SERVER_ALLOWLIST": "*",
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
             ),

@@ -13,7 +13,7 @@ from cds_service.context.builder import ClientFactory, default_client_factory
 from cds_service.knowledge import Knowledge, default_knowledge, load_knowledge
 from cds_service.logging_setup import configure_logging, install_request_logging
 from cds_service.pipeline import HookPipeline
-from cds_service.protocol.auth import install_auth, shared_replay_guard
+from cds_service.protocol.auth import install_auth, issuer_fhir_servers, shared_replay_guard
 from cds_service.protocol.blueprint import CARD_RECORDER_EXTENSION, PIPELINE_EXTENSION, bp
 from cds_service.protocol.cors import install_cors
 from cds_service.protocol.errors import register_error_handlers
@@ -56,7 +56,7 @@ def create_app(
     app.extensions["cds_settings"] = settings
     app.extensions["cds_knowledge"] = knowledge
     app.extensions[PIPELINE_EXTENSION] = HookPipeline(
-        knowledge, client_factory or default_client_factory(settings)
+        knowledge, client_factory or default_client_factory(settings, issuer_fhir_servers(settings))
     )
     # Migrates the schema here, once, before gunicorn forks its workers (preload_app).
     store = store or FeedbackStore.open(settings.database_url)

@@ -151,7 +151,7 @@ def test_a_referenced_medication_that_cannot_be_read_is_a_data_issue_not_412(
     assert "myasthenia-magnesium" not in _topics(result)
     assert any(
         "references Medication/pyridostigmine" in issue["problem"]
-        and "HTTP 404" in issue["problem"]
+        and "answered with an error (HTTP 4xx)" in issue["problem"]
         for issue in data_issues(result)
     )
 

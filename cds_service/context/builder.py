@@ -8,16 +8,19 @@ a required key that still has no data makes the whole call fail with ``DataUnava
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
-import requests
-from requests.adapters import HTTPAdapter
-
 from cds_service.context import normalise as fhir
-from cds_service.context.fhir_client import FetchResult, FhirClient, FhirClientConfig, next_link
+from cds_service.context.fhir_client import ClientFactory, FetchResult, FhirClient, next_link
+from cds_service.context.fhir_client import (  # re-exported: app, cli and tests import them here
+    client_config as client_config,
+)
+from cds_service.context.fhir_client import (
+    default_client_factory as default_client_factory,
+)
 from cds_service.context.model import (
     Coding,
     Condition,
@@ -32,9 +35,6 @@ from cds_service.context.model import (
     lab_recency,
 )
 from cds_service.context.prefetch import PrefetchKey, UnresolvedToken, render_template
-from cds_service.settings import Settings
-
-ClientFactory = Callable[[str, str | None], FhirClient]
 
 
 class HookRequest(Protocol):
@@ -55,6 +55,9 @@ class HookRequest(Protocol):
 
     @property
     def prefetch(self) -> dict[str, Any]: ...
+
+    @property
+    def issuer(self) -> str | None: ...  # the JWT issuer that authenticated the call
 
     @property
     def patient_id(self) -> str: ...
@@ -79,31 +82,6 @@ class Relevance(Protocol):
         ...
 
     def medication(self, codings: tuple[Coding, ...], text: str) -> bool: ...
-
-
-def client_config(settings: Settings) -> FhirClientConfig:
-    return FhirClientConfig(
-        connect_timeout=settings.fhir_connect_timeout,
-        read_timeout=settings.fhir_read_timeout,
-        max_pages=settings.fhir_max_pages,
-        max_workers=settings.fhir_max_workers,
-        max_response_bytes=settings.fhir_max_response_bytes,
-    )
-
-
-def default_client_factory(settings: Settings) -> ClientFactory:
-    config = client_config(settings)
-    # One connection pool per process, so consecutive calls to the same EHR reuse their
-    # connections; each call still gets its own Session (no cookies shared between calls).
-    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=max(10, config.max_workers * 4))
-
-    def make(base_url: str, token: str | None) -> FhirClient:
-        session = requests.Session()
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        return FhirClient(base_url, config, access_token=token, session=session)
-
-    return make
 
 
 _ABSENT = object()
@@ -133,7 +111,9 @@ class FhirFallback:
     def client(self) -> FhirClient:
         if self._client is None:
             assert self._request.fhir_server
-            self._client = self._make_client(self._request.fhir_server, self._request.access_token)
+            self._client = self._make_client(
+                self._request.fhir_server, self._request.access_token, self._request.issuer
+            )
         return self._client
 
 

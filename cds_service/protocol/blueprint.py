@@ -52,7 +52,7 @@ def call_service(service_id: str) -> ResponseReturnValue:
     validate_or_400(body, "hook-request.schema.json", "hook request")
     validated = time.perf_counter()
     check_hook(service, body)
-    hook_request = HookRequest.from_json(body)
+    hook_request = HookRequest.from_json(body, issuer=values.get("auth_issuer"))
     values.hook_instance = hook_request.hook_instance
     extensions = current_app.extensions
     pipeline: HookPipeline = extensions[PIPELINE_EXTENSION]
