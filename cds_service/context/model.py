@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Coding:
-    system: str  # canonical URI, e.g. "http://www.nlm.nih.gov/research/umls/rxnorm"
-    code: str
-    display: str = ""
+# Re-exported: the context layer's facts are made of the shared FHIR value types.
+from cds_service.fhir_types import Coding as Coding
+from cds_service.fhir_types import Quantity as Quantity
 
 
 def display_name(text: str, codings: tuple[Coding, ...], fallback: str) -> str:
@@ -43,12 +40,6 @@ class SourceRef:
         return (
             f"{self.resource_type}/{self.resource_id}" if self.resource_id else self.resource_type
         )
-
-
-@dataclass(frozen=True)
-class Quantity:
-    value: float
-    unit: str = ""  # UCUM code when known, else the text unit
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cds_service.context.model import Coding
+from cds_service.fhir_types import Coding
 from cds_service.knowledge.model import (
     ATC,
     ICD10,

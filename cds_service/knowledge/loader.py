@@ -22,7 +22,7 @@ from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from cds_service.context.model import Coding
+from cds_service.fhir_types import Coding
 from cds_service.knowledge.index import Knowledge
 from cds_service.knowledge.model import (
     ATC,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cds_service.context.model import Coding
+from cds_service.fhir_types import Coding
 
 # Evidence statuses, strongest first.
 STATUSES = ("verified", "secondary", "unverified")
