@@ -9,6 +9,7 @@ first call that needs them.
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 from pydantic import ValidationError
@@ -43,24 +44,35 @@ def model_problems(resource: dict[str, Any], fhir_version: str) -> list[str]:
 
 
 def preload_models() -> None:
-    """Import and build the model classes ``model_problems`` uses, and validate one minimal
-    resource with each, so that pydantic's lazily built validators exist before any call."""
+    """Import every model class ``model_problems`` may need for the resource types it checks.
+
+    fhir.resources imports the class of each element type (Dosage, Timing, Coding, ...) the
+    first time a value of it is validated; this walks the models' fields instead, so that no
+    call pays for an import."""
+    seen: set[Any] = set()
     for fhir_version in CHECKED_VERSIONS:
         for resource_type in CHECKED_TYPES:
-            model_problems(_MINIMAL[resource_type], fhir_version)
+            model_class = _model_class(fhir_version, resource_type)
+            if model_class is not None:
+                _import_element_models(model_class, seen)
 
 
-_MINIMAL: dict[str, dict[str, Any]] = {
-    "MedicationRequest": {
-        "resourceType": "MedicationRequest",
-        "id": "preload",
-        "status": "draft",
-        "intent": "order",
-        "subject": {"reference": "Patient/preload"},
-        "medicationCodeableConcept": {"text": "preload"},
-        "dosageInstruction": [{"text": "preload", "timing": {"repeat": {"count": 1}}}],
-    },
-}
+def _import_element_models(model_class: Any, seen: set[Any]) -> None:
+    for field in model_class.model_fields.values():
+        pending = [field.annotation]
+        while pending:
+            annotation = pending.pop()
+            pending.extend(typing.get_args(annotation))  # Optional[List[X]] → X
+            # fhir_core's element types name their model class and import it on demand.
+            get_model_class = getattr(annotation, "get_model_klass", None)
+            if get_model_class is None or annotation in seen:
+                continue
+            seen.add(annotation)
+            try:
+                element_class = get_model_class()
+            except (ImportError, AttributeError, ValueError):
+                continue  # an abstract type (Resource): its subclasses load when used
+            _import_element_models(element_class, seen)
 
 
 def _model_class(fhir_version: str, resource_type: str) -> Any:
