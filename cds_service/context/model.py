@@ -83,6 +83,10 @@ class Dose:
     text: str = ""
     # What the patient is told (e.g. dose spacing); rules read it to see advice was taken up.
     patient_instruction: str = ""
+    # A single administration (timing.repeat.count 1): frequency_per_day is then 1.
+    once: bool = False
+    # No timing at all: a one-off order for a supervised (parenteral) dose, else unknown.
+    untimed: bool = False
 
 
 @dataclass(frozen=True)

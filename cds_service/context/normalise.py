@@ -285,6 +285,13 @@ def _frequency_per_day(timing: Any) -> float | None:
     return per_day if math.isfinite(per_day) else None
 
 
+def _single_administration(timing: Any) -> bool:
+    """``timing.repeat.count`` 1: one administration in all, whatever the frequency says."""
+    repeat = timing.get("repeat") if isinstance(timing, dict) else None
+    count = repeat.get("count") if isinstance(repeat, dict) else None
+    return count == 1 and not isinstance(count, bool)
+
+
 def _doses(resource: dict[str, Any]) -> tuple[Dose, ...]:
     key = "dosage" if resource.get("resourceType") == "MedicationStatement" else "dosageInstruction"
     doses: list[Dose] = []
@@ -295,12 +302,16 @@ def _doses(resource: dict[str, Any]) -> tuple[Dose, ...]:
         for dose_and_rate in as_list(instruction.get("doseAndRate")):  # R4
             if quantity is None and isinstance(dose_and_rate, dict):
                 quantity = quantity_of(dose_and_rate.get("doseQuantity"))
+        timing = instruction.get("timing")
+        once = _single_administration(timing)
         doses.append(
             Dose(
                 quantity=quantity,
-                frequency_per_day=_frequency_per_day(instruction.get("timing")),
+                frequency_per_day=1.0 if once else _frequency_per_day(timing),
                 text=_text(instruction.get("text")),
                 patient_instruction=_text(instruction.get("patientInstruction")),
+                once=once,
+                untimed=timing is None,
             )
         )
     return tuple(doses)
