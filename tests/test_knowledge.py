@@ -41,6 +41,8 @@ RULE_IDS = (
     "magnesium-dose-limit",
     "patient-view-contraindication",
     "patient-view-low-magnesium",
+    "patient-deceased",
+    "incomplete-data",
 )
 CONDITION_IDS = (
     "myasthenia-gravis",

@@ -83,6 +83,7 @@ def assemble(request: HookRequest, gathered: Gathered, facts: Facts) -> PatientC
         draft_lab_orders=tuple(facts.draft_lab_orders),
         selections=_selections(request),
         draft_resources=facts.draft_resources,
+        unusable=tuple(gathered.unusable),
     )
 
 

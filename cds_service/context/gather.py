@@ -9,6 +9,7 @@ Nothing here reads what a resource says: ``context.normalise`` does that.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -97,6 +98,8 @@ class Gathered:
     # Medication resources by "Medication/id" (or entry fullUrl): sent along or read.
     medications: dict[str, dict[str, Any]]
     issues: list[DataIssue] = field(default_factory=list)
+    # Required data that was sent, none of it this patient's (or usable at all).
+    unusable: list[MissingData] = field(default_factory=list)
 
 
 def gather(
@@ -114,8 +117,13 @@ def gather(
     resolved = resolve_keys(request, fallback, fhir_version, keys)
     issues.extend(resolved.issues)
     patient_id = request.patient_id
-    found = _patients_resources(resolved.values, keys, patient_id, issues)
-    drafts = _patients_drafts(drafts, patient_id, issues)
+    unusable: list[MissingData] = []
+    found = _patients_resources(resolved.values, keys, patient_id, issues, unusable)
+    # Draft orders may name the patient by a fullUrl of the draft Bundle or of the prefetch.
+    bundles = [value for _, value in resolved.values.values()]
+    if draft_orders_key in request.context:
+        bundles.append(request.context[draft_orders_key])
+    drafts = _patients_drafts(drafts, _Ownership(patient_id, bundles), issues)
 
     # Medication resources that came with the data (_include, the draft Bundle), for orders
     # and statements that name their drug by medicationReference.
@@ -140,6 +148,7 @@ def gather(
         draft_lab_orders=_draft_lab_orders(request, draft_orders_key),
         medications=medications,
         issues=issues,
+        unusable=unusable,
     )
 
 
@@ -317,15 +326,14 @@ def _patients_resources(
     keys: tuple[PrefetchKey, ...],
     patient_id: str,
     issues: list[DataIssue],
+    unusable: list[MissingData],
 ) -> list[Found]:
-    """The resources of each key that are of its type and this patient's, in key order."""
-    # "Patient/<id>" as resources name their subject; a "/" in the id would make that
-    # reference mean another id (``reference_id`` keeps the last segment).
-    own_reference = (
-        f"Patient/{patient_id}"
-        if isinstance(patient_id, str) and patient_id and "/" not in patient_id
-        else None
-    )
+    """The resources of each key that are of its type and this patient's, in key order.
+
+    A required key that held resources, none of them this patient's, goes into ``unusable``:
+    checks run without that data must not look like "no risk" (the rules say so on a card).
+    """
+    owner = _Ownership(patient_id, [value for _, value in resolved.values()])
     found: list[Found] = []
     for key in keys:
         if key.name not in resolved:
@@ -333,45 +341,121 @@ def _patients_resources(
         origin, value = resolved[key.name]
         if value is None:
             continue
+        seen = kept = 0
         for where, resource, problem in fhir_json.iter_resources(value, f"prefetch.{key.name}"):
             if resource is None:
+                seen += 1
                 issues.append(DataIssue(where, f"{problem}; ignored"))
                 continue
             resource_type = resource.get("resourceType")
+            if resource_type == "Medication" and key.resource_type in MEDICATION_TYPES:
+                continue  # a supporting resource (_include), indexed by ``_medication_index``
+            seen += 1
             if key.resource_type == "MedicationRequest" and resource_type == "MedicationOrder":
                 pass  # DSTU2 servers answer MedicationRequest searches with MedicationOrder
-            elif resource_type == "Medication" and key.resource_type in MEDICATION_TYPES:
-                continue  # a supporting resource (_include), indexed by ``_medication_index``
             elif resource_type != key.resource_type:
                 issues.append(
                     DataIssue(where, f"is a {resource_type}, not a {key.resource_type}; ignored")
                 )
                 continue
-            if resource_type == "Patient":
-                owner = resource.get("id")
-            elif own_reference is not None and _refers_to(resource.get("subject"), own_reference):
-                owner = patient_id  # the usual shape, told without taking the reference apart
-            else:
-                owner = fhir_json.subject_id(resource)
-            if owner != patient_id:
+            if not owner.is_patients(resource):
                 issues.append(DataIssue(where, "belongs to another patient (or to none); ignored"))
                 continue
+            kept += 1
             found.append(Found(key.name, origin, resource, where))
+        if key.required and seen and not kept:
+            unusable.append(
+                MissingData(
+                    key.name,
+                    key.description,
+                    f"none of the {seen} resources sent is this patient's {key.resource_type} "
+                    "(another patient's, another type, or no resource; see the data issues)",
+                )
+            )
     return found
 
 
-def _refers_to(subject: Any, reference: str) -> bool:
-    return subject.__class__ is dict and subject.get("reference") == reference
+class _Ownership:
+    """Whether a resource is about the call's patient, references read as FHIR reads them.
+
+    ``Patient/<id>`` (relative, or absolute ending so), or the ``fullUrl`` under which a
+    Bundle of the call holds this patient's Patient resource (``urn:uuid:...``, as Synthea
+    and transaction Bundles write them). A ``urn:uuid:`` whose uuid is the patient id itself
+    is the patient's too: no other resource can carry that uuid.
+    """
+
+    def __init__(self, patient_id: str, values: list[Any]) -> None:
+        self.patient_id = patient_id
+        self._values = values
+        # "Patient/<id>" as resources name their subject; a "/" in the id would make that
+        # reference mean another id (``reference_id`` keeps the last segment).
+        self._own_reference = (
+            f"Patient/{patient_id}"
+            if isinstance(patient_id, str) and patient_id and "/" not in patient_id
+            else None
+        )
+        self._full_urls: dict[str, str | None] | None = None  # fullUrl → Patient id
+
+    def is_patients(self, resource: dict[str, Any]) -> bool:
+        if resource.get("resourceType") == "Patient":
+            return resource.get("id") == self.patient_id
+        subject = resource.get("subject") if "subject" in resource else resource.get("patient")
+        reference = subject.get("reference") if subject.__class__ is dict else subject
+        if reference == self._own_reference and reference is not None:
+            return True  # the usual shape, told without taking the reference apart
+        if isinstance(reference, str) and reference.startswith("urn:"):
+            return self._resolve_full_url(reference) == self.patient_id
+        return fhir_json.subject_id(resource) == self.patient_id
+
+    def _resolve_full_url(self, reference: str) -> str | None:
+        if self._full_urls is None:
+            self._full_urls = _patient_full_urls(self._values)
+        if reference in self._full_urls:
+            return self._full_urls[reference]
+        if reference.lower() == f"urn:uuid:{self.patient_id}".lower() and _UUID.fullmatch(
+            self.patient_id
+        ):
+            return self.patient_id
+        return None
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _patient_full_urls(values: list[Any]) -> dict[str, str | None]:
+    """The fullUrl of every Patient entry in the call's Bundles → that Patient's id."""
+    found: dict[str, str | None] = {}
+    pending = list(values)
+    while pending:
+        value = pending.pop()
+        if isinstance(value, list):
+            pending.extend(value)
+            continue
+        if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+            continue
+        for entry in fhir_json.as_list(value.get("entry")):
+            if not isinstance(entry, dict):
+                continue
+            resource, full_url = entry.get("resource"), entry.get("fullUrl")
+            if (
+                isinstance(full_url, str)
+                and isinstance(resource, dict)
+                and resource.get("resourceType") == "Patient"
+            ):
+                patient = resource.get("id")
+                found[full_url] = patient if isinstance(patient, str) else None
+    return found
 
 
 def _patients_drafts(
-    drafts: list[tuple[str, dict[str, Any]]], patient_id: str, issues: list[DataIssue]
+    drafts: list[tuple[str, dict[str, Any]]],
+    owner: _Ownership,
+    issues: list[DataIssue],
 ) -> list[tuple[str, dict[str, Any]]]:
     """Draft orders that name no other patient (a draft may leave its subject out)."""
     kept: list[tuple[str, dict[str, Any]]] = []
     for where, resource in drafts:
-        owner = fhir_json.subject_id(resource)
-        if owner is not None and owner != patient_id:
+        if fhir_json.subject_id(resource) is not None and not owner.is_patients(resource):
             issues.append(DataIssue(where, "is a draft order for another patient; ignored"))
         else:
             kept.append((where, resource))

@@ -48,6 +48,9 @@ class PatientInfo:
     birth_date: date | None = None
     sex: str | None = None  # FHIR administrative gender
     source: SourceRef | None = None
+    # Patient.deceasedBoolean true or a deceasedDateTime (its date, when it parses).
+    deceased: bool = False
+    deceased_on: date | None = None
 
     def age_on(self, today: date) -> int | None:
         if self.birth_date is None:
@@ -191,6 +194,9 @@ class PatientContext:
     draft_resources: Mapping[str, dict[str, Any]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    # Required data that was sent but none of it is this patient's: the checks that need it
+    # could not be done (the rules say so on a card; "no card" would read as "no risk").
+    unusable: tuple[MissingData, ...] = ()
 
 
 @dataclass(frozen=True)

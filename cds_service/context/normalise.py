@@ -207,11 +207,15 @@ def source_ref(resource: dict[str, Any], origin: str) -> SourceRef:
 def to_patient(resource: dict[str, Any], origin: str, fallback_id: str) -> PatientInfo:
     resource_id = resource.get("id")
     gender = resource.get("gender")
+    died = resource.get("deceasedDateTime")
     return PatientInfo(
         id=resource_id if isinstance(resource_id, str) else fallback_id,
         birth_date=parse_date(resource.get("birthDate")),
         sex=gender if isinstance(gender, str) else None,
         source=source_ref(resource, origin),
+        # A date that does not parse still says the patient died.
+        deceased=resource.get("deceasedBoolean") is True or bool(_text(died)),
+        deceased_on=parse_date(died),
     )
 
 

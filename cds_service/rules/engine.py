@@ -31,6 +31,7 @@ from cds_service.context.model import PatientContext
 from cds_service.knowledge import Knowledge
 from cds_service.rules import (
     autoimmune,
+    data_checks,
     dose,
     interactions,
     mg_drugs,
@@ -51,6 +52,7 @@ RULES: tuple[Rule, ...] = (
     interactions.evaluate,
     autoimmune.evaluate,
     dose.evaluate,
+    data_checks.evaluate,
 )
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
@@ -66,6 +68,9 @@ def evaluate(
 ) -> list[Finding]:
     """All findings for this hook call, most serious first, each finding once."""
     picture = build_picture(context, knowledge, today)
+    if context.patient.deceased:
+        # On purpose: no clinical card for a patient recorded as deceased, one to say so.
+        return apply_hook_policy([data_checks.deceased(picture, knowledge, hook)], hook)
     found = prioritise(_run_rules(picture, knowledge, hook))
     if picture.stale_labs and any(f.indicator == "critical" for f in found):
         found = cap_stale(found, picture, knowledge, hook)
