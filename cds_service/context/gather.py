@@ -117,13 +117,14 @@ def gather(
     resolved = resolve_keys(request, fallback, fhir_version, keys)
     issues.extend(resolved.issues)
     patient_id = request.patient_id
-    unusable: list[MissingData] = []
-    found = _patients_resources(resolved.values, keys, patient_id, issues, unusable)
-    # Draft orders may name the patient by a fullUrl of the draft Bundle or of the prefetch.
+    # References resolve against every Bundle of the call: the prefetch and the drafts.
     bundles = [value for _, value in resolved.values.values()]
     if draft_orders_key in request.context:
         bundles.append(request.context[draft_orders_key])
-    drafts = _patients_drafts(drafts, _Ownership(patient_id, bundles), issues)
+    owner = _Ownership(patient_id, bundles)
+    unusable: list[MissingData] = []
+    found = _patients_resources(resolved.values, keys, owner, issues, unusable)
+    drafts = _patients_drafts(drafts, owner, issues)
 
     # Medication resources that came with the data (_include, the draft Bundle), for orders
     # and statements that name their drug by medicationReference.
@@ -324,7 +325,7 @@ def _dstu2_retries(
 def _patients_resources(
     resolved: dict[str, tuple[str, Any]],
     keys: tuple[PrefetchKey, ...],
-    patient_id: str,
+    owner: _Ownership,
     issues: list[DataIssue],
     unusable: list[MissingData],
 ) -> list[Found]:
@@ -333,7 +334,6 @@ def _patients_resources(
     A required key that held resources, none of them this patient's, goes into ``unusable``:
     checks run without that data must not look like "no risk" (the rules say so on a card).
     """
-    owner = _Ownership(patient_id, [value for _, value in resolved.values()])
     found: list[Found] = []
     for key in keys:
         if key.name not in resolved:
