@@ -9,6 +9,7 @@ first call that needs them.
 
 from __future__ import annotations
 
+import functools
 import typing
 from typing import Any
 
@@ -43,6 +44,7 @@ def model_problems(resource: dict[str, Any], fhir_version: str) -> list[str]:
     return []
 
 
+@functools.cache  # once per process: every app created after the first finds them loaded
 def preload_models() -> None:
     """Import every model class ``model_problems`` may need for the resource types it checks.
 
