@@ -216,3 +216,34 @@ def test_an_iv_order_without_timing_is_one_dose_an_oral_one_is_not(cds_url: str)
     del _draft(body)["dosageInstruction"][0]["timing"]
     result = assert_conformant(call(cds_url, ORDER_SELECT, body))
     assert any("dose unknown" in card["detail"] for card in result["cards"])
+
+
+def _toxic_serum_magnesium(**dates: str | None) -> dict[str, Any]:
+    """high-magnesium at patient-view with its serum magnesium at 2.5 mmol/L (5 mEq/L, above
+    the level at which reflexes weaken), dated as given (None: no date at all)."""
+    body = load_request("high-magnesium.patient-view.json")
+    serum = _entries(body, "observations")[0]
+    assert serum["code"]["coding"][0]["code"] == "2601-3"
+    serum["valueQuantity"]["value"] = 2.5
+    for field, value in dates.items():
+        if value is None:
+            del serum[field]
+        else:
+            serum[field] = value
+    return body
+
+
+def test_a_recent_toxic_serum_magnesium_is_critical(cds_url: str) -> None:
+    card = only_card(assert_conformant(call(cds_url, PATIENT_VIEW, _toxic_serum_magnesium())))
+    assert (_rule(card), card["indicator"]) == ("patient-view-contraindication", "critical")
+
+
+def test_an_old_or_undated_toxic_serum_magnesium_is_a_warning(cds_url: str) -> None:
+    old = _toxic_serum_magnesium(effectiveDateTime="2026-09-01T08:00:00-05:00", issued=None)
+    card = only_card(assert_conformant(call(cds_url, PATIENT_VIEW, old)))
+    assert (_rule(card), card["indicator"]) == ("patient-view-contraindication", "warning")
+    assert "2026-09-01" in card["detail"] and "30-day look-back" in card["detail"]
+    undated = _toxic_serum_magnesium(effectiveDateTime=None, issued=None)
+    card = only_card(assert_conformant(call(cds_url, PATIENT_VIEW, undated)))
+    assert (_rule(card), card["indicator"]) == ("patient-view-contraindication", "warning")
+    assert "with no date" in card["detail"]

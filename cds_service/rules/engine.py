@@ -125,10 +125,12 @@ def _old_results(finding: Finding, picture: ClinicalPicture, knowledge: Knowledg
     parts = []
     for fact in old:
         group = knowledge.lab_group(fact.kind)
-        when = f"from {fact.lab.effective.date().isoformat()}" if fact.lab.effective else "undated"
-        parts.append(
-            f"{group.display} {when}, older than its {group.lookback.days:g}-day look-back"
-        )
+        if fact.lab.effective is None:
+            parts.append(f"{group.display} with no date")
+        else:
+            when = fact.lab.effective.date().isoformat()
+            days = group.lookback.days
+            parts.append(f"{group.display} from {when}, older than its {days:g}-day look-back")
     return f"{'; '.join(parts)}; recheck {'them' if len(parts) > 1 else 'it'}"
 
 
