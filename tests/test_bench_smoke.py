@@ -42,7 +42,7 @@ from bench.workloads import (
 )
 from cds_service.app import create_app
 from cds_service.context.model import Coding
-from cds_service.context.normalise import model_problems
+from cds_service.fhir_models import model_problems
 from cds_service.knowledge import default_knowledge
 from cds_service.logging_setup import REQUEST_LOGGER
 from cds_service.protocol.feedback import STORE_EXTENSION

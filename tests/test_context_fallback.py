@@ -495,7 +495,7 @@ def test_the_observation_prefetch_follows_the_loaded_knowledge(tmp_path: Path) -
 
 
 def test_medication_references_are_read_in_every_form() -> None:
-    from cds_service.context.normalise import medication_reference_key
+    from cds_service.context.fhir_json import medication_reference_key
 
     assert medication_reference_key({"reference": "Medication/m1"}) == "Medication/m1"
     assert (
@@ -510,7 +510,7 @@ def test_medication_references_are_read_in_every_form() -> None:
 
 
 def test_version_is_told_by_the_prefetch_when_the_drafts_do_not_tell() -> None:
-    from cds_service.context.normalise import detect_fhir_version
+    from cds_service.context.fhir_json import detect_fhir_version
 
     dstu2_condition = {"resourceType": "Condition", "patient": {"reference": "Patient/p"}}
     r4_condition = {

@@ -16,7 +16,7 @@ from typing import Any
 
 from cds_service.cards.model import Action, Card, CardCoding, Source, Suggestion, shorten
 from cds_service.context.model import Coding, DataIssue
-from cds_service.context.normalise import model_problems
+from cds_service.fhir_models import model_problems
 from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import EvidenceSource
 from cds_service.rules.findings import Evidence, Finding, Proposal

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from cds_service.context.model import Lab, LabOrder, Quantity
+from cds_service.context.model import Dose, Lab, LabOrder, Quantity
 from cds_service.knowledge import Ingredient, Knowledge, MagnesiumMatch, ThresholdBand
 from cds_service.knowledge.model import ConditionGroup
 from cds_service.rules.describe import condition_text, lab_text, order_text
@@ -80,10 +80,12 @@ def daily_elemental_mg(fact: MedicationFact) -> DailyDose:
     fraction = match.elemental_fraction
     parts: list[str] = []
     for dose, salt_mg in zip(fact.medication.doses, salts_mg, strict=True):
-        assert dose.quantity is not None and dose.frequency_per_day is not None
+        per_day = _administrations_per_day(dose, fact)
+        assert dose.quantity is not None and per_day is not None
         amount = f"{dose.quantity.value:g} {dose.quantity.unit}".strip()
         per_dose = "" if amount == f"{salt_mg:g} mg" else f" = {salt_mg:g} mg"
-        parts.append(f"{amount}{per_dose} x {dose.frequency_per_day:g}/day")
+        once = dose.once or dose.frequency_per_day is None
+        parts.append(f"{amount}{per_dose} {'once' if once else f'x {per_day:g}/day'}")
     basis = (
         "stated as elemental magnesium"
         if fraction == 1.0
@@ -120,17 +122,28 @@ def _daily_total(fact: MedicationFact) -> tuple[float | None, str, tuple[float, 
     for dose in doses:
         if dose.quantity is None:
             return None, "dose unknown: no dose quantity", ()
-        if dose.frequency_per_day is None:
+        per_day = _administrations_per_day(dose, fact)
+        if per_day is None:
             return None, "dose unknown: no dose frequency", ()
         salt_mg, why = _product_mg(dose.quantity, match)
         if salt_mg is None:
             return None, f"dose unknown: {why}", ()
         salts_mg.append(salt_mg)
-        total += salt_mg * fraction * dose.frequency_per_day
+        total += salt_mg * fraction * per_day
     if not math.isfinite(total):
         # Finite inputs can still overflow (e.g. 1e308 g x 1000/day): not a dose to reason on.
         return None, "dose unknown: the stated amounts are out of any plausible range", ()
     return total, "", tuple(salts_mg)
+
+
+def _administrations_per_day(dose: Dose, fact: MedicationFact) -> float | None:
+    """A single dose is one administration: stated (count 1), or a parenteral order with no
+    timing at all (a one-off infusion or injection is written so)."""
+    if dose.frequency_per_day is not None:
+        return dose.frequency_per_day
+    if dose.untimed and fact.route == "parenteral":
+        return 1.0
+    return None
 
 
 def _product_mg(quantity: Quantity, match: MagnesiumMatch) -> tuple[float | None, str]:
