@@ -41,22 +41,14 @@ CORPUS_CODES = sorted(
     {code for call in CALLS for code in build_corpus.request_codes(call.request, KNOWLEDGE_CODES)}
 )
 
-URN_UUID = "issue 19 point 4: Synthea writes subjects as the Patient's urn:uuid: fullUrl"
 SNOMED_CHILD = "issue 19 point 3: SNOMED CT child of a knowledge concept"
-# Codes of the corpus the service does not recognise on this branch, each with the fix it
-# waits for. Drop a mark when its fix is merged: strict, so an unexpected pass fails.
+# Codes of the corpus the service does not recognise yet, each with the fix it waits for.
+# Drop a mark when its fix is merged: strict, so an unexpected pass fails.
 KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("condition", "46177005"): URN_UUID,  # end-stage renal disease
-    ("condition", "69896004"): URN_UUID,  # rheumatoid arthritis
-    ("condition", "431855005"): f"{URN_UUID}; {SNOMED_CHILD}",  # CKD stage 1 (is-a CKD)
-    ("condition", "431856006"): f"{URN_UUID}; {SNOMED_CHILD}",  # CKD stage 2 (is-a CKD)
-    ("condition", "83664006"): f"{URN_UUID}; {SNOMED_CHILD}",  # idiopathic atrophic hypothyroidism
-    ("condition", "95417003"): f"{URN_UUID}; {SNOMED_CHILD}",  # primary fibromyalgia syndrome
-    ("lab", "33914-3"): URN_UUID,  # eGFR
-    ("lab", "38483-4"): URN_UUID,  # creatinine in blood
-    # Levothyroxine 0.075 MG Oral Tablet, a product (SCD) code: the service finds the
-    # ingredient in its display once the subject resolves (code-only products: point 1).
-    ("medication", "966222"): URN_UUID,
+    ("condition", "431855005"): SNOMED_CHILD,  # CKD stage 1 (is-a CKD)
+    ("condition", "431856006"): SNOMED_CHILD,  # CKD stage 2 (is-a CKD)
+    ("condition", "83664006"): SNOMED_CHILD,  # idiopathic atrophic hypothyroidism
+    ("condition", "95417003"): SNOMED_CHILD,  # primary fibromyalgia syndrome
 }
 
 
