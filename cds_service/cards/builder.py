@@ -191,10 +191,8 @@ def build_card(
             # DSTU2 has no ServiceRequest/ProcedureRequest; its DiagnosticOrder differs enough
             # that a guessed shape could be applied wrongly. Say it in words instead.
             if proposal.code is not None:
-                notes.append(
-                    f"To do by hand: {lower_first(proposal.label)} (no one-click order in a "
-                    "FHIR DSTU2 EHR)."
-                )
+                label = lower_first(proposal.label)
+                notes.append(f"By hand (no one-click order in DSTU2): {label}.")
             continue
         action = _action(proposal, patient_id, draft_resources, fhir_version)
         if action is not None:

@@ -90,9 +90,9 @@ def serum_test_proposal(
         code=Coding(LOINC, code.code, code.display),
     )
     if serum is None:
-        return (proposal,), ["No serum magnesium is on file: check it."], ()
+        return (proposal,), ["No serum magnesium on file: check it."], ()
     note = (
-        f"The latest serum magnesium is older than {window:g} days: check it again."
+        f"Last serum magnesium over {window:g} days old: recheck it."
     )
     return (proposal,), [note], (f"the {window:g}-day recency window (local policy)",)
 
@@ -174,7 +174,7 @@ def _parenteral_limits(knowledge: Knowledge, *, short: bool = False) -> str:
     urine = knowledge.threshold("iv-mgso4-urine-output-min")
     if short:
         return (
-            f"Give at most {most.value:g} {most.unit}, each dose only after a urine output of "
+            f"At most {most.value:g} {most.unit}; each dose only if urine output was "
             f"{urine.value:g} {urine.unit}."
         )
     return " ".join(f"{t.display}: {t.value:g} {t.unit}." for t in (most, urine))
