@@ -10,15 +10,16 @@ Hashimoto's thyroiditis and not of myasthenia gravis.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from html import escape
 
 from flask import Blueprint, Response, current_app, request
 from flask.typing import ResponseReturnValue
 
 from cds_service.knowledge import Knowledge
-from cds_service.knowledge.model import EvidenceSource, Threshold
+from cds_service.knowledge.model import CodeEntry, EvidenceSource, Threshold
 from cds_service.protocol.errors import ApiError
+from cds_service.rules.describe import system_name
 from cds_service.settings import Settings
 
 guidance_bp = Blueprint("guidance", __name__)
@@ -53,10 +54,6 @@ _RULE_DRUG_EFFECTS = {
     "myasthenia-aggravating-drug": ("aggravates-myasthenia", "potentiated-by-iv-magnesium"),
     "chelation-interaction": ("chelation",),
 }
-# Rules where magnesium is a choice to make well, not a hazard: the forms-by-aim table applies.
-_FORMS_RULES = frozenset(
-    {"autoimmune-guidance", "patient-view-low-magnesium", "magnesium-dose-limit"}
-)
 _DIET_FIRST = ("autoimmune-guidance", "diet-first")
 _CHECK_LEVELS = ("autoimmune-guidance", "check-levels")
 _STATUS_WORDS = {
@@ -175,9 +172,11 @@ class GuidancePage:
         )
 
     def _reasoning(self) -> str:
-        if not self.rule.guidance:
+        own_sections = {s for r, s in (_DIET_FIRST, _CHECK_LEVELS) if r == self.rule.id}
+        shown = [g for g in self.rule.guidance if g.id not in own_sections]
+        if not shown:
             return ""
-        items = [self._statement(g.text, g.status, g.source_ids) for g in self.rule.guidance]
+        items = [self._statement(g.text, g.status, g.source_ids) for g in shown]
         return _section("reasoning", "Why, in full", f"<ul>{''.join(items)}</ul>")
 
     def _condition_ids(self) -> list[str]:
@@ -228,16 +227,14 @@ class GuidancePage:
             drug = item.ingredient_name or (
                 self.knowledge.drug_group(item.drug_group).display + " (any)"
             )
+            status = _STATUS_WORDS.get(item.status, item.status)
             rows.append(
-                f"<tr><th scope=row>{escape(drug)}</th><td>{escape(item.text)}</td>"
-                f"<td>{escape(_STATUS_WORDS.get(item.status, item.status))}</td>"
-                f"<td>{_cite_links(item.source_ids)}</td></tr>"
+                (escape(drug), escape(item.text), escape(status), _cite_links(item.source_ids))
             )
-        table = (
-            "<table><caption>Spacing between oral magnesium and each drug</caption>"
-            "<thead><tr><th scope=col>Drug</th><th scope=col>Advice</th>"
-            "<th scope=col>Status</th><th scope=col>Sources</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>"
+        table = _table(
+            "Spacing between oral magnesium and each drug",
+            ("Drug", "Advice", "Status", "Sources"),
+            rows,
         )
         return _section("spacing", "How far apart", table) if rows else ""
 
@@ -246,16 +243,10 @@ class GuidancePage:
         rows = [_threshold_row(self, self.knowledge.threshold(i)) for i in ids]
         if not rows:
             return ""
-        table = (
-            "<table><caption>Figures the rule uses</caption><thead><tr><th scope=col>What</th>"
-            "<th scope=col>Value</th><th scope=col>Status</th><th scope=col>Sources</th></tr>"
-            f"</thead><tbody>{''.join(rows)}</tbody></table>"
-        )
+        table = _table("Figures the rule uses", ("What", "Value", "Status", "Sources"), rows)
         return _section("figures", "Figures", table)
 
     def _forms(self) -> str:
-        if self.rule.id not in _FORMS_RULES:
-            return ""
         rows = []
         for salt in self.knowledge.magnesium_salts:
             use = salt.autoimmune_use
@@ -266,15 +257,17 @@ class GuidancePage:
                 self.unverified.append(use.text)
             mark = " <strong>(this order)</strong>" if salt.id in self.topics else ""
             rows.append(
-                f"<tr><th scope=row>{escape(salt.display)}{mark}</th>"
-                f"<td>{escape(', '.join(a.replace('-', ' ') for a in use.aims))}</td>"
-                f"<td>{escape(use.text)}</td>"
-                f"<td>{escape(_STATUS_WORDS.get(use.status, use.status))}</td></tr>"
+                (
+                    escape(salt.display) + mark,
+                    escape(", ".join(a.replace("-", " ") for a in use.aims)),
+                    escape(use.text),
+                    escape(_STATUS_WORDS.get(use.status, use.status)),
+                )
             )
-        table = (
-            "<table><caption>Magnesium forms by aim</caption><thead><tr>"
-            "<th scope=col>Form</th><th scope=col>Aim</th><th scope=col>Notes</th>"
-            f"<th scope=col>Status</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        table = _table(
+            "Magnesium forms by aim, where magnesium is appropriate at all",
+            ("Form", "Aim", "Notes", "Status"),
+            rows,
         )
         return _section("forms", "Which form for which aim", table) if rows else ""
 
@@ -286,8 +279,6 @@ class GuidancePage:
         return f"<ul>{self._statement(item.text, item.status, item.source_ids)}</ul>"
 
     def _diet_first(self) -> str:
-        if self.rule.id not in _FORMS_RULES:
-            return ""
         text = self._quoted(*_DIET_FIRST)
         return _section("diet", "Diet first", text) if text else ""
 
@@ -313,7 +304,10 @@ class GuidancePage:
         for group_id in self._condition_ids():
             group = self.knowledge.condition_group(group_id)
             codes = ", ".join(
-                f"{c.code}{'*' if c.match == 'prefix' else ''}" for c in group.codes[:24]
+                dict.fromkeys(
+                    f"{system_name(c.system)} {_dotted(c)}{'*' if c.match == 'prefix' else ''}"
+                    for c in group.codes[:24]
+                )
             )
             more = " and more" if len(group.codes) > 24 else ""
             name = escape(group.display)
@@ -347,7 +341,23 @@ class GuidancePage:
         return _section("sources", "Sources", f"<ol>{''.join(items)}</ol>")
 
 
-def _threshold_row(page: GuidancePage, threshold: Threshold) -> str:
+def _table(caption: str, headers: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    """Cells are HTML already; the first is the row's header. On a phone each row stacks,
+    each cell labelled with its column (data-label)."""
+    head = "".join(f"<th scope=col>{h}</th>" for h in headers)
+    body = "".join(
+        f"<tr><th scope=row>{first}</th>"
+        + "".join(f'<td data-label="{h}">{c}</td>' for h, c in zip(headers[1:], rest, strict=True))
+        + "</tr>"
+        for first, *rest in rows
+    )
+    return (
+        f"<table><caption>{caption}</caption><thead><tr>{head}</tr></thead>"
+        f"<tbody>{body}</tbody></table>"
+    )
+
+
+def _threshold_row(page: GuidancePage, threshold: Threshold) -> tuple[str, ...]:
     page.source_ids += threshold.source_ids
     if threshold.status == "unverified":
         page.unverified.append(threshold.display)
@@ -360,11 +370,20 @@ def _threshold_row(page: GuidancePage, threshold: Threshold) -> str:
             f"{b.label}: {b.value:g} {threshold.unit}" if b.value is not None else b.label
             for b in threshold.bands
         )
+    status = _STATUS_WORDS.get(threshold.status, threshold.status)
     return (
-        f"<tr><th scope=row>{escape(threshold.display)}</th><td>{escape(value)}</td>"
-        f"<td>{escape(_STATUS_WORDS.get(threshold.status, threshold.status))}</td>"
-        f"<td>{_cite_links(threshold.source_ids)}</td></tr>"
+        escape(threshold.display),
+        escape(value),
+        escape(status),
+        _cite_links(threshold.source_ids),
     )
+
+
+def _dotted(code: CodeEntry) -> str:
+    """ICD-10 codes are held without their dot (E063); shown as written (E06.3)."""
+    if "icd-10" in code.system and len(code.code) > 3 and "." not in code.code:
+        return f"{code.code[:3]}.{code.code[3:]}"
+    return code.code
 
 
 def _source_item(source: EvidenceSource) -> str:
@@ -393,10 +412,14 @@ margin:1.75rem 0 .5rem;border-bottom:2px solid #d0d7de}h3{font-size:1.05rem;marg
 a{color:#0b4f9c;text-decoration:underline}a:focus{outline:3px solid #f0b400}
 .kicker{margin:0;color:#4a4a4a;font-size:.9rem;text-transform:uppercase;letter-spacing:.04em}
 .meta{color:#4a4a4a;font-size:.9rem}li{margin:.3rem 0}
-table{border-collapse:collapse;width:100%;display:block;overflow-x:auto;font-size:.95rem}
+table{border-collapse:collapse;width:100%;font-size:.95rem}
 caption{text-align:left;font-weight:600;padding:.25rem 0}th,td{border:1px solid #d0d7de;
 padding:.4rem .5rem;text-align:left;vertical-align:top}thead th{background:#f3f5f7}
 footer{margin-top:2rem;color:#4a4a4a;font-size:.9rem}
+@media screen and (max-width:40rem){thead{position:absolute;left:-9999px}
+table,caption,tbody,tr,th,td{display:block}tr{border:1px solid #d0d7de;margin:0 0 .75rem}
+th,td{border:0;padding:.25rem .5rem}tbody th{background:#f3f5f7}
+td::before{content:attr(data-label) ": ";font-weight:600}}
 @media print{a{color:#000}a[href^="http"]::after{content:" (" attr(href) ")";font-size:.8rem;
-word-break:break-all}table{display:table;overflow:visible}main{max-width:none}}
+word-break:break-all}main{max-width:none}}
 """
