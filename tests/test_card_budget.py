@@ -134,3 +134,32 @@ def test_the_budget_check_catches_the_old_cards() -> None:
     for change in bad:
         with pytest.raises(AssertionError):
             check_card({**good, **change})
+
+
+def test_a_rule_that_says_too_much_or_states_no_action_still_fits() -> None:
+    """A rule added without card wording (no action, long reasoning, many facts, a summary
+    over the limit) still renders within budget, whole sentences only."""
+    from cds_service.cards.builder import build_card
+    from cds_service.knowledge import default_knowledge
+    from cds_service.rules.findings import Evidence, Finding
+
+    long_reasoning = "First, this is what to do about it. " + "More reasoning follows. " * 40
+    finding = Finding(
+        rule_id="renal-magnesium",
+        indicator="warning",
+        summary="magnesium " + "and more words " * 12,
+        detail=long_reasoning,
+        evidence=tuple(Evidence(f"Fact number {i} with a long description") for i in range(20)),
+        source_ids=(),
+        key="k",
+        unverified=("a claim",) * 3 + ("another claim of some length " * 4,),
+        watch="Something to watch. " * 5,
+    )
+    knowledge = default_knowledge()
+    card = build_card(finding, knowledge, "hook", "patient", {}, base_url="https://cds.example")
+    body = card.to_json()
+    assert body["summary"] == knowledge.rule("renal-magnesium").title
+    assert len(body["detail"]) <= 500 and "…" not in body["detail"]
+    assert body["detail"].startswith("**Patient:** Fact number 0")
+    assert "**Do:** First, this is what to do about it." in body["detail"]
+    assert body["links"][0]["url"] == "https://cds.example/guidance/renal-magnesium"

@@ -31,7 +31,7 @@ from cds_service.context.normalise import model_problems
 from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import EvidenceSource
 from cds_service.rules.derived import lower_first
-from cds_service.rules.describe import mid_sentence, sentence
+from cds_service.rules.describe import clinical_name, mid_sentence, sentence
 from cds_service.rules.findings import Finding, Proposal
 
 EXTENSION_KEY = "org.magnesium-cds"
@@ -351,7 +351,8 @@ def _action(
     if proposal.kind == "remove-order":
         if order is None or not order.source.resource_id:
             return None
-        return Action("delete", f"Remove the draft order {order.display}", resource_id=reference)
+        name = clinical_name(order.display)
+        return Action("delete", f"Remove the draft order {name}", resource_id=reference)
     if proposal.kind == "order-lab":
         if proposal.code is None:
             return None

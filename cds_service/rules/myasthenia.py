@@ -171,7 +171,9 @@ def _finding(
         summary = f"Review {name} on file: myasthenia gravis; magnesium can worsen weakness"
         action = "Review whether magnesium is still needed; stop it unless neurology advises it."
     else:
-        summary = f"Avoid {name}: myasthenia gravis; magnesium can worsen weakness, even a crisis"
+        summary = (
+            f"Avoid {name}: myasthenia gravis; magnesium can worsen weakness or cause a crisis"
+        )
         action = _UNAVOIDABLE
     proposals: tuple[Proposal, ...] = ()
     if medication.is_draft and medication.source.resource_id:
