@@ -149,6 +149,8 @@ def _figure_stated(said: str, value: float) -> bool:
 
 
 _HOURS = r"h|hr|hrs|hour|hours"
+# "(figure not verified against the label)": a knowledge text's own note on its status.
+_STATUS_REMARK = re.compile(r"\s*\([^()]*\bnot verified\b[^()]*\)")
 
 
 def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact) -> Finding | None:
@@ -177,7 +179,8 @@ def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact)
     actions: list[str] = []
     if interaction is not None:
         paragraphs.append(interaction.text)
-        actions.append(interaction.text)
+        # The card flags what is unverified once, in its own clause.
+        actions.append(_STATUS_REMARK.sub("", interaction.text))
         if has_figure and target.medication.source.resource_id:
             text = interaction.text
             if drug.name.lower() not in text.lower():

@@ -136,7 +136,8 @@ def _order(
             summary = f"Use {mg} with caution: {kidney.label}; magnesium can accumulate"
         if parenteral:
             actions.append(_parenteral_limits(knowledge, short=True))
-        actions.append("Use the lowest effective dose; check serum magnesium before and during it.")
+        else:
+            actions.append("If it is needed, use the lowest dose; check serum magnesium during it.")
         paragraphs.append(rule.statement("dose-advice").text)
         watch = "Reflexes, blood pressure, breathing and heart rhythm (magnesium toxicity)."
     else:
@@ -174,8 +175,8 @@ def _parenteral_limits(knowledge: Knowledge, *, short: bool = False) -> str:
     urine = knowledge.threshold("iv-mgso4-urine-output-min")
     if short:
         return (
-            f"At most {most.value:g} {most.unit}; each dose only if urine output was "
-            f"{urine.value:g} {urine.unit}."
+            f"At most {most.value:g} {most.unit}, each dose only with a urine output of "
+            f"{urine.value:g} {urine.unit}; check serum magnesium during it."
         )
     return " ".join(f"{t.display}: {t.value:g} {t.unit}." for t in (most, urine))
 
