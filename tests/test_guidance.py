@@ -137,6 +137,10 @@ def test_an_unknown_rule_is_404_json_and_an_unknown_topic_400(client: FlaskClien
     assert body["problems"][0]["path"] == "$.query.topic"
     response = client.get("/guidance/renal-magnesium?" + "&".join(["topic=sle"] * 9))
     assert response.status_code == 400 and response.get_json()["error"] == "too-many-topics"
+    for odd in ("%00", "x" * 5000, "..%2F..%2Fetc", "%C3%28", "renal-magnesium%0A"):
+        response = client.get(f"/guidance/{odd}")
+        assert response.status_code == 404 and response.is_json, odd
+        assert len(response.get_json()["message"]) < 500
 
 
 def test_the_page_needs_no_token_even_with_authentication_on(tmp_path: Path) -> None:

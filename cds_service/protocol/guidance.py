@@ -87,7 +87,7 @@ def guidance_page(rule_id: str) -> ResponseReturnValue:
         raise ApiError(
             404,
             "unknown-rule",
-            f"no rule with id {rule_id!r}; the rules are: {', '.join(knowledge.rule_ids)}",
+            f"no rule with id {rule_id[:80]!r}; the rules are: {', '.join(knowledge.rule_ids)}",
         )
     topics = request.args.getlist("topic")
     if len(topics) > MAX_TOPICS:
