@@ -10,6 +10,7 @@ Hashimoto's thyroiditis and not of myasthenia gravis.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from html import escape
 
@@ -149,7 +150,7 @@ class GuidancePage:
             f"<footer><p>Knowledge version {escape(self.knowledge.version)}. This page is built "
             "from the service's knowledge files and holds no patient data.</p></footer>",
         ]
-        main = "\n".join(part for part in body if part)
+        main = _number_citations("\n".join(part for part in body if part), self.source_ids)
         return (
             "<!doctype html>\n<html lang=en>\n<head>\n<meta charset=utf-8>\n"
             '<meta name=viewport content="width=device-width, initial-scale=1">\n'
@@ -164,9 +165,9 @@ class GuidancePage:
         self.source_ids += ids
         if status == "unverified":
             self.unverified.append(text)
-        cites = ", ".join(f'<a href="#source-{escape(i)}">{escape(i)}</a>' for i in ids)
+        cites = _cite_links(ids)
         return (
-            f"<li>{escape(text)} <span class=meta>({escape(_STATUS_WORDS.get(status, status))}"
+            f"<li>{_inline(text)} <span class=meta>({escape(_STATUS_WORDS.get(status, status))}"
             + (f"; {cites}" if cites else "")
             + ")</span></li>"
         )
@@ -229,7 +230,7 @@ class GuidancePage:
             )
             status = _STATUS_WORDS.get(item.status, item.status)
             rows.append(
-                (escape(drug), escape(item.text), escape(status), _cite_links(item.source_ids))
+                (escape(drug), _inline(item.text), escape(status), _cite_links(item.source_ids))
             )
         table = _table(
             "Spacing between oral magnesium and each drug",
@@ -260,7 +261,7 @@ class GuidancePage:
                 (
                     escape(salt.display) + mark,
                     escape(", ".join(a.replace("-", " ") for a in use.aims)),
-                    escape(use.text),
+                    _inline(use.text),
                     escape(_STATUS_WORDS.get(use.status, use.status)),
                 )
             )
@@ -329,7 +330,7 @@ class GuidancePage:
             body = (
                 "<p>These statements rest on the clinical narrative or on a figure no primary "
                 "source confirmed here; weigh them accordingly.</p><ul>"
-                + "".join(f"<li>{escape(t)}</li>" for t in items)
+                + "".join(f"<li>{_inline(t)}</li>" for t in items)
                 + "</ul>"
             )
         return _section("unverified", "What is unverified", body)
@@ -396,7 +397,23 @@ def _source_item(source: EvidenceSource) -> str:
 
 
 def _cite_links(source_ids: Iterable[str]) -> str:
-    return ", ".join(f'<a href="#source-{escape(i)}">{escape(i)}</a>' for i in source_ids)
+    """Placeholders, numbered once every source of the page is known."""
+    return ", ".join(f"\x00cite:{source_id}\x00" for source_id in source_ids)
+
+
+def _number_citations(html: str, source_ids: list[str]) -> str:
+    """[n] links to the n-th entry of the page's source list."""
+    numbers = {source_id: n for n, source_id in enumerate(dict.fromkeys(source_ids), 1)}
+    return re.sub(
+        "\x00cite:([^\x00]*)\x00",
+        lambda m: f'<a href="#source-{escape(m.group(1))}">[{numbers[m.group(1)]}]</a>',
+        html,
+    )
+
+
+def _inline(text: str) -> str:
+    """A knowledge text as HTML: escaped, its **bold** kept."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escape(text))
 
 
 def _section(anchor: str, heading: str, body: str) -> str:
