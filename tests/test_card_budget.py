@@ -163,3 +163,23 @@ def test_a_rule_that_says_too_much_or_states_no_action_still_fits() -> None:
     assert body["detail"].startswith("**Patient:** Fact number 0")
     assert "**Do:** First, this is what to do about it." in body["detail"]
     assert body["links"][0]["url"] == "https://cds.example/guidance/renal-magnesium"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "hashimoto-levothyroxine.order-select.json",
+        "hashimoto-levothyroxine.order-select.citrate.json",
+        "rheumatoid-arthritis.order-select.json",
+        "multiple-sclerosis.order-select.json",
+    ],
+)
+def test_a_card_speaks_only_of_conditions_the_patient_has(
+    cds_url: str, fixture_fhir_server: str, name: str
+) -> None:
+    cards = _cards(cds_url, fixture_fhir_server, name, "magnesium-order-select")
+    assert cards
+    for card in cards:
+        text = f"{card['summary']} {card['detail']}".lower()
+        assert "myasthenia" not in text and "epsom" not in text, card["detail"]
+        assert "fibromyalgia" not in text or "fibromyalgia" in name

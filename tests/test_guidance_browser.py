@@ -3,8 +3,9 @@
 Every page a card can link to (each rule's, and each one the fixture scenarios' cards link
 to) renders: English, one h1, readable text contrast, no request leaves 127.0.0.1, no
 sideways scrolling on a phone, printable; every link in it resolves (on the page or on the
-service) or is an external http(s) URL. Screenshots at 1366x768 and 390x844 and a printed
-PDF of each page go to test-artifacts/guidance/ (git-ignored).
+service) or is an external http(s) URL. Screenshots at 1366x768 and 390x844 go to
+test-artifacts/guidance/ (git-ignored): each rule's own page whole, with a printed PDF; a
+topic variant as the screen first shows it.
 """
 
 from __future__ import annotations
@@ -95,40 +96,50 @@ def test_every_explanation_page_renders_and_every_link_resolves(
 ) -> None:
     assert len(linked_pages) > len(default_knowledge().rule_ids)  # topic pages too
     SHOTS.mkdir(parents=True, exist_ok=True)
-    for url in linked_pages:
-        _check_page(browser, served.url, url)
-
-
-def _check_page(browser: Any, base: str, url: str) -> None:
-    name = _file_name(url)
+    requested: list[str] = []
+    pages = {}
     for label, (width, height) in VIEWPORTS.items():
         page = browser.new_page(viewport={"width": width, "height": height})
-        requested: list[str] = []
-        page.on("request", lambda request, seen=requested: seen.append(request.url))
-        response = page.goto(url, wait_until="load")
-        assert response is not None and response.status == 200, url
-        assert page.evaluate("document.documentElement.lang") == "en"
-        assert page.locator("h1").count() == 1 and page.locator("h2").count() >= 4, url
-        assert page.title().endswith("magnesium-cds")
-        for heading in ("Why, in full", "What is unverified", "Sources"):
-            assert page.get_by_role("heading", name=heading).count() <= 1
-        assert page.get_by_role("heading", name="Sources").count() == 1, url
-        assert "Knowledge version" in page.inner_text("footer")
-        outside = [u for u in requested if not u.startswith((base, "data:"))]
-        assert outside == [], f"{url} loaded {outside}"  # no external assets
-        assert page.evaluate(_CONTRAST_JS) >= 4.5, url  # WCAG AA for body text
-        # Readable at phone width: nothing wider than the screen (tables scroll in their box).
-        assert page.evaluate("document.documentElement.scrollWidth") <= width, (url, label)
-        shot = SHOTS / f"{name}-{width}x{height}.png"
-        page.screenshot(path=str(shot), full_page=True)
-        assert shot.stat().st_size > 10_000
-        if label == "desktop":
-            _check_links(page, base, url)
+        page.on("request", lambda request: requested.append(request.url))
+        pages[label] = page
+    for url in linked_pages:
+        for label, page in pages.items():
+            requested.clear()
+            _check_page(page, label, served.url, url, requested)
+    for page in pages.values():
+        page.close()
+
+
+def _check_page(page: Any, label: str, base: str, url: str, requested: list[str]) -> None:
+    """Each rule's own page is shot whole and printed; a topic variant, as the screen shows."""
+    name = _file_name(url)
+    whole = "?" not in url
+    width, height = VIEWPORTS[label]
+    page.emulate_media(media="screen")
+    response = page.goto(url, wait_until="load")
+    assert response is not None and response.status == 200, url
+    assert page.evaluate("document.documentElement.lang") == "en"
+    assert page.locator("h1").count() == 1 and page.locator("h2").count() >= 4, url
+    assert page.title().endswith("magnesium-cds")
+    for heading in ("Why, in full", "What is unverified", "Sources"):
+        assert page.get_by_role("heading", name=heading).count() <= 1
+    assert page.get_by_role("heading", name="Sources").count() == 1, url
+    assert "Knowledge version" in page.inner_text("footer")
+    outside = [u for u in requested if not u.startswith((base, "data:"))]
+    assert outside == [], f"{url} loaded {outside}"  # no external assets
+    assert page.evaluate(_CONTRAST_JS) >= 4.5, url  # WCAG AA for body text
+    # Readable at phone width: nothing wider than the screen (tables stack on a phone).
+    assert page.evaluate("document.documentElement.scrollWidth") <= width, (url, label)
+    shot = SHOTS / f"{name}-{width}x{height}.png"
+    page.screenshot(path=str(shot), full_page=whole)
+    assert shot.stat().st_size > 10_000
+    if label == "desktop":
+        _check_links(page, base, url)
+        if whole:
             page.emulate_media(media="print")
             pdf = SHOTS / f"{name}.pdf"
             page.pdf(path=str(pdf), format="A4")
             assert pdf.stat().st_size > 10_000
-        page.close()
 
 
 def _check_links(page: Any, base: str, url: str) -> None:
