@@ -23,8 +23,9 @@ from cds_service.knowledge import Ingredient, Knowledge, MagnesiumMatch, Thresho
 from cds_service.knowledge.model import ConditionGroup
 from cds_service.rules.describe import (
     condition_evidence,
-    lab_date,
+    lab_text,
     lab_value_text,
+    lab_when,
     medication_evidence,
     mid_sentence,
     order_text,
@@ -215,7 +216,7 @@ class SerumMagnesium:
     def describe(self) -> str:
         """'Serum magnesium 2.7 mg/dL on 2026-11-18 (high)': value, date, and where it stands."""
         value = lab_value_text(self.lab, "serum-magnesium")
-        text = f"Serum magnesium {value} on {lab_date(self.lab)}"
+        text = f"Serum magnesium {value} {lab_when(self.lab)}"
         if self.is_toxic:
             text += " (above the toxic level)"
         elif self.is_high:
@@ -360,7 +361,7 @@ class KidneyFunction:
     def evidence(self) -> tuple[Evidence, ...]:
         items = [condition_evidence(f.condition) for f in self.conditions]
         if self.egfr is not None:
-            text = f"eGFR {lab_value_text(self.egfr, 'egfr')} on {lab_date(self.egfr)}"
+            text = lab_text(self.egfr, "eGFR", "egfr")
             items.append(Evidence(text, self.egfr.source, self.egfr.codings[:1]))
         return tuple(items)
 

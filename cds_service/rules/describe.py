@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from cds_service.context.model import Coding, Condition, Lab, Medication, Quantity
+from cds_service.context.model import Condition, Lab, Medication, Quantity
 from cds_service.rules.findings import Evidence
 from cds_service.rules.picture import MedicationFact
 
@@ -50,11 +50,6 @@ _FREQUENCY = {1.0: "once a day", 2.0: "twice a day"}
 
 def system_name(system: str) -> str:
     return _SYSTEM_NAMES.get(system.rstrip("/"), system or "local code")
-
-
-def codes_text(codings: tuple[Coding, ...], limit: int = 3) -> str:
-    """'ICD-10-CM G70.00; SNOMED CT 91637004': for provenance (the explanation page, logs)."""
-    return "; ".join([f"{system_name(c.system)} {c.code}" for c in codings[:limit]])
 
 
 def unit_text(unit: str) -> str:
@@ -176,14 +171,14 @@ def lab_value_text(lab: Lab, kind: str = "") -> str:
     return quantity_text(Quantity(lab.value.value, unit), decimals)
 
 
-def lab_date(lab: Lab) -> str:
-    return lab.effective.date().isoformat() if lab.effective else "date unknown"
+def lab_when(lab: Lab) -> str:
+    """'on 2026-11-18', or 'date unknown'."""
+    return f"on {lab.effective.date().isoformat()}" if lab.effective else "date unknown"
 
 
 def lab_text(lab: Lab, name: str = "", kind: str = "") -> str:
-    """'eGFR 22 mL/min/1.73 m² on 2026-11-18'."""
-    when = f"on {lab.effective.date().isoformat()}" if lab.effective else "date unknown"
-    return f"{name or clinical_name(lab.display)} {lab_value_text(lab, kind)} {when}"
+    """'eGFR 22 mL/min/1.73 m² on 2026-11-18' (``kind``: the lab group, for the rounding)."""
+    return f"{name or clinical_name(lab.display)} {lab_value_text(lab, kind)} {lab_when(lab)}"
 
 
 def condition_evidence(condition: Condition) -> Evidence:
