@@ -183,3 +183,20 @@ def test_a_card_speaks_only_of_conditions_the_patient_has(
         text = f"{card['summary']} {card['detail']}".lower()
         assert "myasthenia" not in text and "epsom" not in text, card["detail"]
         assert "fibromyalgia" not in text or "fibromyalgia" in name
+
+
+def test_a_card_capped_while_ordering_says_it_is_critical_at_signing(
+    cds_url: str, fixture_fhir_server: str
+) -> None:
+    # Severe kidney impairment with a high serum magnesium: critical at signing, a warning
+    # while the order is chosen, and the card says why in one clause.
+    [selecting] = _cards(
+        cds_url, fixture_fhir_server, "ckd4-low-egfr.order-select.json", "magnesium-order-select"
+    )
+    assert selecting["indicator"] == "warning"
+    note = "_A warning while the order is chosen; critical at signing._"
+    assert selecting["detail"].endswith(note)
+    [signing] = _cards(
+        cds_url, fixture_fhir_server, "esrd-dialysis.order-sign.json", "magnesium-order-sign"
+    )
+    assert signing["indicator"] == "critical" and "at signing" not in signing["detail"]
