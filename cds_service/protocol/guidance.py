@@ -182,7 +182,8 @@ class GuidancePage:
 
     def _condition_ids(self) -> list[str]:
         ids = [t for t in self.topics if t in self.knowledge.condition_group_ids]
-        return ids or list(_RULE_CONDITIONS.get(self.rule.id, ()))
+        known = self.knowledge.condition_group_ids  # a renamed group drops out, not a 500
+        return ids or [g for g in _RULE_CONDITIONS.get(self.rule.id, ()) if g in known]
 
     def _conditions(self) -> str:
         parts = []
@@ -240,8 +241,13 @@ class GuidancePage:
         return _section("spacing", "How far apart", table) if rows else ""
 
     def _thresholds(self) -> str:
-        ids = _RULE_THRESHOLDS.get(self.rule.id, ())
-        rows = [_threshold_row(self, self.knowledge.threshold(i)) for i in ids]
+        rows = []
+        for threshold_id in _RULE_THRESHOLDS.get(self.rule.id, ()):
+            try:
+                threshold = self.knowledge.threshold(threshold_id)
+            except KeyError:  # renamed in the knowledge: the page goes on without it
+                continue
+            rows.append(_threshold_row(self, threshold))
         if not rows:
             return ""
         table = _table("Figures the rule uses", ("What", "Value", "Status", "Sources"), rows)
