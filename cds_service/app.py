@@ -19,6 +19,7 @@ from cds_service.protocol.blueprint import CARD_RECORDER_EXTENSION, PIPELINE_EXT
 from cds_service.protocol.cors import install_cors
 from cds_service.protocol.errors import register_error_handlers
 from cds_service.protocol.feedback import STORE_EXTENSION, feedback_bp, make_card_recorder
+from cds_service.protocol.guidance import guidance_bp
 from cds_service.protocol.validation import compile_request_validators
 from cds_service.settings import Settings
 from cds_service.store import FeedbackStore
@@ -80,6 +81,7 @@ def create_app(
     install_auth(app, settings, replay_guard=shared_replay_guard(store.remember_token))
     app.register_blueprint(bp)
     app.register_blueprint(feedback_bp)
+    app.register_blueprint(guidance_bp)  # the cards' explanation pages: public, no patient data
 
     @app.get("/healthz")
     def healthz() -> ResponseReturnValue:

@@ -160,6 +160,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from cds_service.knowledge import default_knowledge, load_knowledge
     from cds_service.pipeline import HookPipeline
     from cds_service.protocol.errors import ApiError
+    from cds_service.protocol.guidance import configured_base_url
     from cds_service.protocol.hook_request import HookRequest
     from cds_service.protocol.services import SERVICES, SERVICES_BY_ID
     from cds_service.protocol.validation import check_hook, parse_json_bytes, validate_or_400
@@ -200,7 +201,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         )
     pipeline = HookPipeline(knowledge, default_client_factory(settings))
     try:
-        result = pipeline.run(service, HookRequest.from_json(body))
+        result = pipeline.run(service, HookRequest.from_json(body), configured_base_url(settings))
     except DataUnavailable as exc:
         for missing in exc.missing:
             print(f"required data unavailable: {missing.key}: {missing.reason}", file=sys.stderr)

@@ -370,7 +370,7 @@ def test_a_dstu2_client_gets_the_lab_advice_in_words_not_an_r4_order(cds_url: st
     cards = [c for c in result["cards"] if c["source"]["topic"]["code"] == "renal-magnesium"]
     assert cards
     assert not [a for a in _actions(result, "renal-magnesium") if a["type"] == "create"]
-    assert "DSTU2" in cards[0]["detail"] and "19123-9" in cards[0]["detail"]
+    assert "By hand (no one-click order in DSTU2): order a serum magnesium." in cards[0]["detail"]
 
 
 def test_a_dstu2_draft_gets_the_spacing_advice_in_its_instruction_text(cds_url: str) -> None:

@@ -76,7 +76,9 @@ def test_myasthenia_patient_ordering_magnesium_gets_critical_card_with_removal(
     assert card["indicator"] == "critical"
     assert "myasthenia gravis" in card["summary"].lower()
     assert len(card["summary"]) < 140
-    assert "G70.00" in card["detail"] and "pyridostigmine" in card["detail"].lower()
+    assert "Myasthenia gravis" in card["detail"] and "pyridostigmine" in card["detail"].lower()
+    evidence = card["extension"]["org.magnesium-cds"]["evidence"]
+    assert any(code["code"] == "G70.00" for fact in evidence for code in fact["codes"])
     assert card["source"]["label"]
     assert card["source"]["topic"]["code"] == "myasthenia-magnesium"
     assert card["selectionBehavior"] == "at-most-one"

@@ -448,6 +448,11 @@ class Knowledge:
         return _get(self._drug_groups, group_id, "drug group")
 
     @property
+    def interactions(self) -> tuple[Interaction, ...]:
+        """Every interaction entry, in file order (the explanation pages list them)."""
+        return tuple(self._interactions.values())
+
+    @property
     def drug_group_ids(self) -> tuple[str, ...]:
         return tuple(self._drug_groups)
 

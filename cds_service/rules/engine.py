@@ -56,6 +56,8 @@ RULES: tuple[Rule, ...] = (
 )
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
+# The card's one clause on why its indicator differs between selection and signing.
+CAPPED_NOTE = "A warning while the order is chosen; critical at signing."
 # Rules whose critical cards are shown as critical at order-select too.
 ALWAYS_SEVERE = frozenset({myasthenia.RULE_ID, mg_drugs.RULE_ID})
 SIGNING_HOOKS = frozenset({"order-sign"})
@@ -138,7 +140,7 @@ def apply_hook_policy(findings: list[Finding], hook: str) -> list[Finding]:
     """Cap order-select at warning (but myasthenia), drop info at signing; keep the order."""
     if hook in ADVISING_HOOKS:
         capped = [
-            dataclasses.replace(f, indicator="warning")
+            dataclasses.replace(f, indicator="warning", severity_note=CAPPED_NOTE)
             if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE
             else f
             for f in findings
