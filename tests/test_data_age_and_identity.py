@@ -215,7 +215,7 @@ def test_an_iv_order_without_timing_is_one_dose_an_oral_one_is_not(cds_url: str)
     body = load_request("esrd-dialysis.order-select.json")
     del _draft(body)["dosageInstruction"][0]["timing"]
     result = assert_conformant(call(cds_url, ORDER_SELECT, body))
-    assert any("dose unknown" in card["detail"] for card in result["cards"])
+    assert any("how often not stated" in card["detail"] for card in result["cards"])
 
 
 def _toxic_serum_magnesium(**dates: str | None) -> dict[str, Any]:

@@ -267,20 +267,24 @@ def card_detail(finding: Finding, notes: tuple[str, ...] = ()) -> str:
     """Patient facts, what to do, what to watch, then one clause on what is unverified and
     why the indicator differs at signing; at most ``MAX_DETAIL_CHARS``. What does not fit
     (watch first, then the last facts) is left to the explanation page."""
-    facts = [item.text for item in finding.evidence]
+    order = finding.order.source if finding.order is not None else None
+    evidence = list(finding.evidence)
     action = finding.action or _first_sentence(finding.detail)
     watch = finding.watch
     unverified = _unverified_clause(finding.unverified)
     while True:
+        facts = [item.text for item in evidence]
         detail = _compose(facts, action, watch, notes, unverified, finding.severity_note)
         if len(detail) <= MAX_DETAIL_CHARS:
             return detail
+        # The order the card is about is the last fact to go: its dose is what the advice is on.
+        droppable = [i for i, item in enumerate(evidence) if order is None or item.source != order]
         if watch:
             watch = ""
         elif unverified and unverified != _SOME_UNVERIFIED:
             unverified = _SOME_UNVERIFIED
-        elif len(facts) > 1:
-            facts = facts[:-1]
+        elif len(evidence) > 1 and droppable:
+            del evidence[droppable[-1]]
         else:
             return _cut_sentences(detail, MAX_DETAIL_CHARS)
 

@@ -39,6 +39,7 @@ def deceased(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Findi
         indicator=indicator,
         summary=f"Patient is recorded as deceased{when}: check the chart; no magnesium check run",
         detail=rule.statement("not-checked").text,
+        action=rule.statement("not-checked").text,
         evidence=(
             Evidence(f"Patient recorded as deceased{when}", patient.source),
             *(
@@ -59,19 +60,21 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     rule = knowledge.rule(INCOMPLETE_RULE_ID)
     names = [_KEY_WORDS.get(missing.key, missing.key) for missing in unusable]
     listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-    paragraphs = [
-        f"The {_KEY_WORDS.get(missing.key, missing.key)} sent with this request belong to "
-        f"another patient or cannot be read, so the checks that need them ({missing.data}) "
-        "were not done."
+    facts = tuple(
+        Evidence(
+            f"{_KEY_WORDS.get(missing.key, missing.key).capitalize()} sent belong to another "
+            f"patient or cannot be read: not checked for {missing.data}"
+        )
         for missing in unusable
-    ]
-    paragraphs.append(rule.statement("check-chart").text)
+    )
+    check_chart = rule.statement("check-chart").text
     yield Finding(
         rule_id=INCOMPLETE_RULE_ID,
         indicator="warning",
         summary=f"Magnesium checks incomplete: the {listed} sent are not this patient's",
-        detail="\n\n".join(paragraphs),
-        evidence=(),
+        detail="\n\n".join([*(fact.text + "." for fact in facts), check_chart]),
+        action=check_chart,
+        evidence=facts,
         source_ids=(),
         key=INCOMPLETE_RULE_ID,
     )

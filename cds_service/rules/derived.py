@@ -493,5 +493,6 @@ def order_evidence(fact: MedicationFact, *, with_dose: bool = True) -> Evidence:
     if with_dose and fact.is_magnesium:
         daily = daily_elemental_mg_value(fact)
         if daily is not None:
-            text += f" ({daily:.0f} mg elemental magnesium a day)"
+            single = all(dose.once for dose in fact.medication.doses)
+            text += f" ({daily:.0f} mg elemental magnesium{'' if single else ' a day'})"
     return medication_evidence(fact, text)

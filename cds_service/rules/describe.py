@@ -117,9 +117,11 @@ def dose_text(medication: Medication) -> str:
     for dose in medication.doses:
         if dose.quantity is not None:
             amount = quantity_text(dose.quantity)
+            if dose.once or (dose.untimed and dose.frequency_per_day is not None):
+                return f"{amount} once"
             if dose.frequency_per_day is not None:
                 return f"{amount} {frequency_text(dose.frequency_per_day)}"
-            return amount
+            return f"{amount}, how often not stated"
     return ""
 
 

@@ -101,9 +101,12 @@ def cap_stale(
     for finding in findings:
         if finding.indicator == "critical" and without.get(finding.key) != "critical":
             old = _old_results(finding, picture, knowledge)
-            note = f"Not shown as critical: it rests on {old}."
+            note = f"Not critical: it rests on {old}."
             finding = dataclasses.replace(
-                finding, indicator="warning", detail=f"{finding.detail}\n\n{note}"
+                finding,
+                indicator="warning",
+                detail=f"{finding.detail}\n\n{note}",
+                severity_note=note,
             )
         capped.append(finding)
     return sorted(capped, key=lambda f: SEVERITY[f.indicator])
