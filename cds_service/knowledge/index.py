@@ -32,6 +32,7 @@ from cds_service.knowledge.model import (
     MagnesiumProduct,
     MagnesiumSalt,
     RuleInfo,
+    Terminology,
     Threshold,
     UnitConversion,
     normalise_system,
@@ -112,7 +113,9 @@ class Knowledge:
         rules: tuple[RuleInfo, ...],
         unverified: tuple[str, ...] = (),
         route_codes: Mapping[str, tuple[str, ...]] | None = None,
+        terminology: Terminology | None = None,
     ) -> None:
+        terminology = terminology or Terminology()
         self.version = version
         self.file_versions: dict[str, str] = dict(file_versions)
         self.unverified_facts = unverified
@@ -125,7 +128,7 @@ class Knowledge:
         self._rules = {r.id: r for r in rules}
         self._interactions = {(i.drug_group, i.ingredient_code): i for i in interactions}
         self._conversions = unit_conversions
-        self._build_condition_index(conditions)
+        self._build_condition_index(conditions, terminology)
         self._build_magnesium_index(
             salts,
             generic_synonyms,
@@ -133,8 +136,9 @@ class Knowledge:
             combination_markers,
             combination_synonyms,
             route_hints,
+            terminology,
         )
-        self._build_drug_index(drug_groups)
+        self._build_drug_index(drug_groups, terminology)
         # One route vocabulary for every drug; "local" (eye, ear, nose, airway) acts where it is
         # applied, so for every rule it is topical.
         self._route_of_code = {
@@ -151,13 +155,22 @@ class Knowledge:
 
     # ------------------------------------------------------------------ index building
 
-    def _build_condition_index(self, conditions: tuple[ConditionGroup, ...]) -> None:
+    def _build_condition_index(
+        self, conditions: tuple[ConditionGroup, ...], terminology: Terminology
+    ) -> None:
         prefix: dict[tuple[str, str], set[str]] = {}
         exact: dict[tuple[str, str], set[str]] = {}
         for group in conditions:
             for entry in group.codes:
                 table = prefix if entry.match == "prefix" else exact
                 table.setdefault((entry.system, entry.code), set()).add(group.id)
+        # A SNOMED CT descendant belongs to every group its ancestor is in (one dict entry per
+        # descendant, built here once: a look-up stays a dict hit).
+        named = {
+            code: frozenset(groups) for (system, code), groups in exact.items() if system == SNOMED
+        }
+        for code, concept in terminology.snomed:
+            exact.setdefault((SNOMED, code), set()).update(named.get(concept, ()))
         self._cond_prefix = {k: frozenset(v) for k, v in prefix.items()}
         self._cond_exact = {k: frozenset(v) for k, v in exact.items()}
 
@@ -169,8 +182,11 @@ class Knowledge:
         combination_markers: tuple[str, ...],
         combination_synonyms: tuple[tuple[str, str], ...],
         route_hints: Mapping[str, tuple[str, ...]],
+        terminology: Terminology,
     ) -> None:
         self._mg_products: dict[str, MagnesiumProduct] = {}
+        # Generated product codes (curated products win): code -> (salt, mg, per, combination)
+        self._mg_generated: dict[str, tuple[str, float | None, str | None, bool]] = {}
         self._mg_ingredients: dict[str, str] = {}
         self._mg_atc: dict[str, tuple[str, str | None]] = {}  # code -> (salt, route)
         phrases: dict[str, _SaltHit] = {}
@@ -187,6 +203,16 @@ class Knowledge:
             phrases[phrase] = _SaltHit(None)
         for phrase, salt_id in combination_synonyms:
             phrases[phrase] = _SaltHit(salt_id, combination=True)
+        for product in terminology.products:
+            if product.magnesium and product.rxcui not in self._mg_products:
+                salt_id, strength, per = product.magnesium[0]
+                combination = product.multi_ingredient or len(product.magnesium) > 1
+                self._mg_generated[product.rxcui] = (salt_id, strength, per, combination)
+        for brand in terminology.brands:
+            if brand.magnesium and brand.phrase not in phrases:
+                phrases[brand.phrase] = _SaltHit(
+                    brand.magnesium[0], combination=brand.multi_ingredient
+                )
         self._mg_phrases = phrases
         self._mg_matcher = _PhraseMatcher(phrases)
         self._excipients = _PhraseMatcher(excipient_phrases)
@@ -203,8 +229,12 @@ class Knowledge:
         forms = {f.form for salt in salts for f in salt.fractions}
         self._forms = _PhraseMatcher(forms)
 
-    def _build_drug_index(self, drug_groups: tuple[DrugGroup, ...]) -> None:
+    def _build_drug_index(
+        self, drug_groups: tuple[DrugGroup, ...], terminology: Terminology
+    ) -> None:
         self._drug_by_code: dict[str, Ingredient] = {}
+        # RxNorm product codes (SCD, SBD, packs...) -> the ingredients they contain.
+        self._drug_products: dict[str, tuple[Ingredient, ...]] = {}
         self._drug_by_name: dict[str, Ingredient] = {}
         phrases: dict[str, Ingredient] = {}
         atc: dict[str, set[str]] = {}
@@ -217,6 +247,13 @@ class Knowledge:
                     phrases[phrase] = ingredient
             for entry in group.atc_prefixes:
                 atc.setdefault(entry.code, set()).add(group.id)
+        for product in terminology.products:
+            found = tuple(self._drug_by_name[n] for n in product.ingredients)
+            if found and product.rxcui not in self._drug_by_code:
+                self._drug_products[product.rxcui] = found
+        for brand in terminology.brands:
+            if brand.ingredients and brand.phrase not in phrases:
+                phrases[brand.phrase] = self._drug_by_name[brand.ingredients[0]]
         self._drug_phrases = phrases
         self._drug_matcher = _PhraseMatcher(phrases)
         self._drug_atc = {k: frozenset(v) for k, v in atc.items()}
@@ -262,6 +299,7 @@ class Knowledge:
         """
         codings = tuple(codings)
         product: MagnesiumProduct | None = None
+        generated: tuple[str, tuple[str, float | None, str | None, bool]] | None = None
         ingredient: tuple[str, str] | None = None  # (salt, code)
         atc: tuple[str, str, str | None] | None = None  # (salt, code, route)
         salts_coded: set[str] = set()
@@ -276,6 +314,9 @@ class Knowledge:
                 elif code in self._mg_ingredients:
                     ingredient = ingredient or (self._mg_ingredients[code], code)
                     salts_coded.add(self._mg_ingredients[code])
+                elif code in self._mg_generated:
+                    generated = generated or (code, self._mg_generated[code])
+                    salts_coded.add(self._mg_generated[code][0])
             elif system == ATC:
                 code = code.upper()
                 if code in self._mg_atc:
@@ -303,6 +344,22 @@ class Knowledge:
                 matched_by="rxnorm-product",
                 matched_value=product.code,
                 multi_ingredient=combination,
+            )
+        if generated is not None:
+            code, (salt_id, strength, per, multi) = generated
+            salt = self._salts[salt_id]
+            route = self._route_from_text(words)
+            return MagnesiumMatch(
+                salt=salt.id,
+                salt_display=salt.display,
+                product_code=code,
+                route=route,
+                strength_mg=strength,
+                strength_unit=per,
+                elemental_fraction=self._fraction(salt, route, form),
+                matched_by="rxnorm-product",
+                matched_value=code,
+                multi_ingredient=combination or multi,
             )
         if ingredient is not None or atc is not None:
             if ingredient is not None:
@@ -433,11 +490,15 @@ class Knowledge:
         return self._coded_ingredients(codings) or self._text_ingredients(codings, text)
 
     def _coded_ingredients(self, codings: tuple[Coding, ...]) -> tuple[Ingredient, ...]:
-        found = [
-            self._drug_by_code[c.code.strip()]
-            for c in codings
-            if normalise_system(c.system) == RXNORM and c.code.strip() in self._drug_by_code
-        ]
+        found: list[Ingredient] = []
+        for coding in codings:
+            if normalise_system(coding.system) != RXNORM:
+                continue
+            code = coding.code.strip()
+            if code in self._drug_by_code:
+                found.append(self._drug_by_code[code])
+            else:
+                found.extend(self._drug_products.get(code, ()))
         return tuple(dict.fromkeys(found))
 
     def _text_ingredients(self, codings: tuple[Coding, ...], text: str) -> tuple[Ingredient, ...]:
