@@ -61,6 +61,12 @@ class Settings:
     fixture_server_port: int = 8090
     fixture_server_delay_ms: int = 0
     cors_allow_origin: str = "*"
+    # Optional RxNav-compatible REST base (e.g. https://rxnav.nlm.nih.gov/REST) asked for the
+    # ingredients of RxNorm codes the knowledge files do not hold; empty = never asked.
+    rxnav_url: str = ""
+    rxnav_budget_ms: int = 150
+    rxnav_cache_size: int = 10_000
+    rxnav_cache_seconds: int = 86_400
 
     def __post_init__(self) -> None:
         # Reject values that would silently weaken or break authentication.
@@ -193,6 +199,12 @@ SETTINGS_DOC: dict[str, str] = {
     "fixture_server_port": "Port of `cds-service fixture-server`.",
     "fixture_server_delay_ms": "Artificial delay per fixture-server request (benchmarks).",
     "cors_allow_origin": "`Access-Control-Allow-Origin` for browser clients.",
+    "rxnav_url": "RxNav-compatible REST base URL (e.g. `https://rxnav.nlm.nih.gov/REST`) asked "
+    "for the ingredients of RxNorm codes the knowledge files do not hold; empty = never asked.",
+    "rxnav_budget_ms": "Most time (ms) one hook call waits for RxNav; past it the code is "
+    "reported as a data issue.",
+    "rxnav_cache_size": "Most RxNav answers cached per process.",
+    "rxnav_cache_seconds": "How long (s) an RxNav answer is cached (failures: at most 60 s).",
 }
 
 

@@ -39,9 +39,35 @@ SCRIPT = "scripts/build_terminology.py"
 # Words that describe a product rather than name a brand: stripped from the end of a brand
 # name; a name made only of them ("Maximum Strength Antacid") is no brand at all.
 DESCRIPTOR_WORDS = frozenset(
-    """advanced antacid anti-gas antigas chews chewable cherry extra liquid max maximum mint
-    original plus power regular soft strength strawberry suspension tablet tablets ultra
-    mixed berry nta xs""".split()
+    [
+        "advanced",
+        "antacid",
+        "anti-gas",
+        "antigas",
+        "chews",
+        "chewable",
+        "cherry",
+        "extra",
+        "liquid",
+        "max",
+        "maximum",
+        "mint",
+        "original",
+        "plus",
+        "power",
+        "regular",
+        "soft",
+        "strength",
+        "strawberry",
+        "suspension",
+        "tablet",
+        "tablets",
+        "ultra",
+        "mixed",
+        "berry",
+        "nta",
+        "xs",
+    ]
 )
 _STRENGTH = re.compile(
     r"^\s*([0-9]*\.?[0-9]+)\s*(mg|g|ug|mcg)\s*/\s*([0-9]*\.?[0-9]*)\s*(ml|1)?\s*$", re.I
@@ -102,7 +128,7 @@ def _strength(text: str) -> tuple[float, str | None] | None:
     if not match:
         return None
     value, unit, amount, per = match.groups()
-    if per is None or per.lower() == "1" and not amount:
+    if per is None or (per.lower() == "1" and not amount):
         per_unit, divisor = "unit", 1.0
     elif per.lower() == "ml":
         per_unit, divisor = "mL", float(amount) if amount else 1.0

@@ -32,6 +32,7 @@ from cds_service.context.model import (
     lab_recency,
 )
 from cds_service.context.prefetch import PrefetchKey, UnresolvedToken, render_template
+from cds_service.context.rxnav import RxNavClient, with_ingredients
 from cds_service.settings import Settings
 
 ClientFactory = Callable[[str, str | None], FhirClient]
@@ -310,6 +311,7 @@ def build_patient_context(
     relevant: Relevance | None = None,
     *,
     keys: tuple[PrefetchKey, ...],
+    rxnav: RxNavClient | None = None,
 ) -> PatientContext:
     """``relevant``: skip normalising prefetched facts it rules out (draft orders never are).
 
@@ -383,6 +385,7 @@ def build_patient_context(
 
     conditions: list[Condition] = []
     medications: list[Medication] = []
+    rxnav_deadline = 0.0  # set by the first RxNav look-up: one budget for the whole call
     labs: list[Lab] = []
     # Per lab kind, the newest usable result so far.
     newest: dict[str, _LabCandidate] = {}
@@ -410,7 +413,12 @@ def build_patient_context(
                 and relevant is not None
                 and not relevant.medication(named + ingredients, text)
             ):
-                continue
+                if rxnav is None:
+                    continue
+                rxnav_deadline = rxnav_deadline or rxnav.deadline()
+                codes = with_ingredients(codes, rxnav, rxnav_deadline, issues, where)
+                if not relevant.medication(codes[0] + codes[1], text):
+                    continue
             medication = fhir.to_medication(resource, origin, is_draft=False, codes=codes)
             _append(medications, medication, issues, where, "names no medication")
         elif resource_type == "Observation":
@@ -449,8 +457,16 @@ def build_patient_context(
         # No strict (fhir.resources) check here: it cost a third of a typical call, and the
         # lenient reading reports what it cannot use. The cards check the drafts they send
         # back (``cards.builder.update_conformance_issues``), where conformance matters.
+        codes = fhir.medication_codes(repaired, referenced)
+        if (
+            rxnav is not None
+            and relevant is not None
+            and not relevant.medication(codes[0] + codes[1], codes[2])
+        ):
+            rxnav_deadline = rxnav_deadline or rxnav.deadline()
+            codes = with_ingredients(codes, rxnav, rxnav_deadline, issues, where)
         medication = fhir.to_medication(
-            repaired, f"context:{draft_orders_key}", is_draft=True, referenced=referenced
+            repaired, f"context:{draft_orders_key}", is_draft=True, codes=codes
         )
         _append(drafts, medication, issues, where, "names no medication yet; nothing to check")
 

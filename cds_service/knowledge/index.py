@@ -203,11 +203,11 @@ class Knowledge:
             phrases[phrase] = _SaltHit(None)
         for phrase, salt_id in combination_synonyms:
             phrases[phrase] = _SaltHit(salt_id, combination=True)
-        for product in terminology.products:
-            if product.magnesium and product.rxcui not in self._mg_products:
-                salt_id, strength, per = product.magnesium[0]
-                combination = product.multi_ingredient or len(product.magnesium) > 1
-                self._mg_generated[product.rxcui] = (salt_id, strength, per, combination)
+        for made in terminology.products:
+            if made.magnesium and made.rxcui not in self._mg_products:
+                salt_id, strength, per = made.magnesium[0]
+                combination = made.multi_ingredient or len(made.magnesium) > 1
+                self._mg_generated[made.rxcui] = (salt_id, strength, per, combination)
         for brand in terminology.brands:
             if brand.magnesium and brand.phrase not in phrases:
                 phrases[brand.phrase] = _SaltHit(

@@ -1,0 +1,143 @@
+"""Optional live RxNorm look-up: the ingredients of an RxCUI the knowledge files do not hold.
+
+Asks an RxNav-compatible REST API (NLM's RxNav, or RxNav-in-a-Box on site) for
+``{base}/rxcui/{rxcui}/related.json?tty=IN+PIN+MIN`` and reads RxNav's documented shape,
+``relatedGroup.conceptGroup[].conceptProperties[].{rxcui,name,tty}``. One hook call waits at
+most ``budget_seconds`` for all its look-ups together (the request runs in a worker thread, so
+a slow server cannot hold the call); answers are cached per process, bounded, with a TTL. A
+failure is reported as a data issue of the call, never raised.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from cds_service.context.model import Coding, DataIssue
+from cds_service.knowledge.model import RXNORM, normalise_system
+
+_INGREDIENT_TYPES = ("IN", "PIN", "MIN")
+_MAX_BODY_BYTES = 1_000_000
+_MAX_CODES_PER_MEDICATION = 3
+# A failed look-up is retried after this long at most, not at every call.
+_FAILURE_TTL_SECONDS = 60.0
+
+# (ingredient codings, problem or "")
+Answer = tuple[tuple[Coding, ...], str]
+MedicationCodes = tuple[tuple[Coding, ...], tuple[Coding, ...], str]
+
+
+class RxNavClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        budget_seconds: float = 0.150,
+        cache_size: int = 10_000,
+        ttl_seconds: float = 86_400.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.budget_seconds = budget_seconds
+        self.cache_size = cache_size
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[float, Answer]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rxnav")
+
+    def deadline(self) -> float:
+        """The moment the current hook call stops waiting for RxNav."""
+        return self._clock() + self.budget_seconds
+
+    def ingredients(self, rxcui: str, deadline: float) -> Answer:
+        """Ingredient codings (IN, PIN, MIN) of ``rxcui``, or () with the reason."""
+        now = self._clock()
+        with self._lock:
+            cached = self._cache.get(rxcui)
+            if cached is not None and cached[0] > now:
+                self._cache.move_to_end(rxcui)
+                return cached[1]
+        remaining = deadline - now
+        if remaining <= 0:
+            return (), "the RxNorm look-up's time budget for this call was spent"
+        future = self._pool.submit(self._fetch, rxcui, remaining)
+        try:
+            answer = future.result(timeout=remaining)
+        except FutureTimeout:
+            answer = ((), f"the RxNorm look-up did not answer within {self._budget_ms()} ms")
+        ttl = _FAILURE_TTL_SECONDS if answer[1] else self.ttl_seconds
+        with self._lock:
+            self._cache[rxcui] = (self._clock() + min(ttl, self.ttl_seconds), answer)
+            self._cache.move_to_end(rxcui)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return answer
+
+    def _budget_ms(self) -> int:
+        return round(self.budget_seconds * 1000)
+
+    def _fetch(self, rxcui: str, timeout: float) -> Answer:
+        query = urllib.parse.urlencode({"tty": " ".join(_INGREDIENT_TYPES)})
+        url = f"{self.base_url}/rxcui/{urllib.parse.quote(rxcui, safe='')}/related.json?{query}"
+        try:
+            with urllib.request.urlopen(url, timeout=max(timeout, 0.001)) as response:
+                body = response.read(_MAX_BODY_BYTES + 1)
+        except urllib.error.HTTPError as exc:
+            return (), f"the RxNorm look-up answered HTTP {exc.code}"
+        except (OSError, ValueError):
+            return (), "the RxNorm look-up could not be reached"
+        if len(body) > _MAX_BODY_BYTES:
+            return (), "the RxNorm look-up answered more than it should"
+        return _parse_related(body)
+
+
+def _parse_related(body: bytes) -> Answer:
+    malformed: Answer = ((), "the RxNorm look-up answered something that is not RxNav JSON")
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return malformed
+    group = document.get("relatedGroup") if isinstance(document, dict) else None
+    if not isinstance(group, dict):
+        return malformed
+    found: list[Coding] = []
+    for concept_group in group.get("conceptGroup") or []:
+        if not isinstance(concept_group, dict):
+            return malformed
+        for concept in concept_group.get("conceptProperties") or []:
+            if not isinstance(concept, dict):
+                return malformed
+            code, name, tty = concept.get("rxcui"), concept.get("name"), concept.get("tty")
+            if isinstance(code, str) and code.isdigit() and tty in _INGREDIENT_TYPES:
+                found.append(Coding(RXNORM, code, name if isinstance(name, str) else ""))
+    return tuple(found), ""
+
+
+def with_ingredients(
+    codes: MedicationCodes,
+    client: RxNavClient,
+    deadline: float,
+    issues: list[DataIssue],
+    where: str,
+) -> MedicationCodes:
+    """``codes`` with the RxNav ingredients of its RxNorm codings added to the ingredients."""
+    named, ingredients, text = codes
+    rxcuis = [c.code.strip() for c in named if normalise_system(c.system) == RXNORM]
+    found: list[Coding] = []
+    for rxcui in rxcuis[:_MAX_CODES_PER_MEDICATION]:
+        if not rxcui.isdigit():
+            continue
+        got, problem = client.ingredients(rxcui, deadline)
+        if problem:
+            issues.append(DataIssue(where, f"RxNorm {rxcui} not in the knowledge files; {problem}"))
+        found.extend(got)
+    return (named, ingredients + tuple(found), text) if found else codes
