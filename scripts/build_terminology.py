@@ -164,21 +164,20 @@ def build_rxnorm(extract: Json, medications: Json) -> Json:
     strengths: dict[tuple[str, str], set[tuple[float, str | None]]] = defaultdict(set)
     brands: dict[str, list[Json]] = defaultdict(list)
     for record in extract["records"]:
-        drugs = sorted(
-            {d for a in record["active_ingredients"] if (d := vocabulary.drug(a["name"]))}
-        )
-        salts = {
-            s: a["strength"]
-            for a in record["active_ingredients"]
-            if (s := vocabulary.salt(a["name"]))
-        }
+        actives = record["active_ingredients"]
+        drugs = sorted({d for a in actives if (d := vocabulary.drug(a["name"]))})
+        salts = {s: a["strength"] for a in actives if (s := vocabulary.salt(a["name"]))}
+        # Two salts of one drug (Atelvia: two risedronate hydrates) are one ingredient.
+        others = [a for a in actives if not vocabulary.drug(a["name"])]
+        others = [a for a in others if not vocabulary.salt(a["name"])]
+        multi = len(drugs) + len(salts) + len(others) > 1
         for rxcui in record["rxcui"]:
             entry = products.setdefault(
-                rxcui, {"ingredients": set(), "salts": set(), "others": False, "sources": set()}
+                rxcui, {"ingredients": set(), "salts": set(), "multi": False, "sources": set()}
             )
             entry["ingredients"].update(drugs)
             entry["salts"].update(salts)
-            entry["others"] |= len(record["active_ingredients"]) > len(drugs) + len(salts)
+            entry["multi"] |= multi
             entry["sources"].add(record["url"])
             if len(record["rxcui"]) == 1:
                 for salt, text in salts.items():
@@ -190,7 +189,7 @@ def build_rxnorm(extract: Json, medications: Json) -> Json:
                 {
                     "drugs": drugs,
                     "salts": sorted(salts),
-                    "multi": len(record["active_ingredients"]) > 1,
+                    "multi": multi,
                     "url": record["url"],
                 }
             )
@@ -215,9 +214,7 @@ def build_rxnorm(extract: Json, medications: Json) -> Json:
                 "rxcui": rxcui,
                 "ingredients": sorted(entry["ingredients"]),
                 "magnesium": magnesium,
-                "multi_ingredient": (
-                    len(entry["ingredients"]) + len(entry["salts"]) > 1 or entry["others"]
-                ),
+                "multi_ingredient": entry["multi"],
                 "sources": sorted(entry["sources"]),
             }
         )
