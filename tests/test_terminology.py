@@ -329,6 +329,24 @@ def test_rxnav_failures_are_data_issues_within_the_budget(tmp_path: Path, failur
     assert elapsed < 0.6, elapsed  # the 150 ms budget, not the server's second
 
 
+def test_a_slow_rxnav_answer_serves_the_next_call(tmp_path: Path) -> None:
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        rxcui = urlsplit(handler.path).path.split("/")[-2]
+        time.sleep(0.4)  # past the 150 ms budget, well within the look-up's own timeout
+        found = [("2551", "ciprofloxacin", "IN")] if rxcui == UNKNOWN_CIPRO_PRODUCT else []
+        send_json(handler, rxnav_related(rxcui, found))
+
+    coding = {"system": RXNORM, "code": UNKNOWN_CIPRO_PRODUCT}
+    with local_server(answer) as base:
+        app = make_app(tmp_path, rxnav_url=f"{base}/REST")
+        first = post(app, ciprofloxacin_for_myasthenia(coding, ""))
+        time.sleep(0.8)  # the look-up finishes in the background
+        second = post(app, ciprofloxacin_for_myasthenia(coding, ""))
+    assert cards(first) == [] and any(UNKNOWN_CIPRO_PRODUCT in p for p in issues(first))
+    assert any("ciprofloxacin" in s.lower() for _, s in cards(second)), cards(second)
+    assert not any(UNKNOWN_CIPRO_PRODUCT in p for p in issues(second))
+
+
 def test_rxnav_unreachable_is_a_data_issue(tmp_path: Path) -> None:
     with local_server(lambda handler: None) as base:
         pass  # closed again: nothing listens there now

@@ -5,7 +5,8 @@ Asks an RxNav-compatible REST API (NLM's RxNav, or RxNav-in-a-Box on site) for
 ``relatedGroup.conceptGroup[].conceptProperties[].{rxcui,name,tty}``. One hook call waits at
 most ``budget_seconds`` for all its look-ups together (the request runs in a worker thread, so
 a slow server cannot hold the call); answers are cached per process, bounded, with a TTL. A
-failure is reported as a data issue of the call, never raised.
+look-up that outlives the budget keeps running in the background and its answer is cached for
+the next call. A failure is reported as a data issue of the call, never raised.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import urllib.parse
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from cds_service.context.model import Coding, DataIssue
@@ -29,6 +30,10 @@ _MAX_BODY_BYTES = 1_000_000
 _MAX_CODES_PER_MEDICATION = 3
 # A failed look-up is retried after this long at most, not at every call.
 _FAILURE_TTL_SECONDS = 60.0
+# How long one background request may take (it never holds a hook call: see the budget).
+_FETCH_TIMEOUT_SECONDS = 5.0
+# Look-ups in flight at once; past it a new code waits for the next call (bounded threads).
+_MAX_PENDING = 64
 
 # (ingredient codings, problem or "")
 Answer = tuple[tuple[Coding, ...], str]
@@ -52,6 +57,7 @@ class RxNavClient:
         self._clock = clock
         self._cache: OrderedDict[str, tuple[float, Answer]] = OrderedDict()
         self._lock = threading.Lock()
+        self._pending: dict[str, Future[Answer]] = {}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rxnav")
 
     def deadline(self) -> float:
@@ -66,35 +72,49 @@ class RxNavClient:
             if cached is not None and cached[0] > now:
                 self._cache.move_to_end(rxcui)
                 return cached[1]
+            future = self._pending.get(rxcui)
+            started = future is None and len(self._pending) < _MAX_PENDING
+            if started:
+                future = self._pool.submit(self._fetch, rxcui)
+                self._pending[rxcui] = future
+        if started and future is not None:
+            # Outside the lock: a future already done runs the callback right here.
+            future.add_done_callback(lambda done: self._remember(rxcui, done))
+        if future is None:
+            return (), f"more than {_MAX_PENDING} RxNorm look-ups are already under way"
         remaining = deadline - now
         if remaining <= 0:
             return (), "the RxNorm look-up's time budget for this call was spent"
-        future = self._pool.submit(self._fetch, rxcui, remaining)
         try:
-            answer = future.result(timeout=remaining)
+            return future.result(timeout=remaining)
         except FutureTimeout:
-            answer = ((), f"the RxNorm look-up did not answer within {self._budget_ms()} ms")
-        ttl = _FAILURE_TTL_SECONDS if answer[1] else self.ttl_seconds
+            return (), f"the RxNorm look-up did not answer within {self._budget_ms()} ms"
+
+    def _remember(self, rxcui: str, done: Future[Answer]) -> None:
+        answer = done.result()  # _fetch never raises
+        ttl = min(_FAILURE_TTL_SECONDS, self.ttl_seconds) if answer[1] else self.ttl_seconds
         with self._lock:
-            self._cache[rxcui] = (self._clock() + min(ttl, self.ttl_seconds), answer)
+            self._pending.pop(rxcui, None)
+            self._cache[rxcui] = (self._clock() + ttl, answer)
             self._cache.move_to_end(rxcui)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        return answer
 
     def _budget_ms(self) -> int:
         return round(self.budget_seconds * 1000)
 
-    def _fetch(self, rxcui: str, timeout: float) -> Answer:
+    def _fetch(self, rxcui: str) -> Answer:
         query = urllib.parse.urlencode({"tty": " ".join(_INGREDIENT_TYPES)})
         url = f"{self.base_url}/rxcui/{urllib.parse.quote(rxcui, safe='')}/related.json?{query}"
         try:
-            with urllib.request.urlopen(url, timeout=max(timeout, 0.001)) as response:
+            with urllib.request.urlopen(url, timeout=_FETCH_TIMEOUT_SECONDS) as response:
                 body = response.read(_MAX_BODY_BYTES + 1)
         except urllib.error.HTTPError as exc:
             return (), f"the RxNorm look-up answered HTTP {exc.code}"
         except (OSError, ValueError):
             return (), "the RxNorm look-up could not be reached"
+        except Exception:  # a background look-up must always end in an answer
+            return (), "the RxNorm look-up failed"
         if len(body) > _MAX_BODY_BYTES:
             return (), "the RxNorm look-up answered more than it should"
         return _parse_related(body)
@@ -106,7 +126,12 @@ def _parse_related(body: bytes) -> Answer:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return malformed
-    group = document.get("relatedGroup") if isinstance(document, dict) else None
+    # related.json answers relatedGroup; allrelated.json (same shape) allRelatedGroup.
+    group = (
+        document.get("relatedGroup") or document.get("allRelatedGroup")
+        if isinstance(document, dict)
+        else None
+    )
     if not isinstance(group, dict):
         return malformed
     found: list[Coding] = []
