@@ -193,6 +193,28 @@ def test_magnesium_stearate_excipient_is_not_a_magnesium_order(tmp_path: Path) -
     assert load_knowledge().match_magnesium([], "Tablet with magnesium stearate") is None
 
 
+@pytest.mark.parametrize(
+    ("name", "strength"),
+    [
+        (
+            "Multivitamin: Ascorbic Acid 60 MG / Magnesium Sulfate 70 MG / Zinc Oxide 15 MG "
+            "Oral Tablet",
+            (70.0, "unit"),
+        ),
+        ("magnesium sulfate 500 MG/ML Injectable Solution", (500.0, "mL")),
+        ("Magnesium (as magnesium oxide) 250 mg", (None, None)),  # elemental: not the salt's
+        ("Mag-Ox 400", (None, None)),  # a brand's number is not always a strength
+    ],
+)
+def test_strength_comes_from_the_rxnorm_name(name: str, strength: tuple[Any, Any]) -> None:
+    from cds_service.context.model import Coding
+
+    coding = Coding(RXNORM, "999000222", name)  # a code no file holds: the name decides
+    match = load_knowledge().match_magnesium([coding])
+    assert match is not None
+    assert (match.strength_mg, match.strength_unit) == strength
+
+
 def test_strength_of_a_code_only_product_comes_from_the_generated_file() -> None:
     from cds_service.context.model import Coding
 

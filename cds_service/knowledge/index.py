@@ -51,6 +51,18 @@ def normalise_icd(code: str) -> str:
     return _NOT_ALNUM.sub("", code.upper())
 
 
+def _alternatives(phrases: Iterable[str]) -> str:
+    """A regex alternation of phrases, longest first, spaces and hyphens matching either."""
+    return "|".join(
+        r"[\s\-]+".join(re.escape(token) for token in re.split(r"[\s\-]+", phrase))
+        for phrase in sorted(set(phrases), key=lambda p: (-len(p), p))
+    )
+
+
+def _salt_names(salt: MagnesiumSalt) -> list[str]:
+    return [phrase for phrase in salt.synonyms if phrase.startswith("magnesium")]
+
+
 class _PhraseMatcher:
     """Finds whole-word, case-insensitive occurrences of known phrases in free text.
 
@@ -228,6 +240,18 @@ class Knowledge:
         self._local_hints = _PhraseMatcher(route_hints.get("local", ()))
         forms = {f.form for salt in salts for f in salt.fractions}
         self._forms = _PhraseMatcher(forms)
+        # "Magnesium Sulfate 70 MG" inside an RxNorm name (a multivitamin's SCD): the salt's
+        # strength per unit, or per mL for "MG/ML". Salt names only: a brand's number
+        # ("Mag-Ox 400") is not always a strength.
+        self._strength_patterns = {
+            salt.id: re.compile(
+                rf"(?<![a-z0-9])(?:{_alternatives(_salt_names(salt))})"
+                rf"(?:\s+(?:{_alternatives(forms)}))?"
+                r"\s+([0-9]+(?:\.[0-9]+)?)\s*(mg/ml|mg)(?![a-z0-9/])"
+            )
+            for salt in salts
+            if _salt_names(salt) and forms
+        }
 
     def _build_drug_index(
         self, drug_groups: tuple[DrugGroup, ...], terminology: Terminology
@@ -349,6 +373,8 @@ class Knowledge:
             code, (salt_id, strength, per, multi) = generated
             salt = self._salts[salt_id]
             route = self._route_from_text(words)
+            if strength is None:
+                strength, per = self._strength_in_name(salt_id, words)
             return MagnesiumMatch(
                 salt=salt.id,
                 salt_display=salt.display,
@@ -405,13 +431,14 @@ class Knowledge:
         salts = {h.salt for _, h in specific}
         route = self._route_from_text(words)
         salt = self._salts[hit.salt] if hit.salt else None
+        strength, per = self._strength_in_name(salt.id, words) if salt else (None, None)
         return MagnesiumMatch(
             salt=salt.id if salt else None,
             salt_display=salt.display if salt else "Magnesium (salt not stated)",
             product_code=None,
             route=route,
-            strength_mg=None,
-            strength_unit=None,
+            strength_mg=strength,
+            strength_unit=per,
             elemental_fraction=self._fraction(salt, route, form) if salt else None,
             matched_by="text",
             matched_value=phrase,
@@ -419,6 +446,15 @@ class Knowledge:
             or len(salts) > 1
             or any(h.combination for _, h in specific),
         )
+
+    def _strength_in_name(self, salt_id: str, words: str) -> tuple[float | None, str | None]:
+        """Strength of ``salt_id`` as the product's name states it, e.g. 'magnesium sulfate 70
+        mg' -> (70.0, 'unit'); (None, None) when the name states none."""
+        pattern = self._strength_patterns.get(salt_id)
+        found = pattern.search(words) if pattern is not None else None
+        if found is None:
+            return None, None
+        return float(found.group(1)), "mL" if found.group(2) == "mg/ml" else "unit"
 
     def magnesium_salt(self, salt_id: str) -> MagnesiumSalt:
         return _get(self._salts, salt_id, "magnesium salt")
