@@ -128,6 +128,11 @@ class Knowledge:
         terminology: Terminology | None = None,
     ) -> None:
         terminology = terminology or Terminology()
+        self._generated_counts = (
+            len(terminology.products),
+            len(terminology.brands),
+            len(terminology.snomed),
+        )
         self.version = version
         self.file_versions: dict[str, str] = dict(file_versions)
         self.unverified_facts = unverified
@@ -640,6 +645,12 @@ class Knowledge:
             f"Chelation interactions: {len(self._interactions)} ({_counts(status_counts)})",
         ]
         lines += ["", f"Thresholds ({len(self._thresholds)}): " + ", ".join(self._thresholds)]
+        products, brands, descendants = self._generated_counts
+        lines += [
+            "",
+            f"Generated terminology: {products} RxNorm products, {brands} brand names, "
+            f"{descendants} SNOMED CT descendants",
+        ]
         source_counts = Counter(s.status for s in self._sources.values())
         lines += ["", f"Sources: {len(self._sources)} ({_counts(source_counts)})"]
         lines += [
