@@ -77,11 +77,16 @@ class Settings:
             ("jwks_cache_seconds", 0),
             ("jwks_timeout_seconds", 0.001),
             ("jti_cache_max", 1),
+            ("rxnav_budget_ms", 1),
+            ("rxnav_cache_size", 1),
+            ("rxnav_cache_seconds", 0),
         ):
             if getattr(self, name) < minimum:
                 value = getattr(self, name)
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()}={value!r} must be >= {minimum}")
         _ = self.external_base_urls  # a malformed URL stops start-up, not the first call
+        if self.rxnav_url and urlsplit(self.rxnav_url).scheme not in {"http", "https"}:
+            raise SettingsError(f"{ENV_PREFIX}RXNAV_URL={self.rxnav_url!r} must be an http(s) URL")
 
     @property
     def external_base_urls(self) -> tuple[str, ...]:

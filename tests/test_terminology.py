@@ -24,7 +24,7 @@ from hook_calls import send_json
 from cds_service.app import create_app
 from cds_service.cli import main as cli_main
 from cds_service.knowledge import DATA_DIR, load_knowledge
-from cds_service.settings import Settings
+from cds_service.settings import Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = ROOT / "fixtures" / "requests"
@@ -445,6 +445,9 @@ def test_knowledge_expand_writes_a_directory_the_service_loads(tmp_path: Path) -
     assert written["generated"]["server"] == f"{base}/fhir"
     assert "731000124108" in written["generated"]["edition"]
     assert "20240301" in written["generated"]["edition_version"]
+    # The curated "related" members (not is-a) survive a refresh from a server.
+    related = {c["code"] for row in written["expansions"] for c in row["contains"]}
+    assert {"127013003", "698306007"} <= related
     body = request("mg-pyridostigmine.order-select.json")
     with_myasthenia_coded(body, SERVER_ONLY_DESCENDANT, "Myasthenia of a new kind")
     assert not myasthenia_cards(post(make_app(tmp_path), body))  # the bundled files lack it
@@ -454,6 +457,19 @@ def test_knowledge_expand_writes_a_directory_the_service_loads(tmp_path: Path) -
 
 def myasthenia_cards(body: dict[str, Any]) -> list[str]:
     return [summary for _, summary in cards(body) if "myasthenia" in summary.lower()]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"rxnav_url": "ftp://rxnav.example.org/REST"},
+        {"rxnav_budget_ms": 0},
+        {"rxnav_cache_size": 0},
+    ],
+)
+def test_rxnav_settings_that_cannot_work_stop_start_up(settings: dict[str, Any]) -> None:
+    with pytest.raises(SettingsError, match="RXNAV"):
+        Settings(**settings)
 
 
 def test_knowledge_expand_refuses_a_server_error(

@@ -48,6 +48,7 @@ def expand_knowledge(server: str, output: Path, source: Path | None = None) -> P
         for group in conditions["groups"]
         for entry in group.get("snomed", [])
     }
+    related = _related_rows(source)
     session = requests.Session()
     editions: set[str] = set()
     expansions = []
@@ -55,12 +56,16 @@ def expand_knowledge(server: str, output: Path, source: Path | None = None) -> P
         contains, edition = _expand(session, server.rstrip("/"), concept)
         if edition:
             editions.add(edition)
+        rows = [c for c in contains if c["code"] != concept]
+        # Curated "related" members (not is-a, kept on purpose) survive a refresh.
+        known = {c["code"] for c in rows}
+        rows += [r for r in related.get(concept, []) if r["code"] not in known]
         expansions.append(
             {
                 "concept": concept,
                 "display": concepts[concept],
                 "total": len(contains),
-                "contains": [c for c in contains if c["code"] != concept],
+                "contains": rows,
             }
         )
     today = date.today()
@@ -89,6 +94,18 @@ def expand_knowledge(server: str, output: Path, source: Path | None = None) -> P
     except KnowledgeError as exc:
         raise ExpandError(f"the written knowledge does not load: {exc}") from exc
     return target
+
+
+def _related_rows(source: Path) -> dict[str, list[dict[str, Any]]]:
+    """The 'related' members of the source release's expansions, by concept."""
+    path = source / TERMINOLOGY_DIR / SNOMED_FILE
+    if not path.exists():
+        return {}
+    document = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        row["concept"]: [c for c in row["contains"] if c.get("relation") == "related"]
+        for row in document.get("expansions", [])
+    }
 
 
 def _copy_release(source: Path, output: Path, manifest: dict[str, Any]) -> None:
