@@ -173,11 +173,20 @@ def build_rxnorm(extract: Json, medications: Json) -> Json:
         multi = len(drugs) + len(salts) + len(others) > 1
         for rxcui in record["rxcui"]:
             entry = products.setdefault(
-                rxcui, {"ingredients": set(), "salts": set(), "multi": False, "sources": set()}
+                rxcui,
+                {
+                    "ingredients": set(),
+                    "salts": set(),
+                    "multi": False,
+                    "routes": set(),
+                    "sources": set(),
+                },
             )
             entry["ingredients"].update(drugs)
             entry["salts"].update(salts)
             entry["multi"] |= multi
+            if record.get("route"):
+                entry["routes"].add(record["route"])
             entry["sources"].add(record["url"])
             if len(record["rxcui"]) == 1:
                 for salt, text in salts.items():
@@ -215,6 +224,8 @@ def build_rxnorm(extract: Json, medications: Json) -> Json:
                 "ingredients": sorted(entry["ingredients"]),
                 "magnesium": magnesium,
                 "multi_ingredient": entry["multi"],
+                # Only when every record that states a route agrees.
+                "route": next(iter(entry["routes"])) if len(entry["routes"]) == 1 else None,
                 "sources": sorted(entry["sources"]),
             }
         )

@@ -232,6 +232,25 @@ def test_code_only_chelating_products(code: str, group: str) -> None:
     assert load_knowledge().drug_groups([Coding(RXNORM, code)]) == (frozenset({group}), "rxnorm")
 
 
+@pytest.mark.parametrize(
+    ("code", "warned"),
+    [
+        ("1652673", True),  # doxycycline 100 MG Oral Tablet: chelated by oral magnesium
+        ("310027", False),  # doxycycline injection (a vial): not absorbed from the gut
+    ],
+)
+def test_a_code_only_product_carries_its_route(tmp_path: Path, code: str, warned: bool) -> None:
+    body = request("no-relevant.order-select.json")  # magnesium oxide drafted
+    on_file = body["prefetch"]["medicationRequests"]["entry"][0]["resource"]
+    on_file["medicationCodeableConcept"] = {"coding": [{"system": RXNORM, "code": code}]}
+    on_file["dosageInstruction"] = [{"text": "as directed"}]  # the code alone tells the route
+    rules = {
+        c["extension"]["org.magnesium-cds"]["ruleId"]
+        for c in post(make_app(tmp_path), body)["cards"]
+    }
+    assert ("chelation-interaction" in rules) is warned, rules
+
+
 def test_generator_reproduces_the_committed_files() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "build_terminology.py"), "--check"],

@@ -204,6 +204,10 @@ class Knowledge:
         self._mg_products: dict[str, MagnesiumProduct] = {}
         # Generated product codes (curated products win): code -> (salt, mg, per, combination)
         self._mg_generated: dict[str, tuple[str, float | None, str | None, bool]] = {}
+        # The route a product code's sources agree on (curated magnesium products included).
+        self._product_route: dict[str, str] = {
+            made.rxcui: made.route for made in terminology.products if made.route
+        }
         self._mg_ingredients: dict[str, str] = {}
         self._mg_atc: dict[str, tuple[str, str | None]] = {}  # code -> (salt, route)
         phrases: dict[str, _SaltHit] = {}
@@ -377,7 +381,7 @@ class Knowledge:
         if generated is not None:
             code, (salt_id, strength, per, multi) = generated
             salt = self._salts[salt_id]
-            route = self._route_from_text(words)
+            route = self._product_route.get(code) or self._route_from_text(words)
             if strength is None:
                 strength, per = self._strength_in_name(salt_id, words)
             return MagnesiumMatch(
@@ -494,6 +498,16 @@ class Knowledge:
             route = self._route_of_code.get(coding.code.strip().upper())
             if route is not None:
                 return route
+        return None
+
+    def product_route(self, codings: Iterable[Coding]) -> str | None:
+        """The route of an RxNorm product code when its sources state one (an injection's
+        vial, a tablet), None otherwise: what a code-only order cannot say itself."""
+        for coding in codings:
+            if normalise_system(coding.system) == RXNORM:
+                route = self._product_route.get(coding.code.strip())
+                if route is not None:
+                    return route
         return None
 
     def route_from_text(self, text: str) -> str | None:

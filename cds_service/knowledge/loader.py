@@ -454,6 +454,7 @@ def _terminology(generated: dict[str, Json]) -> Terminology:
                 for m in p["magnesium"]
             ),
             multi_ingredient=p["multi_ingredient"],
+            route=p.get("route"),
         )
         for p in rxnorm.get("products", [])
     )

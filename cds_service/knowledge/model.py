@@ -369,6 +369,7 @@ class GeneratedProduct:
     ingredients: tuple[str, ...]  # ingredient names of the drug groups
     magnesium: tuple[tuple[str, float | None, str | None], ...]
     multi_ingredient: bool
+    route: str | None = None  # "oral" | "parenteral" | "topical" when the sources agree
 
 
 @dataclass(frozen=True)
