@@ -10,7 +10,7 @@ from flask.json.provider import DefaultJSONProvider
 from flask.typing import ResponseReturnValue
 
 from cds_service.context.builder import ClientFactory, default_client_factory
-from cds_service.context.rxnav import RxNavClient
+from cds_service.context.rxnav import client_from_settings
 from cds_service.knowledge import Knowledge, default_knowledge, load_knowledge
 from cds_service.logging_setup import configure_logging, install_request_logging
 from cds_service.pipeline import HookPipeline
@@ -57,13 +57,7 @@ def create_app(
     app.extensions["cds_settings"] = settings
     app.extensions["cds_knowledge"] = knowledge
     pipeline = HookPipeline(knowledge, client_factory or default_client_factory(settings))
-    if settings.rxnav_url:
-        pipeline.rxnav = RxNavClient(
-            settings.rxnav_url,
-            budget_seconds=settings.rxnav_budget_ms / 1000,
-            cache_size=settings.rxnav_cache_size,
-            ttl_seconds=settings.rxnav_cache_seconds,
-        )
+    pipeline.rxnav = client_from_settings(settings)
     app.extensions[PIPELINE_EXTENSION] = pipeline
     # Migrates the schema here, once, before gunicorn forks its workers (preload_app).
     store = store or FeedbackStore.open(settings.database_url)

@@ -153,6 +153,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from cds_service.context.builder import default_client_factory
     from cds_service.context.model import DataUnavailable
+    from cds_service.context.rxnav import client_from_settings
     from cds_service.knowledge import default_knowledge, load_knowledge
     from cds_service.pipeline import HookPipeline
     from cds_service.protocol.errors import ApiError
@@ -191,6 +192,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
     )
     pipeline = HookPipeline(knowledge, default_client_factory(settings))
+    pipeline.rxnav = client_from_settings(settings)
     try:
         result = pipeline.run(service, HookRequest.from_json(body))
     except DataUnavailable as exc:

@@ -24,6 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from cds_service.context.model import Coding, DataIssue
 from cds_service.knowledge.model import RXNORM, normalise_system
+from cds_service.settings import Settings
 
 _INGREDIENT_TYPES = ("IN", "PIN", "MIN")
 _MAX_BODY_BYTES = 1_000_000
@@ -118,6 +119,18 @@ class RxNavClient:
         if len(body) > _MAX_BODY_BYTES:
             return (), "the RxNorm look-up answered more than it should"
         return _parse_related(body)
+
+
+def client_from_settings(settings: Settings) -> RxNavClient | None:
+    """The process's RxNav client when ``CDS_RXNAV_URL`` is set, else None (never asked)."""
+    if not settings.rxnav_url:
+        return None
+    return RxNavClient(
+        settings.rxnav_url,
+        budget_seconds=settings.rxnav_budget_ms / 1000,
+        cache_size=settings.rxnav_cache_size,
+        ttl_seconds=settings.rxnav_cache_seconds,
+    )
 
 
 def _parse_related(body: bytes) -> Answer:
