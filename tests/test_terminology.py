@@ -350,7 +350,7 @@ def test_rxnav_names_the_ingredients_of_an_unknown_code(tmp_path: Path) -> None:
 def test_rxnav_failures_are_data_issues_within_the_budget(tmp_path: Path, failure: str) -> None:
     def answer(handler: BaseHTTPRequestHandler) -> None:
         if failure == "slow":
-            time.sleep(1.0)
+            time.sleep(2.0)
             send_json(handler, rxnav_related(UNKNOWN_CIPRO_PRODUCT, [("2551", "cipro", "IN")]))
         elif failure == "malformed":
             send_json(handler, {"relatedGroup": {"conceptGroup": "not a list"}})
@@ -367,7 +367,7 @@ def test_rxnav_failures_are_data_issues_within_the_budget(tmp_path: Path, failur
         elapsed = time.perf_counter() - started
     assert cards(body) == []
     assert any(UNKNOWN_CIPRO_PRODUCT in problem for problem in issues(body)), issues(body)
-    assert elapsed < 0.6, elapsed  # the 150 ms budget, not the server's second
+    assert elapsed < 1.0, elapsed  # the 150 ms budget, not the server's two seconds
 
 
 def test_a_slow_rxnav_answer_serves_the_next_call(tmp_path: Path) -> None:
