@@ -388,6 +388,36 @@ def test_a_slow_rxnav_answer_serves_the_next_call(tmp_path: Path) -> None:
     assert not any(UNKNOWN_CIPRO_PRODUCT in p for p in issues(second))
 
 
+def test_rxnav_cache_is_bounded_and_expires() -> None:
+    from cds_service.context.rxnav import RxNavClient
+
+    asked: list[str] = []
+
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        rxcui = urlsplit(handler.path).path.split("/")[-2]
+        asked.append(rxcui)
+        send_json(handler, rxnav_related(rxcui, [("2551", "ciprofloxacin", "IN")]))
+
+    now = [1000.0]
+    with local_server(answer) as base:
+        client = RxNavClient(
+            f"{base}/REST", budget_seconds=2.0, cache_size=1, ttl_seconds=60, clock=lambda: now[0]
+        )
+
+        def ask(rxcui: str) -> None:
+            found, problem = client.ingredients(rxcui, client.deadline())
+            assert [c.code for c in found] == ["2551"] and problem == ""
+            time.sleep(0.05)  # the answer is cached by the request's own thread
+
+        ask("111")
+        ask("111")  # cached
+        ask("222")  # the cache holds one answer: 111 goes
+        ask("111")
+        now[0] += 61  # past the TTL
+        ask("111")
+    assert asked == ["111", "222", "111", "111"]
+
+
 def test_rxnav_unreachable_is_a_data_issue(tmp_path: Path) -> None:
     with local_server(lambda handler: None) as base:
         pass  # closed again: nothing listens there now
