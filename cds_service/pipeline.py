@@ -100,3 +100,4 @@ class HookPipeline:
             for card, finding in zip(cards, findings, strict=True)
         ]
         return PipelineResult(response, issued, timings)
+
