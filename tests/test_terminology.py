@@ -149,6 +149,7 @@ def ciprofloxacin_for_myasthenia(coding: dict[str, str] | None, text: str) -> di
     [
         ({"system": RXNORM, "code": "309309"}, ""),  # ciprofloxacin 500 MG Oral Tablet, code only
         ({"system": RXNORM, "code": "205770"}, ""),  # the Cipro branded drug, code only
+        ({"system": RXNORM, "code": "1665212"}, ""),  # ciprofloxacin IV bag, code only
         (None, "CIPRO 250 MG TABS"),
         (None, "ciprofloxacin (CIPRO) 500 MG tablet"),
     ],
