@@ -291,6 +291,14 @@ def build_snomed(extract: Json, conditions: Json) -> Json:
                 item["reason"] = row["reason"]
             item["source"] = extract["sources"][row["source"]]
             by_concept[row["ancestor"]].append(item)
+    excludes: dict[str, list[Json]] = defaultdict(list)
+    for row in extract.get("exclusions", []):
+        if row["ancestor"] not in named:
+            raise SystemExit(f"{_rel(SNOMED_EXTRACT)}: {row['ancestor']} names no group")
+        excludes[row["ancestor"]].append(
+            {"code": row["code"], "display": row["display"], "reason": row["reason"]}
+        )
+        by_concept.setdefault(row["ancestor"], [])
     return {
         "version": _version(extract["retrieved"]),
         "description": (
@@ -308,7 +316,12 @@ def build_snomed(extract: Json, conditions: Json) -> Json:
             "date": extract["retrieved"],
         },
         "expansions": [
-            {"concept": concept, "display": named[concept], "contains": rows}
+            {
+                "concept": concept,
+                "display": named[concept],
+                "contains": rows,
+                **({"excludes": excludes[concept]} if concept in excludes else {}),
+            }
             for concept, rows in sorted(by_concept.items(), key=lambda kv: int(kv[0]))
         ],
     }

@@ -23,6 +23,7 @@ from hook_calls import send_json
 
 from cds_service.app import create_app
 from cds_service.cli import main as cli_main
+from cds_service.context.model import Coding
 from cds_service.knowledge import DATA_DIR, load_knowledge
 from cds_service.settings import Settings, SettingsError
 
@@ -130,8 +131,6 @@ def test_iv_magnesium_for_generalized_myasthenia_is_critical(tmp_path: Path) -> 
     ],
 )
 def test_descendants_join_their_ancestors_group(code: str, group: str) -> None:
-    from cds_service.context.model import Coding
-
     assert group in load_knowledge().condition_groups([Coding(SNOMED, code)])
 
 
@@ -180,8 +179,6 @@ def test_code_only_product_is_silent_without_the_generated_files(tmp_path: Path)
 def test_magnesium_brands_and_combinations_are_recognised(
     coding: dict[str, str] | None, text: str, salt: str, multi: bool
 ) -> None:
-    from cds_service.context.model import Coding
-
     codings = [Coding(coding["system"], coding["code"])] if coding else []
     match = load_knowledge().match_magnesium(codings, text)
     assert match is not None and match.salt == salt and match.multi_ingredient is multi
@@ -208,8 +205,6 @@ def test_magnesium_stearate_excipient_is_not_a_magnesium_order(tmp_path: Path) -
     ],
 )
 def test_strength_comes_from_the_rxnorm_name(name: str, strength: tuple[Any, Any]) -> None:
-    from cds_service.context.model import Coding
-
     coding = Coding(RXNORM, "999000222", name)  # a code no file holds: the name decides
     match = load_knowledge().match_magnesium([coding])
     assert match is not None
@@ -217,8 +212,6 @@ def test_strength_comes_from_the_rxnorm_name(name: str, strength: tuple[Any, Any
 
 
 def test_strength_of_a_code_only_product_comes_from_the_generated_file() -> None:
-    from cds_service.context.model import Coding
-
     match = load_knowledge().match_magnesium([Coding(RXNORM, "253017")])
     assert match is not None
     assert (match.strength_mg, match.strength_unit) == (80.0, "mL")  # 400 mg per 5 mL
@@ -228,8 +221,6 @@ def test_strength_of_a_code_only_product_comes_from_the_generated_file() -> None
     ("code", "group"), [("966222", "thyroid-hormone"), ("1652673", "tetracycline")]
 )
 def test_code_only_chelating_products(code: str, group: str) -> None:
-    from cds_service.context.model import Coding
-
     assert load_knowledge().drug_groups([Coding(RXNORM, code)]) == (frozenset({group}), "rxnorm")
 
 
@@ -443,7 +434,17 @@ def terminology_server(page_size: int = 2) -> Callable[[BaseHTTPRequestHandler],
             ("230686005", "Generalized myasthenia"),
             ("193207007", "Juvenile or adult myasthenia gravis"),
             (SERVER_ONLY_DESCENDANT, "Myasthenia gravis of a kind only this server knows"),
-        ]
+        ],
+        "709044004": [
+            ("709044004", "Chronic kidney disease"),
+            ("771000119108", "Chronic kidney disease due to type 2 diabetes mellitus"),
+            ("431855005", "Chronic kidney disease stage 1"),
+            ("751000119104", "Chronic kidney disease stage 1 due to type 2 diabetes mellitus"),
+        ],
+        "431855005": [
+            ("431855005", "Chronic kidney disease stage 1"),
+            ("751000119104", "Chronic kidney disease stage 1 due to type 2 diabetes mellitus"),
+        ],
     }
 
     def answer(handler: BaseHTTPRequestHandler) -> None:
@@ -495,9 +496,14 @@ def test_knowledge_expand_writes_a_directory_the_service_loads(tmp_path: Path) -
     assert written["generated"]["server"] == f"{base}/fhir"
     assert "731000124108" in written["generated"]["edition"]
     assert "20240301" in written["generated"]["edition_version"]
-    # The curated "related" members (not is-a) survive a refresh from a server.
-    related = {c["code"] for row in written["expansions"] for c in row["contains"]}
-    assert {"127013003", "698306007"} <= related
+    # The curated "related" members (not is-a) survive a refresh from a server, and so does an
+    # exclusion: CKD stage 1 and what lies under it stay out of "CKD, stage not coded".
+    members = {c["code"] for row in written["expansions"] for c in row["contains"]}
+    assert {"127013003", "698306007", "771000119108"} <= members
+    assert not {"431855005", "751000119104"} & members
+    knowledge = load_knowledge(output)
+    assert knowledge.condition_groups([Coding(SNOMED, "771000119108")]) == {"ckd-unspecified"}
+    assert not knowledge.condition_groups([Coding(SNOMED, "751000119104")])
     body = request("mg-pyridostigmine.order-select.json")
     with_myasthenia_coded(body, SERVER_ONLY_DESCENDANT, "Myasthenia of a new kind")
     assert not myasthenia_cards(post(make_app(tmp_path), body))  # the bundled files lack it

@@ -48,7 +48,7 @@ def expand_knowledge(server: str, output: Path, source: Path | None = None) -> P
         for group in conditions["groups"]
         for entry in group.get("snomed", [])
     }
-    related = _related_rows(source)
+    related, excludes = _curated_rows(source)
     session = requests.Session()
     editions: set[str] = set()
     expansions = []
@@ -56,18 +56,24 @@ def expand_knowledge(server: str, output: Path, source: Path | None = None) -> P
         contains, edition = _expand(session, server.rstrip("/"), concept)
         if edition:
             editions.add(edition)
-        rows = [c for c in contains if c["code"] != concept]
+        # An excluded sub-hierarchy (CKD stage 1-2 under CKD) stays out, descendants included.
+        excluded: set[str] = set()
+        for row in excludes.get(concept, []):
+            subtree, _ = _expand(session, server.rstrip("/"), row["code"])
+            excluded |= {row["code"], *(c["code"] for c in subtree)}
+        rows = [c for c in contains if c["code"] != concept and c["code"] not in excluded]
         # Curated "related" members (not is-a, kept on purpose) survive a refresh.
         known = {c["code"] for c in rows}
         rows += [r for r in related.get(concept, []) if r["code"] not in known]
-        expansions.append(
-            {
-                "concept": concept,
-                "display": concepts[concept],
-                "total": len(contains),
-                "contains": rows,
-            }
-        )
+        expansion: dict[str, Any] = {
+            "concept": concept,
+            "display": concepts[concept],
+            "total": len(contains),
+            "contains": rows,
+        }
+        if concept in excludes:
+            expansion["excludes"] = excludes[concept]
+        expansions.append(expansion)
     today = date.today()
     document = {
         "version": f"{today.year}.{today.month}.{today.day}",
@@ -96,16 +102,23 @@ def expand_knowledge(server: str, output: Path, source: Path | None = None) -> P
     return target
 
 
-def _related_rows(source: Path) -> dict[str, list[dict[str, Any]]]:
-    """The 'related' members of the source release's expansions, by concept."""
+Rows = dict[str, list[dict[str, Any]]]
+
+
+def _curated_rows(source: Path) -> tuple[Rows, Rows]:
+    """The source release's curated decisions, by concept: 'related' members (not is-a, kept
+    on purpose) and exclusions (a sub-hierarchy kept out on purpose)."""
     path = source / TERMINOLOGY_DIR / SNOMED_FILE
     if not path.exists():
-        return {}
+        return {}, {}
     document = json.loads(path.read_text(encoding="utf-8"))
-    return {
+    rows = document.get("expansions", [])
+    related = {
         row["concept"]: [c for c in row["contains"] if c.get("relation") == "related"]
-        for row in document.get("expansions", [])
+        for row in rows
     }
+    excludes = {row["concept"]: row["excludes"] for row in rows if row.get("excludes")}
+    return related, excludes
 
 
 def _copy_release(source: Path, output: Path, manifest: dict[str, Any]) -> None:

@@ -469,6 +469,7 @@ def _terminology(generated: dict[str, Json]) -> Terminology:
         for row in generated.get(SNOMED_FILE, {}).get("expansions", [])
         for item in row["contains"]
         if item["code"] != row["concept"]
+        and item["code"] not in {x["code"] for x in row.get("excludes", [])}
     )
     return Terminology(products, brands, snomed)
 
