@@ -283,9 +283,9 @@ def local_server(handle: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[s
 
 
 def rxnav_related(rxcui: str, ingredients: list[tuple[str, str, str]]) -> dict[str, Any]:
-    """RxNav's documented answer to /REST/rxcui/{rxcui}/related.json?tty=IN+PIN+MIN."""
+    """RxNav's documented answer to /REST/rxcui/{rxcui}/related.json?tty=IN+PIN."""
     groups = []
-    for tty in ("IN", "PIN", "MIN"):
+    for tty in ("IN", "PIN"):
         props = [
             {
                 "rxcui": code,
@@ -300,9 +300,7 @@ def rxnav_related(rxcui: str, ingredients: list[tuple[str, str, str]]) -> dict[s
             if t == tty
         ]
         groups.append({"tty": tty, **({"conceptProperties": props} if props else {})})
-    return {
-        "relatedGroup": {"rxcui": rxcui, "termType": ["IN", "PIN", "MIN"], "conceptGroup": groups}
-    }
+    return {"relatedGroup": {"rxcui": rxcui, "termType": ["IN", "PIN"], "conceptGroup": groups}}
 
 
 UNKNOWN_CIPRO_PRODUCT = "999000111"  # in no knowledge file: only RxNav knows it
@@ -316,7 +314,7 @@ def test_rxnav_names_the_ingredients_of_an_unknown_code(tmp_path: Path) -> None:
         rxcui = url.path.split("/")[-2]
         asked.append(rxcui)
         assert url.path == f"/REST/rxcui/{rxcui}/related.json"
-        assert parse_qs(url.query)["tty"] == ["IN PIN MIN"]
+        assert parse_qs(url.query)["tty"] == ["IN PIN"]
         if rxcui != UNKNOWN_CIPRO_PRODUCT:  # the chart's other drugs: nothing we know
             send_json(handler, rxnav_related(rxcui, []))
             return
@@ -336,6 +334,36 @@ def test_rxnav_names_the_ingredients_of_an_unknown_code(tmp_path: Path) -> None:
     assert any("ciprofloxacin" in s.lower() for _, s in cards(first)), cards(first)
     assert cards(second) == cards(first)
     assert asked.count(UNKNOWN_CIPRO_PRODUCT) == 1  # the second call was answered from the cache
+
+
+def test_rxnav_is_not_asked_for_the_combinations_an_ingredient_is_in(tmp_path: Path) -> None:
+    calcium_carbonate = "1897"  # an ingredient no knowledge file holds
+
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        url = urlsplit(handler.path)
+        rxcui = url.path.split("/")[-2]
+        types = parse_qs(url.query)["tty"][0].split()
+        body = rxnav_related(rxcui, [])
+        if rxcui == calcium_carbonate and "MIN" in types:  # what RxNav answers for an IN
+            body["relatedGroup"]["conceptGroup"].append(
+                {
+                    "tty": "MIN",
+                    "conceptProperties": [
+                        {
+                            "rxcui": "214229",
+                            "name": "calcium carbonate / magnesium hydroxide",
+                            "tty": "MIN",
+                        }
+                    ],
+                }
+            )
+        send_json(handler, body)
+
+    body = request("mg-pyridostigmine.order-select.json")
+    with_draft_drug(body, {"system": RXNORM, "code": calcium_carbonate}, "")
+    with local_server(answer) as base:
+        result = post(make_app(tmp_path, rxnav_url=f"{base}/REST"), body)
+    assert cards(result) == []  # calcium carbonate is not a magnesium order
 
 
 @pytest.mark.parametrize("failure", ["slow", "malformed", "error"])

@@ -1,7 +1,7 @@
 """Optional live RxNorm look-up: the ingredients of an RxCUI the knowledge files do not hold.
 
 Asks an RxNav-compatible REST API (NLM's RxNav, or RxNav-in-a-Box on site) for
-``{base}/rxcui/{rxcui}/related.json?tty=IN+PIN+MIN`` and reads RxNav's documented shape,
+``{base}/rxcui/{rxcui}/related.json?tty=IN+PIN`` and reads RxNav's documented shape,
 ``relatedGroup.conceptGroup[].conceptProperties[].{rxcui,name,tty}``. One hook call waits at
 most ``budget_seconds`` for all its look-ups together (the request runs in a worker thread, so
 a slow server cannot hold the call); answers are cached per process, bounded, with a TTL. A
@@ -26,7 +26,10 @@ from cds_service.context.model import Coding, DataIssue
 from cds_service.knowledge.model import RXNORM, normalise_system
 from cds_service.settings import Settings
 
-_INGREDIENT_TYPES = ("IN", "PIN", "MIN")
+# IN and PIN: a product's, brand's or precise ingredient's own ingredients. Not MIN: asked of an
+# ingredient, MIN names the combinations that contain it (calcium carbonate would come back with
+# "calcium carbonate / magnesium hydroxide" and read as magnesium).
+_INGREDIENT_TYPES = ("IN", "PIN")
 _MAX_BODY_BYTES = 1_000_000
 _MAX_CODES_PER_MEDICATION = 3
 # A failed look-up is retried after this long at most, not at every call.
@@ -66,7 +69,7 @@ class RxNavClient:
         return self._clock() + self.budget_seconds
 
     def ingredients(self, rxcui: str, deadline: float) -> Answer:
-        """Ingredient codings (IN, PIN, MIN) of ``rxcui``, or () with the reason."""
+        """Ingredient codings (IN, PIN) of ``rxcui``, or () with the reason."""
         now = self._clock()
         with self._lock:
             cached = self._cache.get(rxcui)
