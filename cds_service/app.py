@@ -10,6 +10,7 @@ from flask.json.provider import DefaultJSONProvider
 from flask.typing import ResponseReturnValue
 
 from cds_service.context.builder import ClientFactory, default_client_factory
+from cds_service.context.rxnav import client_from_settings
 from cds_service.fhir_models import preload_models
 from cds_service.knowledge import Knowledge, default_knowledge, load_knowledge
 from cds_service.logging_setup import configure_logging, install_request_logging
@@ -60,9 +61,11 @@ def create_app(
         app.json.sort_keys = False  # keep the spec's field order readable
     app.extensions["cds_settings"] = settings
     app.extensions["cds_knowledge"] = knowledge
-    app.extensions[PIPELINE_EXTENSION] = HookPipeline(
+    pipeline = HookPipeline(
         knowledge, client_factory or default_client_factory(settings, issuer_fhir_servers(settings))
     )
+    pipeline.rxnav = client_from_settings(settings)
+    app.extensions[PIPELINE_EXTENSION] = pipeline
     # Migrates the schema here, once, before gunicorn forks its workers (preload_app).
     store = store or FeedbackStore.open(settings.database_url)
     app.extensions[STORE_EXTENSION] = store

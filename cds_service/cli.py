@@ -73,6 +73,20 @@ def _parser() -> argparse.ArgumentParser:
         "knowledge", help="list the loaded rules, value sets and versions"
     )
     knowledge.set_defaults(handler=_knowledge)
+    knowledge_commands = knowledge.add_subparsers(dest="knowledge_command")
+    expand = knowledge_commands.add_parser(
+        "expand",
+        help="refresh the SNOMED CT descendants of the condition groups from a FHIR "
+        "terminology server (ValueSet/$expand) into a knowledge directory",
+    )
+    expand.add_argument("--terminology-server", required=True, help="FHIR terminology base URL")
+    expand.add_argument(
+        "--output",
+        type=Path,
+        default=Path("knowledge"),
+        help="knowledge directory to write (default ./knowledge); load it with CDS_KNOWLEDGE_DIR",
+    )
+    expand.set_defaults(handler=_knowledge_expand)
 
     report = commands.add_parser(
         "report", help="feedback report: cards shown, accepted and overridden, per rule and service"
@@ -157,6 +171,7 @@ def _allow_origin(allowlist: str, url: str) -> str:
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from cds_service.context.builder import default_client_factory
     from cds_service.context.model import DataUnavailable
+    from cds_service.context.rxnav import client_from_settings
     from cds_service.knowledge import default_knowledge, load_knowledge
     from cds_service.pipeline import HookPipeline
     from cds_service.protocol.errors import ApiError
@@ -200,6 +215,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
             fhir_server_allowlist=_allow_origin(settings.fhir_server_allowlist, args.fhir_server)
         )
     pipeline = HookPipeline(knowledge, default_client_factory(settings))
+    pipeline.rxnav = client_from_settings(settings)
     try:
         result = pipeline.run(service, HookRequest.from_json(body), configured_base_url(settings))
     except DataUnavailable as exc:
@@ -239,6 +255,19 @@ def _knowledge(args: argparse.Namespace, settings: Settings) -> int:
         load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
     )
     print(knowledge.describe())
+    return 0
+
+
+def _knowledge_expand(args: argparse.Namespace, settings: Settings) -> int:
+    from cds_service.knowledge.expand import ExpandError, expand_knowledge
+
+    source = settings.knowledge_path
+    try:
+        written = expand_knowledge(args.terminology_server, args.output, source)
+    except ExpandError as exc:
+        print(f"knowledge expand: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {written}; load it with CDS_KNOWLEDGE_DIR={args.output}")
     return 0
 
 

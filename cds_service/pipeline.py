@@ -14,6 +14,7 @@ from typing import Any
 
 from cds_service.cards.builder import EXTENSION_KEY, build_cards, update_conformance_issues
 from cds_service.context.builder import ClientFactory, build_patient_context
+from cds_service.context.rxnav import RxNavClient
 from cds_service.knowledge import Knowledge
 from cds_service.protocol.hook_request import HookRequest
 from cds_service.protocol.services import ServiceDefinition, prefetch_keys_for
@@ -53,6 +54,8 @@ class HookPipeline:
         self.relevance = KnowledgeRelevance(knowledge)
         # "Today" for the rules (lab recency, age); tests pin it to the fixtures' date.
         self.clock: Callable[[], date] = date.today
+        # Live RxNorm look-up for codes the knowledge files do not hold (CDS_RXNAV_URL).
+        self.rxnav: RxNavClient | None = None
 
     def run(
         self, service: ServiceDefinition, request: HookRequest, base_url: str = ""
@@ -67,6 +70,7 @@ class HookPipeline:
             service.draft_orders_context_key,
             self.relevance,
             keys=self.prefetch_keys,
+            rxnav=self.rxnav,
         )
         after_context = time.perf_counter()
         findings = engine.evaluate(context, self.knowledge, service.hook, self.clock())

@@ -69,6 +69,12 @@ class Settings:
     fhir_server_allowlist: str = ""
     # Every hook call ends within this many seconds whatever the FHIR server does.
     call_deadline_seconds: float = 5.0
+    # Optional RxNav-compatible REST base (e.g. https://rxnav.nlm.nih.gov/REST) asked for the
+    # ingredients of RxNorm codes the knowledge files do not hold; empty = never asked.
+    rxnav_url: str = ""
+    rxnav_budget_ms: int = 150
+    rxnav_cache_size: int = 10_000
+    rxnav_cache_seconds: int = 86_400
 
     def __post_init__(self) -> None:
         # Reject values that would silently weaken or break authentication.
@@ -79,6 +85,9 @@ class Settings:
             ("jwks_cache_seconds", 0),
             ("jwks_timeout_seconds", 0.001),
             ("jti_cache_max", 1),
+            ("rxnav_budget_ms", 1),
+            ("rxnav_cache_size", 1),
+            ("rxnav_cache_seconds", 0),
         ):
             if getattr(self, name) < minimum:
                 value = getattr(self, name)
@@ -90,6 +99,8 @@ class Settings:
                 f"{ENV_PREFIX}CALL_DEADLINE_SECONDS={self.call_deadline_seconds!r} must be "
                 "> 0 and <= 300"
             )
+        if self.rxnav_url and urlsplit(self.rxnav_url).scheme not in {"http", "https"}:
+            raise SettingsError(f"{ENV_PREFIX}RXNAV_URL={self.rxnav_url!r} must be an http(s) URL")
 
     @property
     def external_base_urls(self) -> tuple[str, ...]:
@@ -223,6 +234,12 @@ SETTINGS_DOC: dict[str, str] = {
     "`fhirServers` add to it for its calls. Empty: none (`demo` allows its fixture server).",
     "call_deadline_seconds": "Every hook call ends within this many seconds whatever the FHIR "
     "server does; what could not be fetched by then is reported (412 or data issues).",
+    "rxnav_url": "RxNav-compatible REST base URL (e.g. `https://rxnav.nlm.nih.gov/REST`) asked "
+    "for the ingredients of RxNorm codes the knowledge files do not hold; empty = never asked.",
+    "rxnav_budget_ms": "Most time (ms) one hook call waits for RxNav; past it the code is "
+    "reported as a data issue.",
+    "rxnav_cache_size": "Most RxNav answers cached per process.",
+    "rxnav_cache_seconds": "How long (s) an RxNav answer is cached (failures: at most 60 s).",
 }
 
 

@@ -83,8 +83,9 @@ ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 SNOMED_PARENTS = {
     "95417003": "203082005",  # primary fibromyalgia syndrome is-a fibromyalgia
     "83664006": "40930008",  # idiopathic atrophic hypothyroidism is-a hypothyroidism
-    "431855005": "709044004",  # chronic kidney disease stage 1 is-a chronic kidney disease
-    "431856006": "709044004",  # chronic kidney disease stage 2 is-a chronic kidney disease
+    # CKD stages 1 and 2 are is-a chronic kidney disease too, but the knowledge keeps them out
+    # of its kidney groups on purpose (normal or mildly reduced function: the eGFR decides;
+    # scripts/terminology-inputs/snomed-isa-extract.json, "exclusions").
 }
 
 
@@ -122,6 +123,8 @@ def _group_codes(
         if group and isinstance(data.get("code"), str):
             found.setdefault(group, set()).add(data["code"])
         for key, value in data.items():
+            if key in ("excludes", "exclusions"):  # kept out of the group on purpose
+                continue
             _group_codes(value, known, found, key if key in known else group)
     elif isinstance(data, list):
         for item in data:

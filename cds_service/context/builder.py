@@ -22,6 +22,7 @@ from cds_service.context.gather import FhirFallback, Gathered, HookRequest, gath
 from cds_service.context.model import DataUnavailable, PatientContext
 from cds_service.context.normalise import Facts, Relevance, normalise
 from cds_service.context.prefetch import PrefetchKey
+from cds_service.context.rxnav import RxNavClient
 
 __all__ = [
     "ClientFactory",
@@ -39,6 +40,7 @@ def build_patient_context(
     relevant: Relevance | None = None,
     *,
     keys: tuple[PrefetchKey, ...],
+    rxnav: RxNavClient | None = None,
 ) -> PatientContext:
     """``relevant``: skip normalising prefetched facts it rules out (draft orders never are).
 
@@ -46,7 +48,7 @@ def build_patient_context(
     Raises ``DataUnavailable`` when data the rules require cannot be had.
     """
     gathered = gather(request, FhirFallback(request, make_client), keys, draft_orders_key)
-    facts = normalise(gathered, draft_orders_key, relevant)
+    facts = normalise(gathered, draft_orders_key, relevant, rxnav)
     return assemble(request, gathered, facts)
 
 

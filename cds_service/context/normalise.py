@@ -38,6 +38,7 @@ from cds_service.context.model import (
     SourceRef,
     lab_recency,
 )
+from cds_service.context.rxnav import RxNavClient, with_ingredients
 
 _PERIOD_PER_DAY = {
     "s": 86400.0,
@@ -544,13 +545,18 @@ class Facts:
 
 
 def normalise(
-    gathered: Gathered, draft_orders_key: str | None, relevant: Relevance | None = None
+    gathered: Gathered,
+    draft_orders_key: str | None,
+    relevant: Relevance | None = None,
+    rxnav: RxNavClient | None = None,
 ) -> Facts:
     """Every gathered resource → its fact (or a data issue saying why it cannot be used).
 
     ``relevant`` skips a resource with usable codes (or drug text) that no rule can use. A
     resource without them is read in full, so that it is reported exactly as without the
-    filter. Draft orders are never skipped.
+    filter. Draft orders are never skipped. ``rxnav`` (optional, CDS_RXNAV_URL) is asked for
+    the ingredients of RxNorm codes the knowledge files do not hold, within one time budget
+    for the whole call: the one look-up this step may make.
     """
     patient_id = gathered.patient_id
     facts = Facts(patient=PatientInfo(id=patient_id))
@@ -558,6 +564,7 @@ def normalise(
     medications = gathered.medications
     # Per lab kind, the newest usable result so far.
     newest: dict[str, _LabCandidate] = {}
+    rxnav_deadline = 0.0  # set by the first RxNav look-up: one budget for the whole call
     for found in gathered.found:
         origin, resource, where = found.origin, found.resource, found.where
         resource_type = resource.get("resourceType")
@@ -578,7 +585,12 @@ def normalise(
                 and relevant is not None
                 and not relevant.medication(named + ingredients, text)
             ):
-                continue
+                if rxnav is None:
+                    continue
+                rxnav_deadline = rxnav_deadline or rxnav.deadline()
+                codes = with_ingredients(codes, rxnav, rxnav_deadline, issues, where)
+                if not relevant.medication(codes[0] + codes[1], text):
+                    continue
             medication = to_medication(resource, origin, is_draft=False, codes=codes)
             _append(facts.medications, medication, issues, where, "names no medication")
         elif resource_type == "Observation":
@@ -612,7 +624,15 @@ def normalise(
         # No strict (fhir.resources) check here: it cost a third of a typical call, and the
         # lenient reading reports what it cannot use. The cards check the drafts they send
         # back (``cds_service.fhir_models``), where conformance matters.
-        medication = to_medication(repaired, draft_origin, is_draft=True, referenced=medications)
+        codes = medication_codes(repaired, medications)
+        if (
+            rxnav is not None
+            and relevant is not None
+            and not relevant.medication(codes[0] + codes[1], codes[2])
+        ):
+            rxnav_deadline = rxnav_deadline or rxnav.deadline()
+            codes = with_ingredients(codes, rxnav, rxnav_deadline, issues, where)
+        medication = to_medication(repaired, draft_origin, is_draft=True, codes=codes)
         _append(
             facts.drafts, medication, issues, where, "names no medication yet; nothing to check"
         )

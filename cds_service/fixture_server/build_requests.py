@@ -155,6 +155,32 @@ PRODUCTS: dict[str, Product] = {
          "frequency": 1, "period": 1, "periodUnit": "d"},
         "500 mg by mouth once daily for 7 days",
     ),
+    # Recognised through the generated terminology (knowledge/data/terminology): a product
+    # RxCUI with no display or text, a brand name with no code, an excipient that is not one.
+    "ciprofloxacin-code-only": Product(
+        "draft-ciprofloxacin", (("309309", ""),), "", "oral", (500, "mg", "mg"),
+        {"frequency": 2, "period": 1, "periodUnit": "d"}, "500 mg by mouth twice daily",
+    ),
+    "ciprofloxacin-brand": Product(
+        "draft-ciprofloxacin", (), "CIPRO 250 MG TABS", "oral", (1, "tablet", "{tbl}"),
+        {"frequency": 2, "period": 1, "periodUnit": "d"}, "1 tablet by mouth twice daily",
+    ),
+    "mg-sulfate-code-only": Product(
+        "draft-mg-sulfate", (("1658236", ""),), "", "iv", (2, "g", "g"),
+        {"count": 1, "frequency": 1, "period": 1, "periodUnit": "d"},
+        "2 g intravenously over 1 hour, once", category="inpatient",
+    ),
+    "rolaids": Product(
+        "draft-rolaids", (), "Rolaids Ultra Strength chewable tablet", "oral",
+        (1, "tablet", "{tbl}"), {"frequency": 1, "period": 1, "periodUnit": "d"},
+        "chew 1 tablet as needed for heartburn, up to once daily",
+    ),
+    "acetaminophen-stearate": Product(
+        "draft-acetaminophen", (),
+        "acetaminophen 500 MG Oral Tablet (inactive ingredient: magnesium stearate)", "oral",
+        (500, "mg", "mg"), {"frequency": 4, "period": 1, "periodUnit": "d"},
+        "500 mg by mouth every 6 hours as needed",
+    ),
     # Eye drops share the ingredient code with the tablets: local, not systemic.
     "ciprofloxacin-eye": Product(
         "draft-ciprofloxacin-eye",
@@ -253,6 +279,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         MG, "order-select", ("mg-oxide",), "conditions-of-another", shape="conditions-of-another"
     ),
     Scenario("esrd-dialysis", "order-sign", ("mg-sulfate-once",), "once"),
+    # Real-world coding (issue 19): SNOMED CT descendants, product codes, brands, excipients.
+    Scenario("mg-generalized", "order-select", ("mg-sulfate-code-only",), "iv-code-only"),
+    Scenario(MG, "order-select", ("ciprofloxacin-code-only",), "cipro-code-only"),
+    Scenario(MG, "order-select", ("ciprofloxacin-brand",), "cipro-brand"),
+    Scenario(MG, "order-select", ("acetaminophen-stearate",), "stearate"),
+    Scenario("levothyroxine-code-only", "order-select", ("mg-oxide",)),
+    Scenario("hashimoto-levothyroxine", "order-select", ("rolaids",), "rolaids"),
 )
 
 
@@ -266,9 +299,12 @@ def hook_instance(file_name: str) -> str:
 
 
 def _rxnorm_concept(product: Product) -> Resource:
-    concept: Resource = {"text": product.text}
-    if product.codings:  # a text-only supplement has none (FHIR forbids an empty array)
-        concept = {"coding": [{"system": RXNORM, "code": code, "display": display}
+    # A code-only order has no text or display; a text-only one no coding (FHIR forbids empty
+    # strings and arrays).
+    concept: Resource = {"text": product.text} if product.text else {}
+    if product.codings:
+        concept = {"coding": [{"system": RXNORM, "code": code,
+                               **({"display": display} if display else {})}
                               for code, display in product.codings], **concept}
     return concept
 

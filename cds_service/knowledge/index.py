@@ -32,6 +32,7 @@ from cds_service.knowledge.model import (
     MagnesiumProduct,
     MagnesiumSalt,
     RuleInfo,
+    Terminology,
     Threshold,
     UnitConversion,
     normalise_system,
@@ -48,6 +49,18 @@ _NOT_ALNUM = re.compile(r"[^A-Z0-9]")
 def normalise_icd(code: str) -> str:
     """'g70.01 ' -> 'G7001': upper case, dot and spaces dropped."""
     return _NOT_ALNUM.sub("", code.upper())
+
+
+def _alternatives(phrases: Iterable[str]) -> str:
+    """A regex alternation of phrases, longest first, spaces and hyphens matching either."""
+    return "|".join(
+        r"[\s\-]+".join(re.escape(token) for token in re.split(r"[\s\-]+", phrase))
+        for phrase in sorted(set(phrases), key=lambda p: (-len(p), p))
+    )
+
+
+def _salt_names(salt: MagnesiumSalt) -> list[str]:
+    return [phrase for phrase in salt.synonyms if phrase.startswith("magnesium")]
 
 
 class _PhraseMatcher:
@@ -112,7 +125,14 @@ class Knowledge:
         rules: tuple[RuleInfo, ...],
         unverified: tuple[str, ...] = (),
         route_codes: Mapping[str, tuple[str, ...]] | None = None,
+        terminology: Terminology | None = None,
     ) -> None:
+        terminology = terminology or Terminology()
+        self._generated_counts = (
+            len(terminology.products),
+            len(terminology.brands),
+            len(terminology.snomed),
+        )
         self.version = version
         self.file_versions: dict[str, str] = dict(file_versions)
         self.unverified_facts = unverified
@@ -125,7 +145,7 @@ class Knowledge:
         self._rules = {r.id: r for r in rules}
         self._interactions = {(i.drug_group, i.ingredient_code): i for i in interactions}
         self._conversions = unit_conversions
-        self._build_condition_index(conditions)
+        self._build_condition_index(conditions, terminology)
         self._build_magnesium_index(
             salts,
             generic_synonyms,
@@ -133,8 +153,9 @@ class Knowledge:
             combination_markers,
             combination_synonyms,
             route_hints,
+            terminology,
         )
-        self._build_drug_index(drug_groups)
+        self._build_drug_index(drug_groups, terminology)
         # One route vocabulary for every drug; "local" (eye, ear, nose, airway) acts where it is
         # applied, so for every rule it is topical.
         self._route_of_code = {
@@ -151,13 +172,22 @@ class Knowledge:
 
     # ------------------------------------------------------------------ index building
 
-    def _build_condition_index(self, conditions: tuple[ConditionGroup, ...]) -> None:
+    def _build_condition_index(
+        self, conditions: tuple[ConditionGroup, ...], terminology: Terminology
+    ) -> None:
         prefix: dict[tuple[str, str], set[str]] = {}
         exact: dict[tuple[str, str], set[str]] = {}
         for group in conditions:
             for entry in group.codes:
                 table = prefix if entry.match == "prefix" else exact
                 table.setdefault((entry.system, entry.code), set()).add(group.id)
+        # A SNOMED CT descendant belongs to every group its ancestor is in (one dict entry per
+        # descendant, built here once: a look-up stays a dict hit).
+        named = {
+            code: frozenset(groups) for (system, code), groups in exact.items() if system == SNOMED
+        }
+        for code, concept in terminology.snomed:
+            exact.setdefault((SNOMED, code), set()).update(named.get(concept, ()))
         self._cond_prefix = {k: frozenset(v) for k, v in prefix.items()}
         self._cond_exact = {k: frozenset(v) for k, v in exact.items()}
 
@@ -169,8 +199,15 @@ class Knowledge:
         combination_markers: tuple[str, ...],
         combination_synonyms: tuple[tuple[str, str], ...],
         route_hints: Mapping[str, tuple[str, ...]],
+        terminology: Terminology,
     ) -> None:
         self._mg_products: dict[str, MagnesiumProduct] = {}
+        # Generated product codes (curated products win): code -> (salt, mg, per, combination)
+        self._mg_generated: dict[str, tuple[str, float | None, str | None, bool]] = {}
+        # The route a product code's sources agree on (curated magnesium products included).
+        self._product_route: dict[str, str] = {
+            made.rxcui: made.route for made in terminology.products if made.route
+        }
         self._mg_ingredients: dict[str, str] = {}
         self._mg_atc: dict[str, tuple[str, str | None]] = {}  # code -> (salt, route)
         phrases: dict[str, _SaltHit] = {}
@@ -187,6 +224,16 @@ class Knowledge:
             phrases[phrase] = _SaltHit(None)
         for phrase, salt_id in combination_synonyms:
             phrases[phrase] = _SaltHit(salt_id, combination=True)
+        for made in terminology.products:
+            if made.magnesium and made.rxcui not in self._mg_products:
+                salt_id, strength, per = made.magnesium[0]
+                combination = made.multi_ingredient or len(made.magnesium) > 1
+                self._mg_generated[made.rxcui] = (salt_id, strength, per, combination)
+        for brand in terminology.brands:
+            if brand.magnesium and brand.phrase not in phrases:
+                phrases[brand.phrase] = _SaltHit(
+                    brand.magnesium[0], combination=brand.multi_ingredient
+                )
         self._mg_phrases = phrases
         self._mg_matcher = _PhraseMatcher(phrases)
         self._excipients = _PhraseMatcher(excipient_phrases)
@@ -202,9 +249,25 @@ class Knowledge:
         self._local_hints = _PhraseMatcher(route_hints.get("local", ()))
         forms = {f.form for salt in salts for f in salt.fractions}
         self._forms = _PhraseMatcher(forms)
+        # "Magnesium Sulfate 70 MG" inside an RxNorm name (a multivitamin's SCD): the salt's
+        # strength per unit, or per mL for "MG/ML". Salt names only: a brand's number
+        # ("Mag-Ox 400") is not always a strength.
+        self._strength_patterns = {
+            salt.id: re.compile(
+                rf"(?<![a-z0-9])(?:{_alternatives(_salt_names(salt))})"
+                rf"(?:\s+(?:{_alternatives(forms)}))?"
+                r"\s+([0-9]+(?:\.[0-9]+)?)\s*(mg/ml|mg)(?![a-z0-9/])"
+            )
+            for salt in salts
+            if _salt_names(salt) and forms
+        }
 
-    def _build_drug_index(self, drug_groups: tuple[DrugGroup, ...]) -> None:
+    def _build_drug_index(
+        self, drug_groups: tuple[DrugGroup, ...], terminology: Terminology
+    ) -> None:
         self._drug_by_code: dict[str, Ingredient] = {}
+        # RxNorm product codes (SCD, SBD, packs...) -> the ingredients they contain.
+        self._drug_products: dict[str, tuple[Ingredient, ...]] = {}
         self._drug_by_name: dict[str, Ingredient] = {}
         phrases: dict[str, Ingredient] = {}
         atc: dict[str, set[str]] = {}
@@ -217,6 +280,13 @@ class Knowledge:
                     phrases[phrase] = ingredient
             for entry in group.atc_prefixes:
                 atc.setdefault(entry.code, set()).add(group.id)
+        for product in terminology.products:
+            found = tuple(self._drug_by_name[n] for n in product.ingredients)
+            if found and product.rxcui not in self._drug_by_code:
+                self._drug_products[product.rxcui] = found
+        for brand in terminology.brands:
+            if brand.ingredients and brand.phrase not in phrases:
+                phrases[brand.phrase] = self._drug_by_name[brand.ingredients[0]]
         self._drug_phrases = phrases
         self._drug_matcher = _PhraseMatcher(phrases)
         self._drug_atc = {k: frozenset(v) for k, v in atc.items()}
@@ -262,6 +332,7 @@ class Knowledge:
         """
         codings = tuple(codings)
         product: MagnesiumProduct | None = None
+        generated: tuple[str, tuple[str, float | None, str | None, bool]] | None = None
         ingredient: tuple[str, str] | None = None  # (salt, code)
         atc: tuple[str, str, str | None] | None = None  # (salt, code, route)
         salts_coded: set[str] = set()
@@ -276,6 +347,9 @@ class Knowledge:
                 elif code in self._mg_ingredients:
                     ingredient = ingredient or (self._mg_ingredients[code], code)
                     salts_coded.add(self._mg_ingredients[code])
+                elif code in self._mg_generated:
+                    generated = generated or (code, self._mg_generated[code])
+                    salts_coded.add(self._mg_generated[code][0])
             elif system == ATC:
                 code = code.upper()
                 if code in self._mg_atc:
@@ -303,6 +377,24 @@ class Knowledge:
                 matched_by="rxnorm-product",
                 matched_value=product.code,
                 multi_ingredient=combination,
+            )
+        if generated is not None:
+            code, (salt_id, strength, per, multi) = generated
+            salt = self._salts[salt_id]
+            route = self._product_route.get(code) or self._route_from_text(words)
+            if strength is None:
+                strength, per = self._strength_in_name(salt_id, words)
+            return MagnesiumMatch(
+                salt=salt.id,
+                salt_display=salt.display,
+                product_code=code,
+                route=route,
+                strength_mg=strength,
+                strength_unit=per,
+                elemental_fraction=self._fraction(salt, route, form),
+                matched_by="rxnorm-product",
+                matched_value=code,
+                multi_ingredient=combination or multi,
             )
         if ingredient is not None or atc is not None:
             if ingredient is not None:
@@ -348,13 +440,14 @@ class Knowledge:
         salts = {h.salt for _, h in specific}
         route = self._route_from_text(words)
         salt = self._salts[hit.salt] if hit.salt else None
+        strength, per = self._strength_in_name(salt.id, words) if salt else (None, None)
         return MagnesiumMatch(
             salt=salt.id if salt else None,
             salt_display=salt.display if salt else "Magnesium (salt not stated)",
             product_code=None,
             route=route,
-            strength_mg=None,
-            strength_unit=None,
+            strength_mg=strength,
+            strength_unit=per,
             elemental_fraction=self._fraction(salt, route, form) if salt else None,
             matched_by="text",
             matched_value=phrase,
@@ -362,6 +455,15 @@ class Knowledge:
             or len(salts) > 1
             or any(h.combination for _, h in specific),
         )
+
+    def _strength_in_name(self, salt_id: str, words: str) -> tuple[float | None, str | None]:
+        """Strength of ``salt_id`` as the product's name states it, e.g. 'magnesium sulfate 70
+        mg' -> (70.0, 'unit'); (None, None) when the name states none."""
+        pattern = self._strength_patterns.get(salt_id)
+        found = pattern.search(words) if pattern is not None else None
+        if found is None:
+            return None, None
+        return float(found.group(1)), "mL" if found.group(2) == "mg/ml" else "unit"
 
     def magnesium_salt(self, salt_id: str) -> MagnesiumSalt:
         return _get(self._salts, salt_id, "magnesium salt")
@@ -396,6 +498,16 @@ class Knowledge:
             route = self._route_of_code.get(coding.code.strip().upper())
             if route is not None:
                 return route
+        return None
+
+    def product_route(self, codings: Iterable[Coding]) -> str | None:
+        """The route of an RxNorm product code when its sources state one (an injection's
+        vial, a tablet), None otherwise: what a code-only order cannot say itself."""
+        for coding in codings:
+            if normalise_system(coding.system) == RXNORM:
+                route = self._product_route.get(coding.code.strip())
+                if route is not None:
+                    return route
         return None
 
     def route_from_text(self, text: str) -> str | None:
@@ -433,11 +545,15 @@ class Knowledge:
         return self._coded_ingredients(codings) or self._text_ingredients(codings, text)
 
     def _coded_ingredients(self, codings: tuple[Coding, ...]) -> tuple[Ingredient, ...]:
-        found = [
-            self._drug_by_code[c.code.strip()]
-            for c in codings
-            if normalise_system(c.system) == RXNORM and c.code.strip() in self._drug_by_code
-        ]
+        found: list[Ingredient] = []
+        for coding in codings:
+            if normalise_system(coding.system) != RXNORM:
+                continue
+            code = coding.code.strip()
+            if code in self._drug_by_code:
+                found.append(self._drug_by_code[code])
+            else:
+                found.extend(self._drug_products.get(code, ()))
         return tuple(dict.fromkeys(found))
 
     def _text_ingredients(self, codings: tuple[Coding, ...], text: str) -> tuple[Ingredient, ...]:
@@ -552,6 +668,12 @@ class Knowledge:
             f"Chelation interactions: {len(self._interactions)} ({_counts(status_counts)})",
         ]
         lines += ["", f"Thresholds ({len(self._thresholds)}): " + ", ".join(self._thresholds)]
+        products, brands, descendants = self._generated_counts
+        lines += [
+            "",
+            f"Generated terminology: {products} RxNorm products, {brands} brand names, "
+            f"{descendants} SNOMED CT descendants",
+        ]
         source_counts = Counter(s.status for s in self._sources.values())
         lines += ["", f"Sources: {len(self._sources)} ({_counts(source_counts)})"]
         lines += [

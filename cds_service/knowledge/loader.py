@@ -30,6 +30,7 @@ from cds_service.knowledge.model import (
     ICD10CM,
     LOINC,
     SNOMED,
+    BrandName,
     CodeEntry,
     ConditionGroup,
     DrugEffect,
@@ -37,6 +38,7 @@ from cds_service.knowledge.model import (
     ElementalFraction,
     EvidenceSource,
     FormUse,
+    GeneratedProduct,
     Guidance,
     Ingredient,
     Interaction,
@@ -46,6 +48,7 @@ from cds_service.knowledge.model import (
     MagnesiumProduct,
     MagnesiumSalt,
     RuleInfo,
+    Terminology,
     Threshold,
     ThresholdBand,
     UnitConversion,
@@ -66,6 +69,12 @@ REQUIRED_KINDS = (
     "rules",
 )
 _MAX_REPORTED = 10
+# Generated terminology (scripts/build_terminology.py, ``cds-service knowledge expand``): optional
+# files under ``terminology/`` beside the manifest, merged into the curated groups by id.
+TERMINOLOGY_DIR = "terminology"
+RXNORM_FILE = "rxnorm-products.json"
+SNOMED_FILE = "snomed-descendants.json"
+TERMINOLOGY_FILES = {RXNORM_FILE: "rxnormTerminologyFile", SNOMED_FILE: "snomedTerminologyFile"}
 
 Json = dict[str, Any]
 
@@ -96,10 +105,30 @@ def load_knowledge(directory: Path | None = None) -> Knowledge:
         file_versions[name] = doc["version"]
         digest.update(name.encode() + b"\0" + raw)
 
+    generated: dict[str, Json] = {}
+    for name, definition in TERMINOLOGY_FILES.items():
+        path = directory / TERMINOLOGY_DIR / name
+        if not path.exists():
+            continue
+        label = f"{TERMINOLOGY_DIR}/{name}"
+        raw = _read_bytes(directory / TERMINOLOGY_DIR, name)
+        doc = _parse(label, raw)
+        _validate_schema(label, doc, definition)
+        generated[name] = doc
+        file_versions[label] = doc["version"]
+        digest.update(label.encode() + b"\0" + raw)
+
     errors = list(_check_all(docs))
+    errors += _check_terminology(generated, docs)
     if errors:
         raise KnowledgeError(_join(errors))
-    return _build(docs, f"{manifest['version']}+{digest.hexdigest()[:8]}", file_versions)
+    knowledge = _build(
+        docs,
+        f"{manifest['version']}+{digest.hexdigest()[:8]}",
+        file_versions,
+        _terminology(generated),
+    )
+    return knowledge
 
 
 @cache
@@ -387,6 +416,65 @@ def _check_rules(name: str, doc: Json) -> Iterator[str]:
         )
 
 
+def _check_terminology(generated: dict[str, Json], docs: dict[str, tuple[str, Json]]) -> list[str]:
+    """Generated files name only ingredients, salts and concepts the curated files define."""
+    errors: list[str] = []
+    medications = docs["medications"][1]
+    ingredients = {i["name"] for g in medications["drug_groups"] for i in g["ingredients"]}
+    salts = {s["id"] for s in medications["magnesium"]["salts"]}
+    label = f"{TERMINOLOGY_DIR}/{RXNORM_FILE}"
+    for key in ("products", "brands"):
+        for i, row in enumerate(generated.get(RXNORM_FILE, {}).get(key, [])):
+            for name in row["ingredients"]:
+                if name not in ingredients:
+                    errors.append(f"{label}: $.{key}[{i}]: unknown ingredient {name!r}")
+            for item in row["magnesium"]:
+                salt = item if isinstance(item, str) else item["salt"]
+                if salt not in salts:
+                    errors.append(f"{label}: $.{key}[{i}]: unknown magnesium salt {salt!r}")
+    concepts = {e["code"] for g in docs["conditions"][1]["groups"] for e in g.get("snomed", [])}
+    label = f"{TERMINOLOGY_DIR}/{SNOMED_FILE}"
+    for i, row in enumerate(generated.get(SNOMED_FILE, {}).get("expansions", [])):
+        if row["concept"] not in concepts:
+            errors.append(f"{label}: $.expansions[{i}].concept: {row['concept']} is in no group")
+    return errors
+
+
+def _terminology(generated: dict[str, Json]) -> Terminology:
+    rxnorm = generated.get(RXNORM_FILE, {})
+    products = tuple(
+        GeneratedProduct(
+            rxcui=p["rxcui"],
+            ingredients=tuple(p["ingredients"]),
+            magnesium=tuple(
+                (
+                    m["salt"],
+                    _float(m["strength"]["value"]) if m["strength"] else None,
+                    m["strength"]["per"] if m["strength"] else None,
+                )
+                for m in p["magnesium"]
+            ),
+            multi_ingredient=p["multi_ingredient"],
+            route=p.get("route"),
+        )
+        for p in rxnorm.get("products", [])
+    )
+    brands = tuple(
+        BrandName(
+            b["phrase"], tuple(b["ingredients"]), tuple(b["magnesium"]), b["multi_ingredient"]
+        )
+        for b in rxnorm.get("brands", [])
+    )
+    snomed = tuple(
+        (item["code"], row["concept"])
+        for row in generated.get(SNOMED_FILE, {}).get("expansions", [])
+        for item in row["contains"]
+        if item["code"] != row["concept"]
+        and item["code"] not in {x["code"] for x in row.get("excludes", [])}
+    )
+    return Terminology(products, brands, snomed)
+
+
 # ---------------------------------------------------------------------------- building
 
 
@@ -436,7 +524,10 @@ def _unverified(docs: dict[str, tuple[str, Json]]) -> tuple[str, ...]:
 
 
 def _build(
-    docs: dict[str, tuple[str, Json]], version: str, file_versions: dict[str, str]
+    docs: dict[str, tuple[str, Json]],
+    version: str,
+    file_versions: dict[str, str],
+    terminology: Terminology | None = None,
 ) -> Knowledge:
     sources = tuple(
         EvidenceSource(s["id"], s["title"], s["status"], s.get("url"), s.get("note", ""))
@@ -541,6 +632,7 @@ def _build(
         thresholds=thresholds,
         rules=rules,
         unverified=_unverified(docs),
+        terminology=terminology,
     )
 
 

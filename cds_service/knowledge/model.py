@@ -368,3 +368,36 @@ class RuleInfo(_Cited):
             if item.id == guidance_id:
                 return item
         raise KeyError(f"rule {self.id!r} has no guidance {guidance_id!r}")
+
+
+@dataclass(frozen=True)
+class GeneratedProduct:
+    """An RxNorm product concept (SCD, SBD, pack...) and what it contains, from the generated
+    ``terminology/rxnorm-products.json``. ``magnesium``: (salt id, mg of salt per ``per`` or
+    None when the sources disagree, per "unit" | "mL" | None)."""
+
+    rxcui: str
+    ingredients: tuple[str, ...]  # ingredient names of the drug groups
+    magnesium: tuple[tuple[str, float | None, str | None], ...]
+    multi_ingredient: bool
+    route: str | None = None  # "oral" | "parenteral" | "topical" when the sources agree
+
+
+@dataclass(frozen=True)
+class BrandName:
+    """A brand name (lower case) and the ingredients most of its products contain."""
+
+    phrase: str
+    ingredients: tuple[str, ...]
+    magnesium: tuple[str, ...]  # salt ids
+    multi_ingredient: bool
+
+
+@dataclass(frozen=True)
+class Terminology:
+    """Generated terminology merged into the curated groups at load time."""
+
+    products: tuple[GeneratedProduct, ...] = ()
+    brands: tuple[BrandName, ...] = ()
+    # (descendant or related SNOMED CT code, the concept a condition group names)
+    snomed: tuple[tuple[str, str], ...] = ()

@@ -33,8 +33,8 @@ from cds_service.rules.derived import (
 from cds_service.rules.describe import (
     clinical_name,
     condition_evidence,
+    fact_name,
     medication_evidence,
-    medication_text,
     mid_sentence,
     short_display,
 )
@@ -176,7 +176,7 @@ def _finding(
     evidence = [
         *(condition_evidence(c.condition) for c, _ in related),
         *(
-            medication_evidence(t, f"on {mid_sentence(medication_text(t.medication))}")
+            medication_evidence(t, f"on {mid_sentence(fact_name(t))}")
             for t in thyroid
         ),
         serum.evidence if serum is not None else Evidence("no serum magnesium on file"),

@@ -44,7 +44,7 @@ _COUNT_UNITS = frozenset(
 )  # fmt: skip
 _MG_PER_UNIT = {"mg": 1.0, "g": 1000.0, "ug": 0.001, "mcg": 0.001}
 _ML_PER_UNIT = {"ml": 1.0, "l": 1000.0}
-_COUNTABLE = frozenset({"tablet", "capsule"})  # MagnesiumProduct.strength_per values
+_COUNTABLE = frozenset({"tablet", "capsule", "unit"})  # strength_per values ("unit": per 1)
 _SEVERITY_RANK = {None: 0, "moderate": 1, "severe": 2}
 _INACTIVE_LAB_ORDER = frozenset({"revoked", "entered-in-error", "completed"})
 # Observation.interpretation codes for "high" (HL7 v3 ObservationInterpretation, the same codes

@@ -148,7 +148,11 @@ def fact_name(fact: MedicationFact) -> str:
     name = medication_text(fact.medication)
     if any(ch.isalpha() for ch in name):
         return name
-    return fact.magnesium.salt_display if fact.magnesium else "a medication sent without a name"
+    if fact.magnesium is not None:
+        return fact.magnesium.salt_display
+    if fact.groups:  # recognised from its code alone: say as what, and that no name came
+        return f"{' / '.join(sorted(g.replace('-', ' ') for g in fact.groups))} (sent by code only)"
+    return "a medication sent without a name"
 
 
 def recognised_by(fact: MedicationFact) -> str:

@@ -22,6 +22,7 @@ from cds_service.knowledge.model import DrugEffect
 from cds_service.rules.derived import is_systemic_magnesium, lower_first, order_evidence
 from cds_service.rules.describe import (
     condition_evidence,
+    fact_name,
     medication_evidence,
     medication_text,
     mid_sentence,
@@ -101,7 +102,7 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     extra: tuple[str, ...] = ()
     if antagonism is not None and on_file:
         extra = ("that magnesium counteracts anticholinesterases",)
-        names = ", ".join(medication_text(f.medication) for f in on_file)
+        names = ", ".join(fact_name(f) for f in on_file)
         paragraphs.insert(len(paragraphs) - 1, f"{antagonism.text} On file: {names}.")
     if mg.coded:  # an MG drug is already named when it is what suggests the diagnosis
         mg = dataclasses.replace(
@@ -109,7 +110,7 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
             evidence=(
                 *mg.evidence,
                 *(
-                    medication_evidence(f, f"on {mid_sentence(medication_text(f.medication))}")
+                    medication_evidence(f, f"on {mid_sentence(fact_name(f))}")
                     for f in on_file
                 ),
             ),

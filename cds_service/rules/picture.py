@@ -164,6 +164,9 @@ def route_of(
         return route
     if magnesium is not None and magnesium.route is not None:
         return magnesium.route
+    product = knowledge.product_route(medication.all_codings)
+    if product is not None:
+        return product
     names = " | ".join([medication.text, *(c.display for c in medication.all_codings)])
     return _text_route(knowledge, names)
 

@@ -1,0 +1,363 @@
+"""Build the generated terminology files of the knowledge from their committed inputs.
+
+    python scripts/build_terminology.py [--check]
+
+Reads ``scripts/terminology-inputs/`` (extracts of public sources, each naming where every
+record came from) and the hand-curated ``medications.json`` / ``conditions.json``, and writes
+``cds_service/knowledge/data/terminology/rxnorm-products.json`` and ``snomed-descendants.json``.
+The output depends only on those files (the date written is the extract's retrieval date), so
+a re-run reproduces the committed files byte for byte; ``--check`` fails when they differ.
+
+RxNorm: an openFDA NDC record lists the RxCUIs (clinical and branded drugs, packs) of one
+marketed product and that product's active ingredients; every listed RxCUI contains every
+active ingredient. Brand names come from the same records; a brand stands for an ingredient
+when most of its records contain it (Rolaids: calcium carbonate with magnesium hydroxide in
+all but one). Strength is kept only for magnesium, only from records naming a single RxCUI,
+and only where all such records agree (a label may state elemental magnesium instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+INPUTS = ROOT / "scripts" / "terminology-inputs"
+DATA = ROOT / "cds_service" / "knowledge" / "data"
+OUT = DATA / "terminology"
+NDC_EXTRACT = INPUTS / "openfda-ndc-extract.json"
+SNOMED_EXTRACT = INPUTS / "snomed-isa-extract.json"
+RXNORM_FILE = "rxnorm-products.json"
+SNOMED_FILE = "snomed-descendants.json"
+SCRIPT = "scripts/build_terminology.py"
+
+# Words that describe a product rather than name a brand: stripped from the end of a brand
+# name; a name made only of them ("Maximum Strength Antacid") is no brand at all.
+DESCRIPTOR_WORDS = frozenset(
+    [
+        "advanced",
+        "antacid",
+        "anti-gas",
+        "antigas",
+        "chews",
+        "chewable",
+        "cherry",
+        "extra",
+        "liquid",
+        "max",
+        "maximum",
+        "mint",
+        "original",
+        "plus",
+        "power",
+        "regular",
+        "soft",
+        "strength",
+        "strawberry",
+        "suspension",
+        "tablet",
+        "tablets",
+        "ultra",
+        "mixed",
+        "berry",
+        "nta",
+        "xs",
+    ]
+)
+_STRENGTH = re.compile(
+    r"^\s*([0-9]*\.?[0-9]+)\s*(mg|g|ug|mcg)\s*/\s*([0-9]*\.?[0-9]*)\s*(ml|1)?\s*$", re.I
+)
+_MG_PER = {"mg": 1.0, "g": 1000.0, "ug": 0.001, "mcg": 0.001}
+
+Json = dict[str, Any]
+
+
+def _load(path: Path) -> Json:
+    data: Json = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def _version(day: str) -> str:
+    """'2026-12-08' -> '2026.12.8': the extract's date as the file's semantic version."""
+    return ".".join(str(int(part)) for part in day.split("-"))
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def _words(text: str) -> str:
+    return " " + re.sub(r"[^a-z0-9]+", " ", text.lower()).strip() + " "
+
+
+class _Vocabulary:
+    """Maps an openFDA active-ingredient name onto the knowledge's ingredients and salts."""
+
+    def __init__(self, medications: Json) -> None:
+        self.salts: list[tuple[str, str]] = []  # (phrase, salt id), longest first
+        for salt in medications["magnesium"]["salts"]:
+            for phrase in salt["synonyms"]:
+                self.salts.append((_words(phrase), salt["id"]))
+        self.drugs: list[tuple[str, str]] = []  # (phrase, ingredient name)
+        for group in medications["drug_groups"]:
+            for ingredient in group["ingredients"]:
+                for phrase in ingredient.get("text_synonyms", [ingredient["name"]]):
+                    self.drugs.append((_words(phrase), ingredient["name"]))
+        self.salts.sort(key=lambda p: -len(p[0]))
+        self.drugs.sort(key=lambda p: -len(p[0]))
+        self.names = {name for _, name in self.drugs}
+
+    def salt(self, active: str) -> str | None:
+        words = _words(active)
+        return next((salt for phrase, salt in self.salts if phrase in words), None)
+
+    def drug(self, active: str) -> str | None:
+        words = _words(active)
+        # "CIPROFLOXACIN HYDROCHLORIDE", "DOXYCYCLINE HYCLATE": the ingredient leads the name.
+        return next((name for phrase, name in self.drugs if words.startswith(phrase)), None)
+
+
+def _strength(text: str) -> tuple[float, str | None] | None:
+    """'400 mg/1' -> (400, 'unit'); '1200 mg/15mL' -> (80, 'mL'); None when not per unit/mL."""
+    match = _STRENGTH.match(text)
+    if not match:
+        return None
+    value, unit, amount, per = match.groups()
+    if per is None or (per.lower() == "1" and not amount):
+        per_unit, divisor = "unit", 1.0
+    elif per.lower() == "ml":
+        per_unit, divisor = "mL", float(amount) if amount else 1.0
+    else:
+        return None
+    if per_unit == "unit" and amount not in ("", "1"):
+        return None
+    mg = float(value) * _MG_PER[unit.lower()] / divisor
+    return round(mg, 4), per_unit
+
+
+def _brand_phrase(record: Json, vocabulary: _Vocabulary) -> str | None:
+    name = record.get("brand_name") or ""
+    suffix = record.get("brand_name_suffix") or ""
+    if suffix and name.lower().endswith(suffix.lower()):
+        name = name[: -len(suffix)]
+    tokens = [t for t in re.split(r"[\s,]+", name.lower().strip()) if t]
+    while tokens and (tokens[-1] in DESCRIPTOR_WORDS or tokens[-1].isdigit()):
+        tokens.pop()
+    phrase = " ".join(tokens)
+    if not phrase:
+        return None
+    # A generic name ("Ciprofloxacin Hydrochloride", "50% Magnesium Sulfate") is no brand.
+    leading = {_words(a["name"]).split()[0] for a in record["active_ingredients"]}
+    if leading & set(_words(phrase).split()):
+        return None
+    return phrase
+
+
+def build_rxnorm(extract: Json, medications: Json) -> Json:
+    vocabulary = _Vocabulary(medications)
+    products: dict[str, dict[str, Any]] = {}
+    strengths: dict[tuple[str, str], set[tuple[float, str | None]]] = defaultdict(set)
+    brands: dict[str, list[Json]] = defaultdict(list)
+    for record in extract["records"]:
+        actives = record["active_ingredients"]
+        drugs = sorted({d for a in actives if (d := vocabulary.drug(a["name"]))})
+        salts = {s: a["strength"] for a in actives if (s := vocabulary.salt(a["name"]))}
+        # Two salts of one drug (Atelvia: two risedronate hydrates) are one ingredient.
+        others = [a for a in actives if not vocabulary.drug(a["name"])]
+        others = [a for a in others if not vocabulary.salt(a["name"])]
+        multi = len(drugs) + len(salts) + len(others) > 1
+        for rxcui in record["rxcui"]:
+            entry = products.setdefault(
+                rxcui,
+                {
+                    "ingredients": set(),
+                    "salts": set(),
+                    "multi": False,
+                    "routes": set(),
+                    "sources": set(),
+                },
+            )
+            entry["ingredients"].update(drugs)
+            entry["salts"].update(salts)
+            entry["multi"] |= multi
+            if record.get("route"):
+                entry["routes"].add(record["route"])
+            entry["sources"].add(record["url"])
+            if len(record["rxcui"]) == 1:
+                for salt, text in salts.items():
+                    parsed = _strength(text)
+                    strengths[(rxcui, salt)].add(parsed if parsed else (-1.0, None))
+        phrase = _brand_phrase(record, vocabulary)
+        if phrase:
+            brands[phrase].append(
+                {
+                    "drugs": drugs,
+                    "salts": sorted(salts),
+                    "multi": multi,
+                    "url": record["url"],
+                }
+            )
+
+    product_rows = []
+    for rxcui in sorted(products, key=int):
+        entry = products[rxcui]
+        if not entry["ingredients"] and not entry["salts"]:
+            continue
+        magnesium = []
+        for salt in sorted(entry["salts"]):
+            seen = strengths.get((rxcui, salt), set())
+            one = next(iter(seen)) if len(seen) == 1 else None
+            strength = (
+                {"value": one[0], "unit": "mg", "per": one[1]}
+                if one is not None and one[0] >= 0
+                else None
+            )
+            magnesium.append({"salt": salt, "strength": strength})
+        product_rows.append(
+            {
+                "rxcui": rxcui,
+                "ingredients": sorted(entry["ingredients"]),
+                "magnesium": magnesium,
+                "multi_ingredient": entry["multi"],
+                # Only when every record that states a route agrees.
+                "route": next(iter(entry["routes"])) if len(entry["routes"]) == 1 else None,
+                "sources": sorted(entry["sources"]),
+            }
+        )
+
+    brand_rows = []
+    for phrase in sorted(brands):
+        records = brands[phrase]
+        half = len(records) / 2
+
+        def most(key: str, rows: list[Json] = records, half: float = half) -> list[str]:
+            counts: dict[str, int] = defaultdict(int)
+            for row in rows:
+                for item in row[key]:
+                    counts[item] += 1
+            return sorted(item for item, n in counts.items() if n > half)
+
+        drugs, salts = most("drugs"), most("salts")
+        if not drugs and not salts:
+            continue
+        brand_rows.append(
+            {
+                "phrase": phrase,
+                "ingredients": drugs,
+                "magnesium": salts,
+                "multi_ingredient": sum(row["multi"] for row in records) > half,
+                "products_seen": len(records),
+                "sources": sorted({row["url"] for row in records}),
+            }
+        )
+    return {
+        "version": _version(extract["retrieved"]),
+        "description": (
+            "RxNorm product concepts (clinical and branded drugs, packs) and brand names of the "
+            "ingredients the knowledge names. Generated: do not edit; run "
+            f"`python {SCRIPT}`."
+        ),
+        "generated": {
+            "by": SCRIPT,
+            "from": [_rel(NDC_EXTRACT), _rel(DATA / "medications.json")],
+            "source": extract["source"],
+            "date": extract["retrieved"],
+        },
+        "products": product_rows,
+        "brands": brand_rows,
+    }
+
+
+def build_snomed(extract: Json, conditions: Json) -> Json:
+    named = {
+        entry["code"]: entry["display"]
+        for group in conditions["groups"]
+        for entry in group.get("snomed", [])
+    }
+    by_concept: dict[str, list[Json]] = defaultdict(list)
+    for relation, key in (("is-a", "descendants"), ("related", "related")):
+        for row in extract[key]:
+            if row["ancestor"] not in named:
+                raise SystemExit(f"{_rel(SNOMED_EXTRACT)}: {row['ancestor']} names no group")
+            if row["code"] in named:
+                continue  # the curated file has it already
+            item = {"code": row["code"], "display": row["display"], "relation": relation}
+            if "reason" in row:
+                item["reason"] = row["reason"]
+            item["source"] = extract["sources"][row["source"]]
+            by_concept[row["ancestor"]].append(item)
+    excludes: dict[str, list[Json]] = defaultdict(list)
+    for row in extract.get("exclusions", []):
+        if row["ancestor"] not in named:
+            raise SystemExit(f"{_rel(SNOMED_EXTRACT)}: {row['ancestor']} names no group")
+        excludes[row["ancestor"]].append(
+            {"code": row["code"], "display": row["display"], "reason": row["reason"]}
+        )
+        by_concept.setdefault(row["ancestor"], [])
+    return {
+        "version": _version(extract["retrieved"]),
+        "description": (
+            "SNOMED CT descendants of the concepts the condition groups name. Generated: do not "
+            f"edit; run `python {SCRIPT}`, or refresh from a terminology server with "
+            "`cds-service knowledge expand --terminology-server URL`."
+        ),
+        "generated": {
+            "by": SCRIPT,
+            "from": [_rel(SNOMED_EXTRACT), _rel(DATA / "conditions.json")],
+            "source": extract["description"],
+            "edition": extract["edition"],
+            "edition_version": extract["version"],
+            "server": None,
+            "date": extract["retrieved"],
+        },
+        "expansions": [
+            {
+                "concept": concept,
+                "display": named[concept],
+                "contains": rows,
+                **({"excludes": excludes[concept]} if concept in excludes else {}),
+            }
+            for concept, rows in sorted(by_concept.items(), key=lambda kv: int(kv[0]))
+        ],
+    }
+
+
+def render(document: Json) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def outputs() -> dict[Path, str]:
+    medications = _load(DATA / "medications.json")
+    conditions = _load(DATA / "conditions.json")
+    return {
+        OUT / RXNORM_FILE: render(build_rxnorm(_load(NDC_EXTRACT), medications)),
+        OUT / SNOMED_FILE: render(build_snomed(_load(SNOMED_EXTRACT), conditions)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the files differ")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in outputs().items():
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(_rel(path))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {_rel(path)}")
+    if stale:
+        print("out of date (run scripts/build_terminology.py): " + ", ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
