@@ -12,7 +12,7 @@ import json
 import random
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Any
 
@@ -568,67 +568,72 @@ NO_PREFETCH_MISSING = ("patient", "conditions", "medicationRequests", "observati
 EXPECTED = frozenset({"myasthenia-magnesium"})
 
 
+def _workload(
+    name: str,
+    description: str,
+    spec: PatientSpec,
+    drafts: tuple[Draft, ...],
+    expected: frozenset[str] = EXPECTED,
+    delay_ms: int | None = None,
+) -> Workload:
+    """An order-sign call about the patient ``spec`` generates; with ``delay_ms``, the keys
+    of ``NO_PREFETCH_MISSING`` are left for the service to fetch from the fixture server."""
+    resources = generate_patient(spec)
+    missing = NO_PREFETCH_MISSING if delay_ms is not None else ()
+    prefetch = prefetch_for(spec.patient_id, resources, omit=missing)
+    request = order_sign_request(spec.patient_id, drafts, prefetch, name)
+    service = "magnesium-order-sign"
+    return Workload(name, description, service, request, resources, expected, delay_ms, missing)
+
+
 def typical() -> Workload:
-    resources = generate_patient(TYPICAL)
-    request = order_sign_request(
-        TYPICAL.patient_id,
-        (MAGNESIUM_OXIDE_DRAFT,),
-        prefetch_for(TYPICAL.patient_id, resources),
-        "typical",
-    )
-    return Workload(
+    return _workload(
         "typical",
         "order-sign, full prefetch: 20 conditions, 15 medications, 10 labs, 1 draft",
-        "magnesium-order-sign",
-        request,
-        resources,
-        EXPECTED,
+        TYPICAL,
+        (MAGNESIUM_OXIDE_DRAFT,),
     )
 
 
 def large() -> Workload:
-    resources = generate_patient(LARGE)
-    request = order_sign_request(
-        LARGE.patient_id,
-        (MAGNESIUM_SULFATE_IV_DRAFT, MAGNESIUM_OXIDE_DRAFT, CIPROFLOXACIN_DRAFT),
-        prefetch_for(LARGE.patient_id, resources),
-        "large",
-    )
-    return Workload(
+    return _workload(
         "large",
         "order-sign, chronic patient: 1,000 conditions, 500 medications, 500 labs, 3 drafts",
-        "magnesium-order-sign",
-        request,
-        resources,
-        EXPECTED,
+        LARGE,
+        (MAGNESIUM_SULFATE_IV_DRAFT, MAGNESIUM_OXIDE_DRAFT, CIPROFLOXACIN_DRAFT),
+    )
+
+
+def suggestion() -> Workload:
+    """The typical patient also on levothyroxine: the answer carries an update suggestion
+    (space the two drugs), whose draft the service checks with the fhir.resources models."""
+    return _workload(
+        "suggestion",
+        "typical, with levothyroxine on file: a chelation card with an update suggestion",
+        replace(
+            TYPICAL,
+            patient_id="bench-suggestion",
+            relevant_medications=(PYRIDOSTIGMINE, LEVOTHYROXINE),
+        ),
+        (MAGNESIUM_OXIDE_DRAFT,),
+        EXPECTED | {"chelation-interaction"},
     )
 
 
 def no_prefetch(delay_ms: int) -> Workload:
     """The typical patient with 4 keys left for the service to fetch (statements prefetched)."""
-    resources = generate_patient(TYPICAL)
-    label = f"no-prefetch-{delay_ms}ms"
-    request = order_sign_request(
-        TYPICAL.patient_id,
-        (MAGNESIUM_OXIDE_DRAFT,),
-        prefetch_for(TYPICAL.patient_id, resources, omit=NO_PREFETCH_MISSING),
-        label,
-    )
-    return Workload(
-        label,
+    return _workload(
+        f"no-prefetch-{delay_ms}ms",
         f"typical patient, {len(NO_PREFETCH_MISSING)} keys fetched from the fixture server "
         f"(+{delay_ms} ms per request)",
-        "magnesium-order-sign",
-        request,
-        resources,
-        EXPECTED,
-        fhir_server_delay_ms=delay_ms,
-        missing_keys=NO_PREFETCH_MISSING,
+        TYPICAL,
+        (MAGNESIUM_OXIDE_DRAFT,),
+        delay_ms=delay_ms,
     )
 
 
 def all_workloads() -> list[Workload]:
-    return [typical(), large(), no_prefetch(0), no_prefetch(50)]
+    return [typical(), large(), suggestion(), no_prefetch(0), no_prefetch(50)]
 
 
 # ------------------------------------------------------------------------ request bodies

@@ -1,0 +1,94 @@
+"""The targets: each a ratio or difference of figures measured in the same run (these shared
+machines change speed from minute to minute), judged PASS or MISS."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bench.stats import fmt, table
+
+CPU_RATIO_LIMIT = 3.0  # the service's server CPU per call, times the floor's, same body
+TAIL_RATIO_LIMIT = 3.0  # p99 over median, in process
+ROUND_TRIPS = (0.5, 1.5)  # latency added by a missing prefetch, in server round trips
+FIRST_CALL_LIMIT_MS = 20.0  # a fresh worker's first call over the median of later calls
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    goal: str
+    measured: str
+    passed: bool | None  # None: not measured in this run
+
+    @property
+    def verdict(self) -> str:
+        return "skipped" if self.passed is None else "PASS" if self.passed else "MISS"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "verdict": self.verdict}
+
+
+def cpu_per_call(workload: str, ours_ms: float | None, floor_ms: float | None) -> Target:
+    name = f"{workload}: server CPU per call, service vs floor"
+    goal = f"≤ {fmt(CPU_RATIO_LIMIT, 0)}× the floor"
+    if ours_ms is None or not floor_ms:
+        return Target(name, goal, "not measured", None)
+    ratio = ours_ms / floor_ms
+    measured = f"{fmt(ratio)}× ({fmt(ours_ms)} / {fmt(floor_ms)} ms)"
+    return Target(name, goal, measured, ratio <= CPU_RATIO_LIMIT)
+
+
+def tail(workload: str, median_ms: float, p99_ms: float) -> Target:
+    ratio = p99_ms / median_ms
+    return Target(
+        f"{workload}: p99 in process vs median",
+        f"≤ {fmt(TAIL_RATIO_LIMIT, 0)}× the median",
+        f"{fmt(ratio)}× ({fmt(p99_ms)} / {fmt(median_ms)} ms)",
+        ratio <= TAIL_RATIO_LIMIT,
+    )
+
+
+def missing_prefetch(keys: int, delay_ms: float, added_ms: float) -> Target:
+    trips = added_ms / delay_ms
+    low, high = ROUND_TRIPS
+    return Target(
+        f"{keys} prefetch keys missing, FHIR server {fmt(delay_ms, 0)} ms per request",
+        f"about one round trip ({fmt(low, 1)}–{fmt(high, 1)})",
+        f"+{fmt(added_ms)} ms = {fmt(trips)} round trips",
+        low <= trips <= high,
+    )
+
+
+def first_call(workload: str, first_ms: float, later_median_ms: float) -> Target:
+    extra = first_ms - later_median_ms
+    return Target(
+        f"{workload}: first call of a fresh worker",
+        f"≤ {fmt(FIRST_CALL_LIMIT_MS, 0)} ms over the later calls' median",
+        f"+{fmt(extra)} ms ({fmt(first_ms)} vs {fmt(later_median_ms)} ms)",
+        extra <= FIRST_CALL_LIMIT_MS,
+    )
+
+
+def corpus(
+    files: int, skipped: int, statuses: dict[int, int], total_ms: float, median_ms: float
+) -> Target:
+    name = "real-world corpus (fixtures/corpus), in process"
+    goal = "every request answered, no 5xx"
+    if not files:
+        return Target(name, goal, "no corpus", None)
+    posted = sum(statuses.values())
+    server_errors = sum(n for status, n in statuses.items() if status >= 500)
+    answered = ", ".join(f"{status}×{n}" for status, n in sorted(statuses.items()))
+    measured = (
+        f"{posted} requests: {answered or 'none'}; {fmt(total_ms / 1000)} s in all, "
+        f"median {fmt(median_ms)} ms" + (f"; {skipped} files not hook requests" if skipped else "")
+    )
+    return Target(name, goal, measured, posted > 0 and server_errors == 0)
+
+
+def targets_table(targets: list[Target]) -> str:
+    return table(
+        ["target", "goal", "measured", ""],
+        [[t.name, t.goal, t.measured, t.verdict] for t in targets],
+    )
