@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
 
     report: dict[str, Any] = {"machine": machine(), "plan": "quick" if args.quick else "full"}
-    print(_machine_table(report["machine"]), flush=True)
+    print("## Machine\n\n" + table(["", ""], [[k, str(v)] for k, v in report["machine"].items()]))
     workloads = {w.name: w for w in all_workloads()}
     found: list[Target] = []
     with tempfile.TemporaryDirectory(prefix="cds-bench-") as tmp:
@@ -128,58 +128,29 @@ def _progress(message: str) -> None:
 
 
 def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
+    """The 1, 5 and 15 minute load averages: how busy the shared machine was."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def _git_revision() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=servers.ROOT, capture_output=True, text=True
-        ).stdout.strip()
-
-    try:
-        revision, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
-    except OSError:
-        return "?"
-    return f"{revision}{' + uncommitted changes' if dirty else ''}" if revision else "?"
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=servers.ROOT, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     settings = Settings()
+    dirty = " + uncommitted changes" if _git("status", "--porcelain") else ""
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpus": f"{os.cpu_count()} x {models[0] if models else platform.processor()}",
         "python": platform.python_version(),
-        "revision": _git_revision(),
-        "gunicorn": f"{settings.workers} workers x {settings.threads} threads (gthread)",
+        "revision": _git("rev-parse", "--short", "HEAD") + dirty,
+        "serve": f"gunicorn, {settings.workers} workers x {settings.threads} threads (gthread)",
         "loadavg_start": _loadavg(),
     }
-
-
-def _machine_table(info: dict[str, Any]) -> str:
-    rows = [
-        ["date", info["date"]],
-        ["CPUs (nproc), model", f"{info['cpus']}, {info['cpu_model']}"],
-        ["Python", info["python"]],
-        ["revision", info["revision"]],
-        ["serve", info["gunicorn"]],
-        ["load average at start (1/5/15 min)", info["loadavg_start"]],
-    ]
-    return "## Machine\n\n" + table(["", ""], rows)
 
 
 # ------------------------------------------------------------------------ in process
