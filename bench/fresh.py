@@ -5,6 +5,7 @@ calls that follow, over one keep-alive connection opened beforehand."""
 from __future__ import annotations
 
 import http.client
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 from bench import servers
 from bench.stats import percentile
 from bench.workloads import BodyTemplate, Workload
+
+_STARTS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -36,19 +39,21 @@ class FirstCall:
 
 
 def measure(workload: Workload, workdir: Path, later_calls: int) -> FirstCall:
+    start = next(_STARTS)  # each start its own database and hookInstances
+    name = f"fresh-{workload.name}-{start}"
     port = servers.free_port()
-    env = servers.server_env(workdir, f"fresh-{workload.name}", port, workers=1)
+    env = servers.server_env(workdir, name, port, workers=1)
     template = BodyTemplate(workload.request)
     path = f"/cds-services/{workload.service_id}"
     times: list[float] = []
     statuses: list[int] = []
     command = servers.service_command(port)
-    with servers.gunicorn_server(f"fresh-{workload.name}", command, env, port, workdir):
+    with servers.gunicorn_server(name, command, env, port, workdir):
         conn = http.client.HTTPConnection(servers.LOOPBACK, port, timeout=60)
         conn.connect()
         try:
             for index in range(1 + later_calls):
-                body = template.render(index)
+                body = template.render(start * 10**6 + index)
                 started = time.perf_counter()
                 conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
                 response = conn.getresponse()

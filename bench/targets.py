@@ -39,12 +39,17 @@ def cpu_per_call(workload: str, ours_ms: float | None, floor_ms: float | None) -
     return Target(name, goal, measured, ratio <= CPU_RATIO_LIMIT)
 
 
-def tail(workload: str, median_ms: float, p99_ms: float) -> Target:
-    ratio = p99_ms / median_ms
+def tail(workload: str, cpu_ms: dict[str, float], wall_ms: dict[str, float]) -> Target:
+    """Judged on the calling thread's CPU time per call (summaries with "median" and "p99"):
+    on a shared machine the wall clock's tail is mostly the time other processes held the
+    CPU. The wall clock's is shown beside it."""
+    ratio = cpu_ms["p99"] / cpu_ms["median"]
+    wall = wall_ms["p99"] / wall_ms["median"]
     return Target(
         f"{workload}: p99 in process vs median",
         f"≤ {fmt(TAIL_RATIO_LIMIT, 0)}× the median",
-        f"{fmt(ratio)}× ({fmt(p99_ms)} / {fmt(median_ms)} ms)",
+        f"CPU {fmt(ratio)}× ({fmt(cpu_ms['p99'])} / {fmt(cpu_ms['median'])} ms); wall clock "
+        f"{fmt(wall)}× ({fmt(wall_ms['p99'])} / {fmt(wall_ms['median'])} ms)",
         ratio <= TAIL_RATIO_LIMIT,
     )
 
@@ -60,12 +65,17 @@ def missing_prefetch(keys: int, delay_ms: float, added_ms: float) -> Target:
     )
 
 
-def first_call(workload: str, first_ms: float, later_median_ms: float) -> Target:
-    extra = first_ms - later_median_ms
+def first_call(workload: str, starts: list[tuple[float, float]]) -> Target:
+    """``starts``: per fresh start, (first call ms, median of the later calls ms); judged on
+    the median over the starts of what the first call took more."""
+    extras = sorted(first - later for first, later in starts)
+    extra = extras[(len(extras) - 1) // 2]
+    each = ", ".join(f"+{fmt(e)}" for e in extras)
     return Target(
         f"{workload}: first call of a fresh worker",
         f"≤ {fmt(FIRST_CALL_LIMIT_MS, 0)} ms over the later calls' median",
-        f"+{fmt(extra)} ms ({fmt(first_ms)} vs {fmt(later_median_ms)} ms)",
+        f"+{fmt(extra)} ms"
+        + (f" (median of {len(extras)} starts: {each})" if len(extras) > 1 else ""),
         extra <= FIRST_CALL_LIMIT_MS,
     )
 
