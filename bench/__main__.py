@@ -3,13 +3,14 @@
 Prints Markdown tables (machine, in process, the real-world corpus, a fresh worker's first
 call, HTTP against the floor) and the targets, each PASS or MISS: ratios of figures measured
 in the same run, since these shared machines change speed from minute to minute.
-``--json FILE`` writes every figure; ``--compare FILE`` sets this run's calls/s beside an
-earlier run's (another revision, say).
+``--json FILE`` writes every figure; ``--baseline DIR`` serves another checkout's code in
+the same HTTP rounds, to compare two revisions' throughput.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -89,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument(
-        "--compare", type=Path, help="an earlier run's --json file: print calls/s beside it"
+        "--baseline",
+        type=Path,
+        help="a checkout of another revision (git worktree add DIR REV): its `cds-service "
+        "serve` joins the typical HTTP rounds, run by this environment's Python",
     )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["corpus"] = run_corpus(plan, workdir, found)
             if args.only in (None, "servers"):
                 report["first_call"] = run_first_calls(plan, workloads, workdir, found)
-                report["http"] = run_http(plan, workloads, workdir, found)
+                report["http"] = run_http(plan, workloads, workdir, found, args.baseline)
         finally:
             # Every in-process app's queued cards written before their database's directory
             # goes, even when a part failed.
@@ -115,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     report["targets"] = [t.to_json() for t in found]
     print(f"\nload average at the end: {report['machine']['loadavg_end']}")
     print("\n## Targets\n\n" + targets.targets_table(found), flush=True)
-    if args.compare and "http" in report:
-        print("\n" + compare(json.loads(args.compare.read_text()), report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
         print(f"\nfigures written to {args.json}")
@@ -312,49 +314,80 @@ def run_first_calls(
 
 
 def run_http(
-    plan: Plan, workloads: dict[str, Workload], workdir: Path, found: list[Target]
+    plan: Plan,
+    workloads: dict[str, Workload],
+    workdir: Path,
+    found: list[Target],
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
     print("\n## Over HTTP: `cds-service serve` against the floor (same gunicorn setup)\n")
-    ours_port, floor_port = servers.free_port(), servers.free_port()
+    commands = {
+        "ours": (servers.service_command, servers.ROOT),
+        "floor": (lambda port: servers.floor_command(), servers.ROOT),
+    }
+    if baseline is not None:  # the same `serve`, another checkout's code; typical only
+        commands[BASELINE] = (servers.service_command, baseline)
     results: list[LoadResult] = []
-    with (
-        servers.gunicorn_server(
-            "ours",
-            servers.service_command(ours_port),
-            servers.server_env(workdir, "http-ours", ours_port),
-            ours_port,
-            workdir,
-        ) as ours,
-        servers.gunicorn_server(
-            "floor",
-            servers.floor_command(),
-            servers.server_env(workdir, "http-floor", floor_port),
-            floor_port,
-            workdir,
-        ) as floor,
-    ):
+    with contextlib.ExitStack() as stack:
+        started = []
+        for name, (command, code) in commands.items():
+            port = servers.free_port()
+            env = servers.server_env(workdir, f"http-{name}", port, code=code)
+            started.append(
+                stack.enter_context(servers.started_server(name, command(port), env, port, workdir))
+            )
         for name, levels in plan.levels.items():
             workload = workloads[name]
             template = BodyTemplate(workload.request)
             path = f"/cds-services/{workload.service_id}"
+            targets_here = [s for s in started if name == "typical" or s.name != BASELINE]
             for concurrency in levels:
-                pair = {s.name: LoadResult(s.name, name, concurrency) for s in (floor, ours)}
+                runs = {s.name: LoadResult(s.name, name, concurrency) for s in targets_here}
                 for number in range(1, plan.http_rounds + 1):
-                    for server in (floor, ours) if number % 2 else (ours, floor):
+                    # Reversed every other round: a steady drift then favours no server.
+                    order = targets_here if number % 2 else targets_here[::-1]
+                    for server in order:
                         _progress(f"{server.name} {name} c={concurrency} round {number}")
                         run_round(
-                            pair[server.name],
+                            runs[server.name],
                             server,
                             path,
                             template,
                             plan.round_seconds,
                             plan.warmup_seconds,
                         )
-                results.extend(pair.values())
+                results.extend(runs.values())
     print(_http_table(results), flush=True)
+    if baseline is not None:
+        print(f"\nAgainst the baseline ({baseline}), same rounds:\n\n" + _baseline_table(results))
     for name in plan.levels:
         found.append(_cpu_target(name, results))
     return {"results": [r.to_json() for r in results]}
+
+
+BASELINE = "baseline"
+
+
+def _baseline_table(results: list[LoadResult]) -> str:
+    """The service against the baseline checkout's, per level: calls/s and server CPU."""
+    rows = []
+    for (workload, concurrency), runs in _pairs(results).items():
+        if BASELINE not in runs:
+            continue
+        ours, base = runs["ours"], runs[BASELINE]
+        change = (ours.calls_per_s / base.calls_per_s - 1) * 100 if base.calls_per_s else None
+        rows.append(
+            [
+                workload,
+                str(concurrency),
+                fmt(base.calls_per_s, 0),
+                fmt(ours.calls_per_s, 0),
+                f"{fmt(change, 1)} %",
+                f"{fmt(ours.cpu_ms_per_call)} / {fmt(base.cpu_ms_per_call)}",
+            ]
+        )
+    headers = ["workload", "concurrency", "baseline calls/s", "service calls/s", "change"]
+    return table([*headers, "server CPU ms/call service / baseline"], rows)
 
 
 def _pairs(results: list[LoadResult]) -> dict[tuple[str, int], dict[str, LoadResult]]:
@@ -401,32 +434,6 @@ def _http_table(results: list[LoadResult]) -> str:
     return table(
         [*headers, "ours median ms", "ours p99 ms", "server CPU ms/call ours / floor", "non-200"],
         rows,
-    )
-
-
-def compare(baseline: dict[str, Any], report: dict[str, Any]) -> str:
-    """Calls/s of this run beside an earlier run's, per target, workload and concurrency."""
-
-    def by_key(run: dict[str, Any]) -> dict[tuple[str, str, int], float]:
-        return {
-            (r["target"], r["workload"], r["concurrency"]): r.get("calls_per_s", r.get("rps"))
-            for r in run.get("http", {}).get("results", [])
-        }
-
-    before, now = by_key(baseline), by_key(report)
-    rows = []
-    for (target, workload, concurrency), calls in now.items():
-        then = before.get((target, workload, concurrency))
-        change = f"{fmt((calls / then - 1) * 100, 1)} %" if then else "–"
-        rows.append([target, workload, str(concurrency), fmt(then, 0), fmt(calls, 0), change])
-    revision = baseline.get("machine", {}).get("revision", "?")
-    return (
-        f"## Against {revision} ({baseline.get('machine', {}).get('date', '?')})\n\n"
-        + table(
-            ["target", "workload", "concurrency", "then calls/s", "now calls/s", "change"], rows
-        )
-        + "\n\nThe floor's change is the machine's own drift between the two runs: judge the "
-        "service's change against it."
     )
 
 

@@ -48,7 +48,7 @@ def measure(workload: Workload, workdir: Path, later_calls: int) -> FirstCall:
     times: list[float] = []
     statuses: list[int] = []
     command = servers.service_command(port)
-    with servers.gunicorn_server(name, command, env, port, workdir):
+    with servers.started_server(name, command, env, port, workdir):
         conn = http.client.HTTPConnection(servers.LOOPBACK, port, timeout=60)
         conn.connect()
         try:

@@ -112,9 +112,12 @@ def fixture_servers(
 # ------------------------------------------------------------------------ gunicorn servers
 
 
-def server_env(workdir: Path, name: str, port: int, workers: int | None = None) -> dict[str, str]:
+def server_env(
+    workdir: Path, name: str, port: int, workers: int | None = None, code: Path = ROOT
+) -> dict[str, str]:
     """A server's environment: production defaults, no inherited CDS_* settings, auth off
-    (a JWT's cost is not what these servers compare), its own SQLite file."""
+    (a JWT's cost is not what these servers compare), its own SQLite file; ``code``: the
+    checkout whose ``cds_service`` it imports (first on PYTHONPATH)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
     env.update(
         {
@@ -124,7 +127,7 @@ def server_env(workdir: Path, name: str, port: int, workers: int | None = None) 
             "CDS_AUTH": "off",
             "CDS_DATABASE_URL": f"sqlite:///{workdir / f'{name}.sqlite3'}",
             "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+                p for p in (str(code), os.environ.get("PYTHONPATH", "")) if p
             ),
         }
     )
@@ -132,7 +135,8 @@ def server_env(workdir: Path, name: str, port: int, workers: int | None = None) 
 
 
 def service_command(port: int) -> list[str]:
-    """``cds-service serve`` as installed next to this interpreter (else via ``-m``)."""
+    """``cds-service serve`` as installed next to this interpreter (else via ``-m``); it
+    imports the ``cds_service`` its PYTHONPATH names first (``server_env``)."""
     script = Path(sys.executable).with_name("cds-service")
     base = [str(script)] if script.exists() else [sys.executable, "-m", "cds_service.cli"]
     return [*base, "serve", "--host", LOOPBACK, "--port", str(port)]
@@ -153,18 +157,24 @@ class Server:
     def base_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def worker_pids(self) -> list[int]:
-        """The master's child processes: gunicorn's workers."""
-        pids = []
+    def descendants(self) -> list[int]:
+        """Every process under the one started (gunicorn's workers, and whatever else
+        ``serve`` may start), read from ``/proc``."""
+        children: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 fields = stat_fields(int(entry.name))
-                if fields is not None and int(fields[PPID]) == self.process.pid:
-                    pids.append(int(entry.name))
-        return sorted(pids)
+                if fields is not None:
+                    children.setdefault(int(fields[PPID]), []).append(int(entry.name))
+        found, queue = [], [self.process.pid]
+        while queue:
+            kids = children.get(queue.pop(), [])
+            found.extend(kids)
+            queue.extend(kids)
+        return sorted(found)
 
     def pids(self) -> list[int]:
-        return [self.process.pid, *self.worker_pids()]
+        return [self.process.pid, *self.descendants()]
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -183,14 +193,14 @@ def _wait_ready(server: Server, workers: int, timeout: float = 60) -> None:
             )
         url = f"{server.base_url}/healthz"
         with suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
-            if response.status == 200 and len(server.worker_pids()) >= workers:
+            if response.status == 200 and len(server.descendants()) >= workers:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{server.name} not ready within {timeout:.0f} s:\n{server.log_tail()}")
 
 
 @contextmanager
-def gunicorn_server(
+def started_server(
     name: str, command: list[str], env: dict[str, str], port: int, workdir: Path
 ) -> Iterator[Server]:
     log_path = workdir / f"{name}.log"
@@ -205,7 +215,7 @@ def gunicorn_server(
 
 
 def _stop(server: Server) -> None:
-    workers = [(pid, _start_time(pid)) for pid in server.worker_pids()]
+    workers = [(pid, _start_time(pid)) for pid in server.descendants()]
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)
         try:
@@ -214,7 +224,7 @@ def _stop(server: Server) -> None:
             server.process.kill()
             server.process.wait(timeout=5)
     for pid, started in workers:
-        # Only a worker of the master we started that outlived it (same pid, same start time).
+        # Only a process under the one we started that outlived it (same pid, same start).
         if _start_time(pid) == started:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

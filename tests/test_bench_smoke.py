@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as bench_main
-from bench import corpus, inprocess, targets
+from bench import corpus, inprocess, servers, targets
 from bench.floor_app import app as floor_app
 from bench.http_load import LoadResult
 from bench.servers import cpu_seconds
@@ -205,29 +205,29 @@ def test_the_corpus_target_passes_without_5xx_and_skips_without_a_corpus() -> No
     assert targets.corpus(3, 0, {200: 2, 500: 1}, 30.0, 9.0).passed is False
 
 
-def test_the_comparison_sets_calls_per_second_beside_an_earlier_run() -> None:
-    # An earlier run's JSON (the benchmark before this one wrote "rps"; it still compares).
-    then = {
-        "http": {
-            "results": [{"target": "ours", "workload": "typical", "concurrency": 4, "rps": 1000.0}]
-        }
-    }
-    now = {
-        "http": {
-            "results": [
-                {"target": "ours", "workload": "typical", "concurrency": 4, "calls_per_s": 880.0}
-            ]
-        }
-    }
-    line = next(row for row in bench_main.compare(then, now).splitlines() if "| ours" in row)
+def test_the_baseline_checkout_is_set_beside_the_service_per_level() -> None:
+    # `--baseline DIR`: another revision's `serve` in the same typical rounds (issue 22's
+    # "typical throughput did not drop more than 10 %", measured in one run).
+    def result(target: str, requests: int, cpu: float) -> LoadResult:
+        return LoadResult(target, "typical", 4, requests, 0, 1.0, cpu)
+
+    results = [result("floor", 2000, 1.2), result("ours", 880, 1.0), result("baseline", 1000, 1.0)]
+    line = next(row for row in bench_main._baseline_table(results).splitlines() if "| typ" in row)
     assert [cell.strip() for cell in line.split("|")[1:-1]] == [
-        "ours",
         "typical",
         "4",
         "1,000",
         "880",
         "-12.0 %",
+        "1.14 / 1.00",
     ]
+
+
+def test_a_server_runs_the_code_of_the_checkout_it_is_given(tmp_path: Path) -> None:
+    env = servers.server_env(tmp_path, "baseline", 8123, code=tmp_path / "before")
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "before")
+    assert env["CDS_PORT"] == "8123" and env["CDS_HOST"] == "127.0.0.1"
+    assert servers.server_env(tmp_path, "ours", 8124)["PYTHONPATH"].startswith(str(servers.ROOT))
 
 
 def test_cpu_seconds_counts_user_and_system_time_as_the_kernel_does() -> None:
