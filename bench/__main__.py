@@ -290,26 +290,19 @@ def run_first_calls(
     print("\n## First call of a fresh worker (`cds-service serve`, 1 worker, over HTTP)\n")
     rows, figures = [], []
     for name in ("typical", "suggestion"):
-        starts = []
+        cpu, wall = [], []
         for number in range(1, plan.fresh_starts + 1):
             _progress(f"fresh worker: {name}, start {number}, 1 + {plan.later_calls} calls")
             call = fresh.measure(workloads[name], workdir, plan.later_calls)
-            starts.append((call.first_ms, call.later_median_ms))
+            cpu.append(call.first_and_later_median(call.cpu_ms))
+            wall.append(call.first_and_later_median(call.wall_ms))
             figures.append(call.to_json())
             statuses = ", ".join(str(s) for s in sorted(set(call.statuses)))
-            rows.append(
-                [
-                    name,
-                    str(number),
-                    fmt(call.first_ms),
-                    fmt(call.later_median_ms),
-                    str(len(call.later_ms)),
-                    statuses,
-                ]
-            )
-        found.append(targets.first_call(name, starts))
-    headers = ["workload", "start", "first call ms", "later median ms", "later calls", "statuses"]
-    print(table(headers, rows), flush=True)
+            numbers = (*cpu[-1], *wall[-1])
+            rows.append([name, str(number), *(fmt(v) for v in numbers), statuses])
+        found.append(targets.first_call(name, cpu, wall))
+    headers = ["workload", "start", "first CPU ms", "later CPU median ms"]
+    print(table([*headers, "first ms", "later median ms", "statuses"], rows), flush=True)
     return figures
 
 

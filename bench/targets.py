@@ -65,18 +65,23 @@ def missing_prefetch(keys: int, delay_ms: float, added_ms: float) -> Target:
     )
 
 
-def first_call(workload: str, starts: list[tuple[float, float]]) -> Target:
-    """``starts``: per fresh start, (first call ms, median of the later calls ms); judged on
-    the median over the starts of what the first call took more."""
-    extras = sorted(first - later for first, later in starts)
-    extra = extras[(len(extras) - 1) // 2]
-    each = ", ".join(f"+{fmt(e)}" for e in extras)
+def first_call(
+    workload: str, cpu_ms: list[tuple[float, float]], wall_ms: list[tuple[float, float]]
+) -> Target:
+    """Per fresh start, (first call, median of the later calls): the worker's CPU time, by
+    which it is judged (on a shared machine the wall clock also holds other processes'
+    time), and the wall clock's, shown beside it. The median over the starts counts."""
+
+    def extra(starts: list[tuple[float, float]]) -> tuple[float, str]:
+        extras = sorted(first - later for first, later in starts)
+        return extras[(len(extras) - 1) // 2], ", ".join(f"+{fmt(e)}" for e in extras)
+
+    (cpu, cpu_each), (wall, wall_each) = extra(cpu_ms), extra(wall_ms)
     return Target(
         f"{workload}: first call of a fresh worker",
         f"≤ {fmt(FIRST_CALL_LIMIT_MS, 0)} ms over the later calls' median",
-        f"+{fmt(extra)} ms"
-        + (f" (median of {len(extras)} starts: {each})" if len(extras) > 1 else ""),
-        extra <= FIRST_CALL_LIMIT_MS,
+        f"CPU +{fmt(cpu)} ms (starts: {cpu_each}); wall clock +{fmt(wall)} ms ({wall_each})",
+        cpu <= FIRST_CALL_LIMIT_MS,
     )
 
 
