@@ -246,7 +246,8 @@ def run_corpus(plan: Plan, workdir: Path, found: list[Target]) -> dict[str, Any]
         print(f"no corpus: {corpus.CORPUS_DIR} holds no request files; skipped")
         found.append(targets.corpus(0, 0, {}, 0.0, 0.0))
         return {"files": 0}
-    if plan.corpus_files is not None:
+    if plan.corpus_files is not None and len(files) > plan.corpus_files:
+        print(f"--quick: the first {plan.corpus_files} of {len(files)} files\n")
         files = files[: plan.corpus_files]
     _progress(f"corpus: {len(files)} requests")
     result = corpus.run(inprocess.make_app(workdir, "corpus"), files)
