@@ -44,7 +44,7 @@ class Plan:
     http_rounds: int
     round_seconds: float  # measured, per target and round
     warmup_seconds: float  # before each round, on new connections
-    corpus_files: int | None  # None: every file
+    corpus_calls: int | None  # None: every call
 
 
 FULL = Plan(
@@ -60,7 +60,7 @@ FULL = Plan(
     http_rounds=4,
     round_seconds=2.0,
     warmup_seconds=0.5,
-    corpus_files=None,
+    corpus_calls=None,
 )
 QUICK = Plan(
     iterations={
@@ -75,7 +75,7 @@ QUICK = Plan(
     http_rounds=2,
     round_seconds=0.5,
     warmup_seconds=0.2,
-    corpus_files=30,
+    corpus_calls=30,
 )
 
 
@@ -241,43 +241,32 @@ def _stage_table(results: list[inprocess.InProcessResult]) -> str:
 
 def run_corpus(plan: Plan, workdir: Path, found: list[Target]) -> dict[str, Any]:
     print("\n## Real-world corpus (fixtures/corpus), in process\n", flush=True)
-    files = corpus.request_files()
-    if not files:
-        print(f"no corpus: {corpus.CORPUS_DIR} holds no request files; skipped")
-        found.append(targets.corpus(0, 0, {}, 0.0, 0.0))
-        return {"files": 0}
-    if plan.corpus_files is not None and len(files) > plan.corpus_files:
-        print(f"--quick: the first {plan.corpus_files} of {len(files)} files\n")
-        files = files[: plan.corpus_files]
-    _progress(f"corpus: {len(files)} requests")
-    result = corpus.run(inprocess.make_app(workdir, "corpus"), files)
+    calls = corpus.corpus_calls()
+    if not calls:
+        print(f"no corpus: {corpus.CORPUS_DIR} holds no calls; skipped")
+        found.append(targets.corpus(0, {}, 0.0, 0.0))
+        return {"calls": 0}
+    if plan.corpus_calls is not None and len(calls) > plan.corpus_calls:
+        print(f"--quick: the first {plan.corpus_calls} of {len(calls)} calls\n")
+        calls = calls[: plan.corpus_calls]
+    _progress(f"corpus: {len(calls)} calls")
+    result = corpus.run(inprocess.make_app(workdir, "corpus"), calls)
     figures = result.to_json()
     latency = figures["latency_ms"]
     statuses = ", ".join(f"{s}×{n}" for s, n in sorted(result.statuses.items()))
-    print(
-        table(
-            ["files", "posted", "statuses", "total s", "median ms", "p99 ms", "max ms"],
-            [
-                [
-                    str(result.files),
-                    str(result.posted),
-                    statuses,
-                    fmt(sum(result.latencies_ms) / 1000),
-                    *(fmt(latency[k]) for k in ("median", "p99", "max")),
-                ]
-            ],
-        )
-    )
+    headers = ["calls", "statuses", "total s", "median ms", "p99 ms", "max ms"]
+    total_s = fmt(figures["total_ms"] / 1000)
+    row = [
+        str(result.calls),
+        statuses,
+        total_s,
+        *(fmt(latency[k]) for k in ("median", "p99", "max")),
+    ]
+    print(table(headers, [row]))
     for name in result.server_errors[:10]:
         print(f"5xx: {name}")
     found.append(
-        targets.corpus(
-            result.files,
-            len(result.skipped),
-            dict(result.statuses),
-            sum(result.latencies_ms),
-            latency["median"],
-        )
+        targets.corpus(result.calls, dict(result.statuses), figures["total_ms"], latency["median"])
     )
     return figures
 

@@ -57,7 +57,12 @@ def make_app(workdir: Path, name: str, *, process_wide: bool = True, **overrides
     /dev/null; off inside a test session.
     """
     settings = Settings(
-        **{"auth": "off", "database_url": f"sqlite:///{workdir / f'{name}.sqlite3'}", **overrides}
+        **{
+            "auth": "off",
+            "database_url": f"sqlite:///{workdir / f'{name}.sqlite3'}",
+            "fhir_server_allowlist": "*",  # the benchmark's own fixture servers
+            **overrides,
+        }
     )
     if not process_wide:
         app = create_app(settings)

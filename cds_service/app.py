@@ -10,14 +10,16 @@ from flask.json.provider import DefaultJSONProvider
 from flask.typing import ResponseReturnValue
 
 from cds_service.context.builder import ClientFactory, default_client_factory
+from cds_service.fhir_models import preload_models
 from cds_service.knowledge import Knowledge, default_knowledge, load_knowledge
 from cds_service.logging_setup import configure_logging, install_request_logging
 from cds_service.pipeline import HookPipeline
-from cds_service.protocol.auth import install_auth, shared_replay_guard
+from cds_service.protocol.auth import install_auth, issuer_fhir_servers, shared_replay_guard
 from cds_service.protocol.blueprint import CARD_RECORDER_EXTENSION, PIPELINE_EXTENSION, bp
 from cds_service.protocol.cors import install_cors
 from cds_service.protocol.errors import register_error_handlers
 from cds_service.protocol.feedback import STORE_EXTENSION, feedback_bp, make_card_recorder
+from cds_service.protocol.guidance import guidance_bp
 from cds_service.protocol.validation import compile_request_validators
 from cds_service.settings import Settings
 from cds_service.store import FeedbackStore
@@ -46,6 +48,9 @@ def create_app(
         )
 
     compile_request_validators()
+    # Here, not in the first call that builds an update suggestion (130-290 ms); gunicorn
+    # preloads the app, so its workers inherit the models.
+    preload_models()
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -56,7 +61,7 @@ def create_app(
     app.extensions["cds_settings"] = settings
     app.extensions["cds_knowledge"] = knowledge
     app.extensions[PIPELINE_EXTENSION] = HookPipeline(
-        knowledge, client_factory or default_client_factory(settings)
+        knowledge, client_factory or default_client_factory(settings, issuer_fhir_servers(settings))
     )
     # Migrates the schema here, once, before gunicorn forks its workers (preload_app).
     store = store or FeedbackStore.open(settings.database_url)
@@ -76,6 +81,7 @@ def create_app(
     install_auth(app, settings, replay_guard=shared_replay_guard(store.remember_token))
     app.register_blueprint(bp)
     app.register_blueprint(feedback_bp)
+    app.register_blueprint(guidance_bp)  # the cards' explanation pages: public, no patient data
 
     @app.get("/healthz")
     def healthz() -> ResponseReturnValue:

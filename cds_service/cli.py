@@ -119,6 +119,11 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         # the public sandbox work out of the box. Saying CDS_AUTH=on keeps authentication.
         settings = settings.with_overrides(auth="off")
     fixture_url = f"http://{settings.fixture_server_host}:{settings.fixture_server_port}"
+    # The one FHIR server the demo fetches from: its own fixture server (plus any origins the
+    # environment already allows).
+    settings = settings.with_overrides(
+        fhir_server_allowlist=_allow_origin(settings.fhir_server_allowlist, fixture_url)
+    )
     threading.Thread(
         target=run_fixture_server,
         args=(settings, settings.fixture_server_host, settings.fixture_server_port),
@@ -128,12 +133,25 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"CDS service:         http://{settings.host}:{settings.port}/cds-services"
         f" (authentication {settings.auth})\n"
-        f"Fixture FHIR server: {fixture_url} (patients: see fixtures/README.md)",
+        f"Fixture FHIR server: {fixture_url} (patients: see fixtures/README.md; the only "
+        "fhirServer the demo fetches from)",
         file=sys.stderr,
         flush=True,
     )
     run_gunicorn(settings)
     return 0
+
+
+def _allow_origin(allowlist: str, url: str) -> str:
+    """``CDS_FHIR_SERVER_ALLOWLIST`` with ``url``'s origin added (unchanged when ``url`` is not
+    one the service can use: fetching from it is then refused, saying why)."""
+    from cds_service.context.fhir_origin import UnsafeUrl, origin_of
+
+    try:
+        origin = str(origin_of(url))
+    except UnsafeUrl:
+        return allowlist
+    return ",".join(part for part in (allowlist.strip(), origin) if part)
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
@@ -142,6 +160,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from cds_service.knowledge import default_knowledge, load_knowledge
     from cds_service.pipeline import HookPipeline
     from cds_service.protocol.errors import ApiError
+    from cds_service.protocol.guidance import configured_base_url
     from cds_service.protocol.hook_request import HookRequest
     from cds_service.protocol.services import SERVICES, SERVICES_BY_ID
     from cds_service.protocol.validation import check_hook, parse_json_bytes, validate_or_400
@@ -176,9 +195,13 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     knowledge = (
         load_knowledge(settings.knowledge_path) if settings.knowledge_path else default_knowledge()
     )
+    if args.fhir_server:  # named on the command line: allowed on purpose
+        settings = settings.with_overrides(
+            fhir_server_allowlist=_allow_origin(settings.fhir_server_allowlist, args.fhir_server)
+        )
     pipeline = HookPipeline(knowledge, default_client_factory(settings))
     try:
-        result = pipeline.run(service, HookRequest.from_json(body))
+        result = pipeline.run(service, HookRequest.from_json(body), configured_base_url(settings))
     except DataUnavailable as exc:
         for missing in exc.missing:
             print(f"required data unavailable: {missing.key}: {missing.reason}", file=sys.stderr)

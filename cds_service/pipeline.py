@@ -54,8 +54,11 @@ class HookPipeline:
         # "Today" for the rules (lab recency, age); tests pin it to the fixtures' date.
         self.clock: Callable[[], date] = date.today
 
-    def run(self, service: ServiceDefinition, request: HookRequest) -> PipelineResult:
-        """Raises ``DataUnavailable`` when required data cannot be had (HTTP 412)."""
+    def run(
+        self, service: ServiceDefinition, request: HookRequest, base_url: str = ""
+    ) -> PipelineResult:
+        """Raises ``DataUnavailable`` when required data cannot be had (HTTP 412).
+        ``base_url``: the service's public URL, for the cards' explanation links."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
         context = build_patient_context(
@@ -75,6 +78,7 @@ class HookPipeline:
             request.patient_id,
             context.draft_resources,
             fhir_version=context.fhir_version,
+            base_url=base_url,
         )
         cards_json = [card.to_json() for card in cards]
         response: dict[str, Any] = {"cards": cards_json}

@@ -1,8 +1,8 @@
 """Configuration: one frozen dataclass, read from ``CDS_*`` environment variables.
 
 Every field has a safe, documented default so that ``cds-service serve`` works with no
-configuration at all. ``SETTINGS_DOC`` is the single source for the settings table in docs/settings.md
-(``tests/test_settings.py`` checks that it lists every setting).
+configuration at all. ``SETTINGS_DOC`` is the single source for the settings table in
+docs/settings.md (``tests/test_settings.py`` checks that it lists every setting).
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from cds_service.context.fhir_origin import Origin
 
 ENV_PREFIX = "CDS_"
 
@@ -61,6 +64,11 @@ class Settings:
     fixture_server_port: int = 8090
     fixture_server_delay_ms: int = 0
     cors_allow_origin: str = "*"
+    # Origins (comma-separated, `*` for any) whose fhirServer the service may fetch from, on
+    # top of each trusted issuer's own list. Empty: none (an SSRF guard; demo sets its own).
+    fhir_server_allowlist: str = ""
+    # Every hook call ends within this many seconds whatever the FHIR server does.
+    call_deadline_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         # Reject values that would silently weaken or break authentication.
@@ -76,11 +84,27 @@ class Settings:
                 value = getattr(self, name)
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()}={value!r} must be >= {minimum}")
         _ = self.external_base_urls  # a malformed URL stops start-up, not the first call
+        _ = self.fhir_server_origins
+        if not 0 < self.call_deadline_seconds <= 300:
+            raise SettingsError(
+                f"{ENV_PREFIX}CALL_DEADLINE_SECONDS={self.call_deadline_seconds!r} must be "
+                "> 0 and <= 300"
+            )
 
     @property
     def external_base_urls(self) -> tuple[str, ...]:
         """``CDS_EXTERNAL_BASE_URL`` split on commas, without trailing slashes."""
         return parse_base_urls(self.external_base_url, f"{ENV_PREFIX}EXTERNAL_BASE_URL")
+
+    @property
+    def fhir_server_origins(self) -> frozenset[Origin] | None:
+        """``CDS_FHIR_SERVER_ALLOWLIST`` as origins; None = any."""
+        from cds_service.context.fhir_origin import parse_origins
+
+        try:
+            return parse_origins(self.fhir_server_allowlist, f"{ENV_PREFIX}FHIR_SERVER_ALLOWLIST")
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -184,7 +208,8 @@ SETTINGS_DOC: dict[str, str] = {
     "knowledge_dir": "Directory with knowledge files; empty = the bundled knowledge.",
     "database_url": "SQLAlchemy URL of the feedback store.",
     "fhir_connect_timeout": "Connect timeout (s) for FHIR fallback fetches.",
-    "fhir_read_timeout": "Read timeout (s) for FHIR fallback fetches.",
+    "fhir_read_timeout": "Time budget (s) of one prefetch key's FHIR fetch, all its pages and "
+    "redirects included (never past the call's deadline).",
     "fhir_max_pages": "Most `link[next]` pages followed per prefetch key.",
     "fhir_max_workers": "Concurrent FHIR fetches per request.",
     "fhir_max_response_bytes": "Most bytes read from the FHIR server for one prefetch key.",
@@ -193,6 +218,11 @@ SETTINGS_DOC: dict[str, str] = {
     "fixture_server_port": "Port of `cds-service fixture-server`.",
     "fixture_server_delay_ms": "Artificial delay per fixture-server request (benchmarks).",
     "cors_allow_origin": "`Access-Control-Allow-Origin` for browser clients.",
+    "fhir_server_allowlist": "Origins the service may fetch a call's `fhirServer` from, "
+    "comma-separated (e.g. `https://fhir.example.org`), `*` for any; a trusted issuer's "
+    "`fhirServers` add to it for its calls. Empty: none (`demo` allows its fixture server).",
+    "call_deadline_seconds": "Every hook call ends within this many seconds whatever the FHIR "
+    "server does; what could not be fetched by then is reported (412 or data issues).",
 }
 
 

@@ -172,10 +172,19 @@ FIXTURES_TODAY = date.fromisoformat(
 
 @pytest.fixture(scope="session")
 def cds_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of the CDS service on a real socket: auth off, fresh SQLite, clock pinned."""
+    """Base URL of the CDS service on a real socket: auth off, fresh SQLite, clock pinned.
+
+    It may fetch from any fhirServer (``CDS_FHIR_SERVER_ALLOWLIST=*``): the tests' FHIR servers
+    listen on ports chosen at random. ``tests/test_fhir_allowlist.py`` tests the allowlist.
+    """
     database = tmp_path_factory.mktemp("cds-db") / "cds.sqlite3"
     app = create_app(
-        Settings(auth="off", database_url=f"sqlite:///{database}", fhir_read_timeout=5)
+        Settings(
+            auth="off",
+            database_url=f"sqlite:///{database}",
+            fhir_read_timeout=5,
+            fhir_server_allowlist="*",
+        )
     )
     pipeline: HookPipeline = app.extensions[PIPELINE_EXTENSION]
     pipeline.clock = lambda: FIXTURES_TODAY

@@ -33,14 +33,12 @@ from bench.workloads import (
     suggestion,
     typical,
 )
-from cds_service.context.model import Coding
-from cds_service.context.normalise import model_problems
+from cds_service.fhir_models import model_problems
+from cds_service.fhir_types import Coding
 from cds_service.knowledge import default_knowledge
 from cds_service.protocol.feedback import STORE_EXTENSION
 from cds_service.protocol.services import PREFETCH_KEYS
 from cds_service.store.writer import CardWriter
-
-FIXTURE_REQUESTS = Path(__file__).resolve().parents[1] / "fixtures" / "requests"
 
 
 def _counts(resources: list[dict]) -> dict[str, int]:
@@ -203,10 +201,10 @@ def test_tail_first_call_and_round_trip_limits() -> None:
 
 
 def test_the_corpus_target_passes_without_5xx_and_skips_without_a_corpus() -> None:
-    assert targets.corpus(0, 0, {}, 0.0, 0.0).measured == "no corpus"
-    assert targets.corpus(0, 0, {}, 0.0, 0.0).verdict == "skipped"
-    assert targets.corpus(3, 0, {200: 2, 412: 1}, 30.0, 9.0).passed is True
-    assert targets.corpus(3, 0, {200: 2, 500: 1}, 30.0, 9.0).passed is False
+    assert targets.corpus(0, {}, 0.0, 0.0).measured == "no corpus"
+    assert targets.corpus(0, {}, 0.0, 0.0).verdict == "skipped"
+    assert targets.corpus(3, {200: 2, 412: 1}, 30.0, 9.0).passed is True
+    assert targets.corpus(3, {200: 2, 500: 1}, 30.0, 9.0).passed is False
 
 
 def test_the_baseline_checkout_is_set_beside_the_service_per_level() -> None:
@@ -260,19 +258,17 @@ def test_server_cpu_readings_count_user_and_system_time_as_the_kernel_does() -> 
 # ------------------------------------------------------------------------ runs
 
 
-def test_the_corpus_run_posts_each_file_to_its_hooks_service(tmp_path: Path) -> None:
-    root = tmp_path / "corpus"
-    (root / "R4").mkdir(parents=True)
-    for name in ("ckd4-low-egfr.patient-view.json", "hashimoto-levothyroxine.order-sign.json"):
-        (root / "R4" / name).write_bytes((FIXTURE_REQUESTS / name).read_bytes())
-    (root / "notes.json").write_text('{"not": "a hook request"}')
-    files = corpus.request_files(root)
+def test_the_corpus_run_posts_each_call_to_its_service(tmp_path: Path) -> None:
+    calls = corpus.corpus_calls()
+    assert len(calls) >= 3 * 50 * 7  # 50 patients per FHIR version, 7+ calls each
+    # One call of each service and FHIR version: what the full run posts, in small.
+    sample = list({(c.service_id, c.version): c for c in calls}.values())
+    assert len(sample) == 11  # 3 services x 3 versions, medication-prescribe for STU3 and DSTU2
     app = inprocess.make_app(tmp_path, "corpus", process_wide=False)
-    result = corpus.run(app, files, root)
-    assert result.files == 3 and result.posted == 2
-    assert dict(result.statuses) == {200: 2}
-    assert result.skipped == ["notes.json"] and result.server_errors == []
-    assert corpus.request_files(tmp_path / "absent") == []
+    result = corpus.run(app, sample)
+    assert result.calls == len(result.latencies_ms) == len(sample)
+    assert result.server_errors == [] and set(result.statuses) <= {200, 412}
+    assert corpus.corpus_calls(tmp_path / "absent") == []
 
 
 def test_a_failed_run_still_writes_the_queued_cards_before_its_directory_goes(

@@ -13,7 +13,6 @@ from cds_service.cards.model import (
     Link,
     Source,
     Suggestion,
-    shorten,
 )
 from cds_service.resources import load_schema
 
@@ -57,6 +56,7 @@ def test_minimal_card_omits_optional_fields() -> None:
     "build",
     [
         lambda: Card(summary="x" * 140, indicator="info", source=SOURCE),
+        lambda: Card(summary="s", indicator="info", source=SOURCE, detail="x" * 501),
         lambda: Card(summary=" ", indicator="info", source=SOURCE),
         lambda: Card(summary="s", indicator="urgent", source=SOURCE),  # type: ignore[arg-type]
         lambda: Source(label=""),
@@ -80,6 +80,7 @@ def test_minimal_card_omits_optional_fields() -> None:
     ],
     ids=[
         "summary-140",
+        "detail-501",
         "summary-blank",
         "bad-indicator",
         "source-without-label",
@@ -96,10 +97,3 @@ def test_minimal_card_omits_optional_fields() -> None:
 def test_nonconformant_parts_are_refused(build) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(CardError):
         build()
-
-
-def test_shorten_cuts_at_a_word_with_an_ellipsis() -> None:
-    text = "word " * 40
-    short = shorten(text)
-    assert len(short) <= 139 and short.endswith("…") and "wor…" not in short
-    assert shorten("short") == "short"

@@ -90,16 +90,17 @@ def test_evaluate_prints_the_cards_without_a_server() -> None:
 
 
 def test_evaluate_writes_utf8_json_whatever_the_locale(tmp_path: Path) -> None:
-    # The card's "§" and "—" read as written (they were \\u escapes); an ASCII locale
-    # cannot make the output fail.
+    # The card's "m²" (eGFR in mL/min/1.73 m²) reads as written, not as a \\u escape; an
+    # ASCII locale cannot make the output fail.
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONIOENCODING": "ascii"}
+    request = MG_REQUEST.parent / "ckd4-low-egfr.order-select.json"
     done = subprocess.run(
-        [CDS, "evaluate", str(MG_REQUEST)], capture_output=True, timeout=60, check=False, env=env
+        [CDS, "evaluate", str(request)], capture_output=True, timeout=60, check=False, env=env
     )
     assert done.returncode == 0, done.stderr
     text = done.stdout.decode("utf-8")
-    assert "§" in text and "—" in text and "\\u" not in text
-    assert json.loads(text)["cards"][0]["indicator"] == "critical"
+    assert "1.73 m²" in text and "\\u" not in text
+    assert json.loads(text)["cards"][0]["source"]["topic"]["code"] == "renal-magnesium"
 
 
 def test_evaluate_writes_a_lone_surrogate_from_a_draft_as_its_json_escape(

@@ -6,60 +6,20 @@ on the same host is another origin too.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
+from fhir_listeners import PATIENT, Server, redirect
 from hook_calls import fhir_client, send_json
 
 from cds_service.context.fhir_client import FhirClient
 
 TOKEN = "ehr-access-token-that-must-stay-home"
-PATIENT = {"resourceType": "Patient", "id": "p1"}
-
-Handler = Callable[[BaseHTTPRequestHandler], None]
-
-
-class Server:
-    """An HTTP server whose GET behaviour is a function; records every request's headers."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.handler: Handler = lambda h: send_json(h, PATIENT)
-        self.seen: list[tuple[str, str | None]] = []  # (path, Authorization)
-        server = self
-
-        class _Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                server.seen.append((self.path, self.headers.get("Authorization")))
-                with contextlib.suppress(OSError):  # the client gave up, as it should
-                    server.handler(self)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer((host, 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://{host}:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def redirect(h: BaseHTTPRequestHandler, location: str) -> None:
-    h.send_response(302)
-    h.send_header("Location", location)
-    h.send_header("Content-Length", "0")
-    h.end_headers()
 
 
 @pytest.fixture
@@ -212,3 +172,63 @@ def test_pages_are_bounded(fhir: Server) -> None:
     result = client(fhir.base, max_pages=3).fetch("patients", "Patient?_id=p1")
     assert result.resource is not None and len(result.resource["entry"]) == 3
     assert len(fhir.seen) == 3
+
+
+# --- URLs two parsers read differently (the attack run's token leak) -----------------------
+
+
+def ambiguous_urls(fhir: Server, attacker: Server, path: str) -> list[str]:
+    """URLs Python's urlsplit reads as the fhirServer's origin, or that a lenient reading
+    could send elsewhere: each must be refused, whatever the connecting library makes of it."""
+    at, home = attacker.port, fhir.port
+    return [
+        # urlsplit: host 127.0.0.1, port ``home``; urllib3 connects to port ``at``.
+        f"http://127.0.0.1:{at}\\@127.0.0.1:{home}{path}",
+        f"http://127.0.0.1:{at}\\\\@127.0.0.1:{home}{path}",
+        f"http://127.0.0.1:{at}\t@127.0.0.1:{home}{path}",
+        f"http://127.0.0.1:{at} @127.0.0.1:{home}{path}",
+        f"http://user:pass@127.0.0.1:{home}{path}",
+        f"http://127.0.0.1:{home}:{at}{path}",
+        f"http://127.0.0.1:{at}%5C@127.0.0.1:{home}{path}",
+        f"//127.0.0.1:{at}{path}",
+        f"\\\\127.0.0.1:{at}{path}",
+    ]
+
+
+def test_a_redirect_no_parser_agrees_on_is_refused_and_nothing_reaches_the_other_port(
+    fhir: Server, other_port: Server
+) -> None:
+    for location in ambiguous_urls(fhir, other_port, "/Patient/p1"):
+        fhir.seen.clear()
+        fhir.handler = lambda h, location=location: redirect(h, location)  # type: ignore[misc]
+        result = client(fhir.base).fetch("patient", "Patient/p1")
+        assert result.resource is None, location
+        assert "another origin" in (result.problem or ""), (location, result.problem)
+        assert fhir.seen == [("/Patient/p1", f"Bearer {TOKEN}")]
+    assert other_port.seen == [] and other_port.connections == 0
+
+
+def test_a_next_link_no_parser_agrees_on_is_not_followed_and_nothing_reaches_the_other_port(
+    fhir: Server, other_port: Server
+) -> None:
+    for link in ambiguous_urls(fhir, other_port, "/Patient?page=2"):
+        page = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [{"resource": PATIENT}],
+            "link": [{"relation": "next", "url": link}],
+        }
+        fhir.handler = lambda h, page=page: send_json(h, page)  # type: ignore[misc]
+        result = client(fhir.base).fetch("patients", "Patient?_id=p1")
+        assert result.resource is not None and len(result.resource["entry"]) == 1, link
+        assert result.incomplete is not None and "another origin" in result.incomplete, link
+    assert other_port.seen == [] and other_port.connections == 0
+
+
+def test_a_fhir_server_url_no_parser_agrees_on_gets_no_request_at_all(
+    fhir: Server, other_port: Server
+) -> None:
+    for base in ambiguous_urls(fhir, other_port, "/fhir"):
+        result = client(base).fetch("patient", "Patient/p1")
+        assert result.resource is None and "fhirServer URL is refused" in (result.problem or "")
+    assert fhir.seen == [] and other_port.seen == [] and other_port.connections == 0

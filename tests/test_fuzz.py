@@ -315,7 +315,7 @@ def fuzz_client(tmp_path_factory: pytest.TempPathFactory) -> Any:
     database = tmp_path_factory.mktemp("fuzz") / "cds.sqlite3"
     config = client_config(Settings(fhir_connect_timeout=0.5, fhir_read_timeout=0.5))
 
-    def offline_client(base_url: str, token: str | None) -> FhirClient:
+    def offline_client(base_url: str, token: str | None, issuer: str | None) -> FhirClient:
         return FhirClient(DEAD_FHIR_SERVER, config, access_token=token)
 
     app = create_app(

@@ -41,6 +41,8 @@ RULE_IDS = (
     "magnesium-dose-limit",
     "patient-view-contraindication",
     "patient-view-low-magnesium",
+    "patient-deceased",
+    "incomplete-data",
 )
 CONDITION_IDS = (
     "myasthenia-gravis",
@@ -95,7 +97,7 @@ def icd(code: str, system: str = ICD10CM) -> Coding:
 
 def test_bundled_knowledge_loads_and_is_cached(kb: Knowledge) -> None:
     assert default_knowledge() is kb
-    assert re.fullmatch(r"2026\.11\.2\+[0-9a-f]{8}", kb.version)
+    assert re.fullmatch(r"2026\.12\.1\+[0-9a-f]{8}", kb.version)
     manifest = raw("manifest.json")
     assert set(kb.file_versions) == {"manifest.json", *manifest["files"]}
     for name, version in kb.file_versions.items():

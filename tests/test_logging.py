@@ -62,7 +62,11 @@ def test_a_full_request_logs_what_is_needed_and_no_secret(
     patient = json.loads((REQUESTS_DIR / "mg-pyridostigmine.order-select.json").read_text())[
         "prefetch"
     ]["patient"]
-    app = auth_app_factory(log_level=log_level)
+    # The EHR's entry lists its FHIR server: the only one the service fetches from for it.
+    app = auth_app_factory(
+        log_level=log_level,
+        issuers=[{**jwt_issuer.issuer_entry(), "fhirServers": [fixture_fhir_server]}],
+    )
     logging.getLogger().setLevel(log_level)  # create_app set it; keep it for the request
     jwt_token = jwt_issuer.token_for(SERVICE_URL)
     response = app.test_client().post(

@@ -10,8 +10,11 @@ from hook_calls import fhir_client
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cds_service.context import fhir_json
 from cds_service.context import normalise as fhir
+from cds_service.context.fhir_json import detect_fhir_version as detect
 from cds_service.context.model import Coding
+from cds_service.fhir_models import model_problems
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 
@@ -76,7 +79,7 @@ def test_stu3_and_dstu2_dose_shapes() -> None:
     assert stu3_med is not None and stu3_med.doses[0].frequency_per_day == 2
     assert dstu2_med is not None and dstu2_med.doses[0].frequency_per_day == 1
     assert dstu2_med.authored == datetime(2026, 11, 24, tzinfo=UTC)
-    assert fhir.subject_id(dstu2) == "p1"
+    assert fhir_json.subject_id(dstu2) == "p1"
 
 
 def test_contained_medication_supplies_codes_and_ingredients() -> None:
@@ -133,8 +136,8 @@ def test_single_objects_where_arrays_belong_are_read_and_repaired() -> None:
         "category was a single object, read as a list",
         "reasonCode was a single object, read as a list",
     ]
-    assert fhir.model_problems(order, "R4")  # strict R4B rejects the original
-    assert fhir.model_problems(repaired, "R4") == []
+    assert model_problems(order, "R4")  # strict R4B rejects the original
+    assert model_problems(repaired, "R4") == []
 
 
 def test_bundle_without_type_and_outcome_entries() -> None:
@@ -149,7 +152,7 @@ def test_bundle_without_type_and_outcome_entries() -> None:
             {"fullUrl": "urn:uuid:1"},
         ],
     }
-    found = list(fhir.iter_resources(bundle, "context.draftOrders"))
+    found = list(fhir_json.iter_resources(bundle, "context.draftOrders"))
     assert [(where, problem) for where, _, problem in found] == [
         ("context.draftOrders.entry[0]", None),
         ("context.draftOrders.entry[2]", "has no resource"),
@@ -157,15 +160,10 @@ def test_bundle_without_type_and_outcome_entries() -> None:
 
 
 def test_version_detection() -> None:
-    assert (
-        fhir.detect_fhir_version([{"resourceType": "MedicationOrder"}], "order-select") == "DSTU2"
-    )
-    assert (
-        fhir.detect_fhir_version([_order(dosageInstruction=[{"doseQuantity": {"value": 1}}])], "x")
-        == "STU3"
-    )
-    assert fhir.detect_fhir_version([_order(dosageInstruction=[{"doseAndRate": []}])], "x") == "R4"
-    assert fhir.detect_fhir_version([], "medication-prescribe") == "STU3"
+    assert detect([{"resourceType": "MedicationOrder"}], "order-select") == "DSTU2"
+    assert detect([_order(dosageInstruction=[{"doseQuantity": {"value": 1}}])], "x") == "STU3"
+    assert detect([_order(dosageInstruction=[{"doseAndRate": []}])], "x") == "R4"
+    assert detect([], "medication-prescribe") == "STU3"
 
 
 def test_fhir_client_follows_next_links_up_to_the_page_bound(fixture_fhir_server: str) -> None:
@@ -184,9 +182,13 @@ def test_fhir_client_reports_outcomes_and_http_errors(fixture_fhir_server: str) 
     client = fhir_client(fixture_fhir_server, max_pages=2)
     missing = client.fetch("patient", "Patient/nobody")
     assert missing.resource is None
-    assert missing.problem is not None and "HTTP 404" in missing.problem
+    # The status class and nothing the server said (a caller must not use this as a probe);
+    # the exact status still tells a DSTU2 server from an R4 one.
+    assert missing.problem == "the FHIR server answered with an error (HTTP 4xx)"
+    assert missing.status == 404
     bad = client.fetch("observations", "Observation?_count=lots")
-    assert bad.problem is not None and "HTTP 400" in bad.problem
+    assert bad.problem == "the FHIR server answered with an error (HTTP 4xx)"
+    assert bad.status == 400
 
 
 def _timing(**repeat: object) -> dict[str, object]:

@@ -215,7 +215,11 @@ def test_an_integer_code_is_still_read_as_its_digits(client: FlaskClient) -> Non
     assert response.status_code == 200, response.data[:300]
     answer = strict_json(response.data)
     assert "critical" in indicators(answer)
-    assert "RxNorm 198741" in " ".join(card["detail"] for card in answer["cards"])
+    # Named by what the code was recognised as, the code itself in the provenance.
+    [card] = [card for card in answer["cards"] if card["indicator"] == "critical"]
+    assert "magnesium oxide" in card["detail"]
+    evidence = card["extension"]["org.magnesium-cds"]["evidence"]
+    assert "magnesium: rxnorm-product 198741" in [fact.get("recognisedBy") for fact in evidence]
 
 
 @pytest.mark.parametrize("resource_type", ["x", " ", "2020-01-01"])

@@ -99,7 +99,9 @@ def test_together_with_magnesium_already_taken_is_info() -> None:
     order = draft(MG_OXIDE_400, dose=(400, "mg"))
     [finding] = run(dose.evaluate, context(medications=[statement], drafts=[order]))
     assert finding.indicator == "info" and "482 mg" in finding.summary
-    assert len(finding.evidence) == 2
+    # Both orders, then the limit they are held to.
+    assert len(finding.evidence) == 3
+    assert finding.evidence[-1].text == "upper limit 350 mg/day for 9 years and older"
 
 
 def test_two_drafts_together_give_one_finding() -> None:

@@ -42,7 +42,11 @@ def test_drug_ordered_while_magnesium_is_on_file_puts_the_spacing_on_that_order(
     statement = medication(MG_GLYCINATE_100, kind="MedicationStatement", dose=(2, "{tbl}"))
     order = draft(LEVOFLOXACIN, text="levofloxacin 500 MG Oral Tablet")
     [finding] = run(interactions.evaluate, context(medications=[statement], drafts=[order]))
-    assert finding.summary.startswith("Levofloxacin with magnesium glycinate on file")
+    assert finding.summary.startswith("Separate levofloxacin and magnesium by at least 2 h")
+    # Sent as a code alone: named by what the code was recognised as.
+    assert "On file: magnesium glycinate, 2 tablets once a day" in [
+        e.text for e in finding.evidence
+    ]
     assert finding.proposals[0].order is order
     assert finding.unverified  # the levofloxacin figure is not verified against the label
 
@@ -110,6 +114,4 @@ def test_a_drug_recognised_by_its_name_only_says_so_in_the_evidence() -> None:
     [from_code] = run(interactions.evaluate, context(medications=[coded], drafts=[MG_ORDER]))
     [from_name] = run(interactions.evaluate, context(medications=[by_name], drafts=[MG_ORDER]))
     assert not any("recognised by its name" in e.text for e in from_code.evidence)
-    assert any(
-        e.text.endswith("recognised by its name (no code matched)") for e in from_name.evidence
-    )
+    assert any(e.text.endswith("recognised by its name only") for e in from_name.evidence)

@@ -70,6 +70,6 @@ def test_neuromuscular_blocker_with_parenteral_magnesium() -> None:
     [finding] = run(mg_drugs.evaluate, with_iv_mg)
     assert finding.indicator == "warning"
     assert "neuromuscular blockade" in finding.summary
-    assert any("1658221" in e.text for e in finding.evidence)
+    assert any(c.code == "1658221" for e in finding.evidence for c in e.codes)
     without = context(conditions=[MG], drafts=[blocker])
     assert run(mg_drugs.evaluate, without) == []

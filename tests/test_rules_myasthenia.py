@@ -27,7 +27,10 @@ def test_coded_myasthenia_and_oral_magnesium_is_critical_with_removal() -> None:
     assert "myasthenia gravis" in finding.summary and "magnesium oxide" in finding.summary
     [proposal] = finding.proposals
     assert (proposal.kind, proposal.order, proposal.recommended) == ("remove-order", order, True)
-    assert any("G70.00" in e.text for e in finding.evidence)
+    # Words on the card, the code beside them (for the card's extension).
+    assert any(e.text.startswith("Myasthenia gravis") for e in finding.evidence)
+    assert any(c.code == "G70.00" for e in finding.evidence for c in e.codes)
+    assert not any("G70" in e.text for e in finding.evidence)
 
 
 def test_parenteral_sulfate_names_crisis_and_respiratory_failure() -> None:

@@ -92,6 +92,14 @@ def _codes_and_values(value: Any) -> set[str]:
     return found
 
 
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return "." in value or len(value) < 4  # a measured value, not a 4+ digit code
+
+
 def _drafts(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
     context = body["context"]
     bundle = context.get("draftOrders") or context.get("medications") or {}
@@ -118,15 +126,19 @@ def test_scenario(cds_url: str, fixture_fhir_server: str, scenario: dict[str, An
     assert [_shape(card) for card in cards] == expected, [c["summary"] for c in cards]
 
     cited = {v for v in _codes_and_values(body) if len(v) >= 3}
+    codes = {v for v in cited if any(ch.isdigit() for ch in v) and not _is_number(v)}
     drafts = _drafts(body)
     for card, wanted in zip(cards, scenario["expected"], strict=True):
         assert len(card["summary"]) < 140
         detail = card["detail"]
-        assert any(re.search(rf"(?<![\w.]){re.escape(v)}(?![\w])", detail) for v in cited), (
-            "the detail names no code or value of the request"
-        )
+        # The codes that triggered the card travel in its extension, not in its words.
+        provenance = json.dumps(card["extension"][EXTENSION_KEY]["evidence"])
+        assert any(f'"{v}"' in provenance for v in cited), "the provenance names no code"
+        assert not [v for v in codes if re.search(rf"(?<![\w.]){re.escape(v)}(?![\w])", detail)]
         for text in wanted.get("detailIncludes", []):
             assert text in detail, (text, detail)
+        for text in wanted.get("provenanceIncludes", []):
+            assert text in provenance, (text, provenance)
         assert card["uuid"] and card["overrideReasons"]
         for suggestion in card.get("suggestions", []):
             assert suggestion["uuid"] and card["selectionBehavior"] == "at-most-one"

@@ -76,7 +76,9 @@ def test_myasthenia_patient_ordering_magnesium_gets_critical_card_with_removal(
     assert card["indicator"] == "critical"
     assert "myasthenia gravis" in card["summary"].lower()
     assert len(card["summary"]) < 140
-    assert "G70.00" in card["detail"] and "pyridostigmine" in card["detail"].lower()
+    assert "Myasthenia gravis" in card["detail"] and "pyridostigmine" in card["detail"].lower()
+    evidence = card["extension"]["org.magnesium-cds"]["evidence"]
+    assert any(code["code"] == "G70.00" for fact in evidence for code in fact["codes"])
     assert card["source"]["label"]
     assert card["source"]["topic"]["code"] == "myasthenia-magnesium"
     assert card["selectionBehavior"] == "at-most-one"
@@ -363,9 +365,12 @@ def test_prefetched_resources_of_another_patient_or_type_are_ignored(cds_url: st
     body["prefetch"]["conditions"] = conditions
     body["prefetch"]["medicationRequests"] = None  # "searched, nothing there": no implied MG
     result = assert_conformant(call(cds_url, "magnesium-order-select", body))
-    assert result["cards"] == []
     problems = " ".join(i["problem"] for i in data_issues(result))
     assert "another patient" in problems and "not a Condition" in problems
+    # None of the conditions is this patient's: not a clean "no risk" answer.
+    (card,) = result["cards"]
+    assert card["source"]["topic"]["code"] == "incomplete-data"
+    assert card["indicator"] == "warning" and "conditions" in card["summary"]
 
 
 def test_missing_keys_are_fetched_concurrently_not_one_after_another(cds_url: str) -> None:

@@ -8,24 +8,36 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
 
-from cds_service.cards.model import Action, Card, CardCoding, Source, Suggestion, shorten
+from cds_service.cards.model import (
+    MAX_DETAIL_CHARS,
+    MAX_SUMMARY_CHARS,
+    Action,
+    Card,
+    CardCoding,
+    Link,
+    Source,
+    Suggestion,
+)
 from cds_service.context.model import Coding, DataIssue
-from cds_service.context.normalise import model_problems
+from cds_service.fhir_models import model_problems
 from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import EvidenceSource
-from cds_service.rules.findings import Evidence, Finding, Proposal
+from cds_service.rules.derived import lower_first
+from cds_service.rules.describe import clinical_name, mid_sentence, sentence
+from cds_service.rules.findings import Finding, Proposal
 
 EXTENSION_KEY = "org.magnesium-cds"
 RULE_TOPIC_SYSTEM = "urn:magnesium-cds:rule"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 _CARD_NAMESPACE = uuid.UUID("6f1f0b7e-4a55-4b8e-9a0c-2f1d8c3e5a10")
-_STATUS_WORDS = {"secondary": "secondary source", "unverified": "**unverified**"}
 
 
 def _uuid5(namespace: bytes, name: str) -> str:
@@ -63,11 +75,15 @@ def build_cards(
     patient_id: str,
     draft_resources: Mapping[str, dict[str, Any]],
     fhir_version: str = "R4",
+    base_url: str = "",
 ) -> list[Card]:
     """``draft_resources`` maps ``"MedicationRequest/id"`` to the (repaired) draft order's JSON;
-    ``fhir_version`` is the client's ("R4", "STU3" or "DSTU2"): suggestions are in its shapes."""
+    ``fhir_version`` is the client's ("R4", "STU3" or "DSTU2"): suggestions are in its shapes;
+    ``base_url`` is the service's public URL, for the explanation links ("": no links)."""
     return [
-        build_card(finding, knowledge, hook_instance, patient_id, draft_resources, fhir_version)
+        build_card(
+            finding, knowledge, hook_instance, patient_id, draft_resources, fhir_version, base_url
+        )
         for finding in findings
     ]
 
@@ -108,26 +124,53 @@ def update_conformance_issues(
 class _RuleParts:
     """What a card takes from the knowledge alone (its rule and sources), built once."""
 
-    source: Source
+    rule_title: str
+    source: EvidenceSource | None  # the primary readable document, None: the explanation page
+    source_ids: tuple[str, ...]
     override_reasons: tuple[CardCoding, ...]
-    sources_markdown: str  # the detail's "Sources" section, "" without sources
 
 
-# Knowledge is immutable once loaded; the key is (knowledge, rule id, the finding's sources),
-# a few dozen combinations in all, so this is bounded only as a precaution.
+def readable_url(url: str) -> bool:
+    """A page a clinician can open: https, not an API's raw JSON (api.fda.gov, *.json)."""
+    parts = urlsplit(url)
+    return (
+        parts.scheme == "https"
+        and bool(parts.netloc)
+        and parts.netloc.lower() not in _API_HOSTS
+        and not parts.path.lower().endswith((".json", ".xml"))
+    )
+
+
+_API_HOSTS = frozenset({"api.fda.gov"})
+
+
+# Knowledge is immutable once loaded; the key is (knowledge, rule id, the finding's sources,
+# what it is about), a few dozen combinations in all, so this is bounded only as a precaution.
 @lru_cache(maxsize=256)
-def _rule_parts(knowledge: Knowledge, rule_id: str, finding_sources: tuple[str, ...]) -> _RuleParts:
+def _rule_parts(
+    knowledge: Knowledge, rule_id: str, finding_sources: tuple[str, ...], about: tuple[str, ...]
+) -> _RuleParts:
     rule = knowledge.rule(rule_id)
     source_ids = tuple(dict.fromkeys((*finding_sources, *rule.source_ids)))
-    sources = tuple(knowledge.source(source_id) for source_id in source_ids)
-    primary = sources[0] if sources else None
-    source = Source(
-        label=primary.title if primary else rule.title,
-        url=primary.url if primary and primary.url else "",
-        topic=CardCoding(RULE_TOPIC_SYSTEM, rule_id, rule.title),
-    )
+    readable = [
+        source
+        for source in (knowledge.source(source_id) for source_id in source_ids)
+        if source.url and readable_url(source.url)
+    ]
+    # The document about this drug or condition (the ciprofloxacin label for ciprofloxacin),
+    # else the first readable one the finding and its rule cite.
+    names = [name.lower() for name in about]
+    specific = [s for s in readable if any(n in f"{s.id} {s.title}".lower() for n in names)]
+    primary = (specific or readable)[0] if readable else None
     override_reasons = tuple(_card_coding(c) for c in rule.override_reasons)
-    return _RuleParts(source, override_reasons, _sources_markdown(sources))
+    return _RuleParts(rule.title, primary, source_ids, override_reasons)
+
+
+def guidance_url(base_url: str, rule_id: str, topics: tuple[str, ...] = ()) -> str:
+    """The explanation page of a rule; ``topics`` (knowledge ids, no patient data) pick its
+    sections."""
+    url = f"{base_url}/guidance/{quote(rule_id, safe='')}"
+    return url + (f"?{urlencode([('topic', t) for t in topics])}" if topics else "")
 
 
 def build_card(
@@ -137,8 +180,9 @@ def build_card(
     patient_id: str,
     draft_resources: Mapping[str, dict[str, Any]],
     fhir_version: str = "R4",
+    base_url: str = "",
 ) -> Card:
-    parts = _rule_parts(knowledge, finding.rule_id, finding.source_ids)
+    parts = _rule_parts(knowledge, finding.rule_id, finding.source_ids, finding.about)
     uuid_of_card = card_uuid(hook_instance, finding.key)
     suggestions: list[Suggestion] = []
     notes: list[str] = []
@@ -147,10 +191,8 @@ def build_card(
             # DSTU2 has no ServiceRequest/ProcedureRequest; its DiagnosticOrder differs enough
             # that a guessed shape could be applied wrongly. Say it in words instead.
             if proposal.code is not None:
-                notes.append(
-                    f"**To do by hand:** {proposal.label} (LOINC {proposal.code.code}); no "
-                    "one-click order is offered to a FHIR DSTU2 EHR."
-                )
+                label = lower_first(proposal.label)
+                notes.append(f"By hand (no one-click order in DSTU2): {label}.")
             continue
         action = _action(proposal, patient_id, draft_resources, fhir_version)
         if action is not None:
@@ -162,53 +204,140 @@ def build_card(
                     uuid=suggestion_uuid(uuid_of_card, proposal),
                 )
             )
-    detail = "\n\n".join([_detail(finding, parts.sources_markdown), *notes])
+    explanation = guidance_url(base_url, finding.rule_id, finding.topics) if base_url else ""
+    topic = CardCoding(RULE_TOPIC_SYSTEM, finding.rule_id, parts.rule_title)
+    if parts.source is not None:
+        source = Source(label=parts.source.title, url=parts.source.url or "", topic=topic)
+    else:  # local policy or no readable document: the explanation page is the source
+        source = Source(label=f"magnesium-cds: {parts.rule_title}", url=explanation, topic=topic)
     return Card(
         uuid=uuid_of_card,
-        summary=shorten(finding.summary),
+        summary=card_summary(finding.summary, parts.rule_title),
         indicator=finding.indicator,
-        detail=detail,
-        source=parts.source,
+        detail=card_detail(finding, tuple(notes)),
+        source=source,
         suggestions=tuple(suggestions),
         selection_behavior="at-most-one" if suggestions else None,
         override_reasons=parts.override_reasons,
-        extension={
-            EXTENSION_KEY: {"ruleId": finding.rule_id, "knowledgeVersion": knowledge.version}
-        },
+        links=(Link("Why, and what else to consider", explanation),) if explanation else (),
+        extension={EXTENSION_KEY: _provenance(finding, knowledge, parts.source_ids)},
     )
+
+
+def _provenance(
+    finding: Finding, knowledge: Knowledge, source_ids: tuple[str, ...]
+) -> dict[str, Any]:
+    """What produced the card, machine-readable: the facts with their resource and codes, the
+    knowledge entries and sources. Never shown in the card's text."""
+    return {
+        "ruleId": finding.rule_id,
+        "knowledgeVersion": knowledge.version,
+        "evidence": [
+            {
+                "fact": item.text,
+                "resource": item.source.reference
+                if item.source and item.source.resource_id
+                else "",
+                "codes": [
+                    {"system": c.system, "code": c.code, "display": c.display}
+                    for c in item.codes
+                ],
+                "recognisedBy": item.recognised_by,
+            }
+            for item in finding.evidence
+        ],
+        "topics": list(finding.topics),
+        "sources": list(source_ids),
+        "unverified": list(finding.unverified),
+    }
 
 
 def _card_coding(coding: Coding) -> CardCoding:
     return CardCoding(coding.system, coding.code, coding.display or coding.code)
 
 
-def _detail(finding: Finding, sources_markdown: str) -> str:
-    parts = [finding.detail.strip()]
-    if finding.evidence:
-        facts = "\n".join([_evidence_line(item) for item in finding.evidence])
-        parts.append(f"**Patient facts used**\n{facts}")
-    if finding.unverified:
-        facts = "; ".join(fact.rstrip(". ") for fact in finding.unverified)
-        parts.append(f"**Unverified:** {facts}.")
-    parts.append(sources_markdown)
-    return "\n\n".join([part for part in parts if part])
+def card_summary(summary: str, rule_title: str) -> str:
+    """The rule's summary in sentence case; one that would not fit whole (a long name from the
+    EHR) gives way to the rule's title, never to a cut sentence."""
+    text = sentence(" ".join(summary.split()).rstrip(". "))
+    return text if len(text) <= MAX_SUMMARY_CHARS else sentence(rule_title)
 
 
-def _evidence_line(item: Evidence) -> str:
-    if item.source and item.source.resource_id:
-        return f"- {item.text} — `{item.source.reference}`"
-    return f"- {item.text}"
+def card_detail(finding: Finding, notes: tuple[str, ...] = ()) -> str:
+    """Patient facts, what to do, what to watch, then one clause on what is unverified and
+    why the indicator differs at signing; at most ``MAX_DETAIL_CHARS``. What does not fit
+    (watch first, then the last facts) is left to the explanation page."""
+    facts = [item.text for item in finding.evidence]
+    action = finding.action or _first_sentence(finding.detail)
+    watch = finding.watch
+    unverified = _unverified_clause(finding.unverified)
+    while True:
+        detail = _compose(facts, action, watch, notes, unverified, finding.severity_note)
+        if len(detail) <= MAX_DETAIL_CHARS:
+            return detail
+        if watch:
+            watch = ""
+        elif unverified and unverified != _SOME_UNVERIFIED:
+            unverified = _SOME_UNVERIFIED
+        elif len(facts) > 1:
+            facts = facts[:-1]
+        else:
+            return _cut_sentences(detail, MAX_DETAIL_CHARS)
 
 
-def _sources_markdown(sources: tuple[EvidenceSource, ...]) -> str:
-    if not sources:
+_SOME_UNVERIFIED = "Some statements are unverified: see the explanation page."
+
+
+def _compose(
+    facts: list[str],
+    action: str,
+    watch: str,
+    notes: tuple[str, ...],
+    unverified: str,
+    severity_note: str,
+) -> str:
+    parts = []
+    if facts:
+        joined = "; ".join([facts[0], *(mid_sentence(f) for f in facts[1:])])
+        parts.append(f"**Patient:** {_end(joined)}")
+    if action:
+        parts.append(f"**Do:** {_end(action)}")
+    if watch:
+        parts.append(f"**Watch:** {_end(watch)}")
+    parts += list(notes)
+    tail = " ".join(_end(t) for t in (unverified, severity_note) if t)
+    if tail:
+        parts.append(f"_{tail}_")
+    return "\n\n".join(parts)
+
+
+def _unverified_clause(labels: tuple[str, ...]) -> str:
+    if not labels:
         return ""
-    lines = []
-    for source in sources:
-        title = f"[{source.title}]({source.url})" if source.url else source.title
-        status = _STATUS_WORDS.get(source.status)
-        lines.append(f"- {title}" + (f" ({status})" if status else ""))
-    return "**Sources**\n" + "\n".join(lines)
+    return "Unverified: " + "; ".join(dict.fromkeys(label.rstrip(". ") for label in labels))
+
+
+def _end(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of the long reasoning, the action of a rule that states none."""
+    plain = " ".join(text.replace("**", "").split())
+    match = re.match(r"(.+?[.!?])(\s|$)", plain)
+    return match.group(1) if match else plain
+
+
+def _cut_sentences(text: str, limit: int) -> str:
+    """Whole sentences up to ``limit`` characters (a last resort: rules keep their text short)."""
+    kept = ""
+    for piece in re.split(r"(?<=[.!?])\s+", text):
+        candidate = f"{kept} {piece}".strip() if kept else piece
+        if len(candidate) > limit:
+            break
+        kept = candidate
+    return kept or text[: limit - 1].rsplit(" ", 1)[0] + "."
 
 
 def _action(
@@ -222,7 +351,8 @@ def _action(
     if proposal.kind == "remove-order":
         if order is None or not order.source.resource_id:
             return None
-        return Action("delete", f"Remove the draft order {order.display}", resource_id=reference)
+        name = clinical_name(order.display)
+        return Action("delete", f"Remove the draft order {name}", resource_id=reference)
     if proposal.kind == "order-lab":
         if proposal.code is None:
             return None

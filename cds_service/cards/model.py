@@ -15,6 +15,8 @@ from typing import Any, Literal
 Indicator = Literal["info", "warning", "critical"]
 INDICATOR_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
 MAX_SUMMARY_CHARS = 139  # the spec says "fewer than 140 characters"
+# A card is read in five seconds: the project's budget for its markdown detail.
+MAX_DETAIL_CHARS = 500
 
 
 class CardError(ValueError):
@@ -157,6 +159,10 @@ class Card:
             raise CardError(
                 f"card.summary has {len(self.summary)} characters; fewer than 140 are allowed"
             )
+        if len(self.detail) > MAX_DETAIL_CHARS:
+            raise CardError(
+                f"card.detail has {len(self.detail)} characters; at most {MAX_DETAIL_CHARS}"
+            )
         if self.indicator not in INDICATOR_RANK:
             raise CardError(f"card.indicator must be info, warning or critical: {self.indicator!r}")
         if self.suggestions and self.selection_behavior is None:
@@ -216,11 +222,3 @@ def _prune(value: Any) -> Any:
                 items.append(v)
         return items
     return value
-
-
-def shorten(text: str, limit: int = MAX_SUMMARY_CHARS) -> str:
-    """Fit text into ``limit`` characters, cutting at a word boundary with an ellipsis."""
-    if len(text) <= limit:
-        return text
-    cut = text[: limit - 1].rsplit(" ", 1)[0].rstrip(",;:- ")
-    return cut + "…"

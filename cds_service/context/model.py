@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Coding:
-    system: str  # canonical URI, e.g. "http://www.nlm.nih.gov/research/umls/rxnorm"
-    code: str
-    display: str = ""
+# Re-exported: the context layer's facts are made of the shared FHIR value types.
+from cds_service.fhir_types import Coding as Coding
+from cds_service.fhir_types import Quantity as Quantity
 
 
 def display_name(text: str, codings: tuple[Coding, ...], fallback: str) -> str:
@@ -46,17 +43,14 @@ class SourceRef:
 
 
 @dataclass(frozen=True)
-class Quantity:
-    value: float
-    unit: str = ""  # UCUM code when known, else the text unit
-
-
-@dataclass(frozen=True)
 class PatientInfo:
     id: str
     birth_date: date | None = None
     sex: str | None = None  # FHIR administrative gender
     source: SourceRef | None = None
+    # Patient.deceasedBoolean true or a deceasedDateTime (its date, when it parses).
+    deceased: bool = False
+    deceased_on: date | None = None
 
     def age_on(self, today: date) -> int | None:
         if self.birth_date is None:
@@ -92,6 +86,10 @@ class Dose:
     text: str = ""
     # What the patient is told (e.g. dose spacing); rules read it to see advice was taken up.
     patient_instruction: str = ""
+    # A single administration (timing.repeat.count 1): frequency_per_day is then 1.
+    once: bool = False
+    # No timing at all: a one-off order for a supervised (parenteral) dose, else unknown.
+    untimed: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +194,9 @@ class PatientContext:
     draft_resources: Mapping[str, dict[str, Any]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    # Required data that was sent but none of it is this patient's: the checks that need it
+    # could not be done (the rules say so on a card; "no card" would read as "no risk").
+    unusable: tuple[MissingData, ...] = ()
 
 
 @dataclass(frozen=True)

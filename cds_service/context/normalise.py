@@ -1,27 +1,33 @@
-"""Lenient FHIR JSON → PatientContext facts, for R4, STU3 and DSTU2 shapes alike.
+"""Normalise: gathered FHIR JSON → PatientContext facts, for R4, STU3 and DSTU2 alike.
 
 Real clients send slightly off-spec JSON (the public sandbox's Bundle without ``type``, single
 objects where arrays belong, DSTU2 ``MedicationOrder``, plain-string statuses). Extraction
 therefore reads the raw JSON defensively and never raises: what cannot be used becomes a
-``DataIssue`` the response reports. A draft order that an update suggestion sends back is
-also checked against the fhir.resources model of its FHIR version (``model_problems``, called
-by the card builder).
+``DataIssue`` the response reports. (The strict fhir.resources check of what an update
+suggestion sends back lives in ``cds_service.fhir_models``.)
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from pydantic import ValidationError
-
+from cds_service.context.fhir_json import (
+    MEDICATION_TYPES,
+    as_list,
+    medication_reference_key,
+    nested_deeper_than,
+)
+from cds_service.context.gather import Gathered
 from cds_service.context.model import (
     WITHDRAWN_LAB_STATUSES,
     Coding,
     Condition,
+    DataIssue,
     Dose,
     Lab,
     LabOrder,
@@ -30,11 +36,9 @@ from cds_service.context.model import (
     Quantity,
     ReferenceRange,
     SourceRef,
+    lab_recency,
 )
 
-MEDICATION_TYPES = frozenset({"MedicationRequest", "MedicationStatement", "MedicationOrder"})
-# Draft laboratory orders: R4 ServiceRequest, STU3 ProcedureRequest (same code/status shape).
-LAB_ORDER_TYPES = frozenset({"ServiceRequest", "ProcedureRequest"})
 _PERIOD_PER_DAY = {
     "s": 86400.0,
     "min": 1440.0,
@@ -46,13 +50,6 @@ _PERIOD_PER_DAY = {
 }
 _Found = TypeVar("_Found")
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
-
-
-def as_list(value: Any) -> list[Any]:
-    """FHIR arrays, tolerating a single object (or nothing) where an array belongs."""
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
 
 
 def _text(value: Any) -> str:
@@ -198,52 +195,6 @@ def quantity_of(value: Any) -> Quantity | None:
     return Quantity(amount, unit)
 
 
-def reference_id(reference: Any) -> str | None:
-    """``{"reference": "Patient/123"}`` (or a bare string) → ``"123"``."""
-    ref = reference.get("reference") if isinstance(reference, dict) else reference
-    if not isinstance(ref, str) or not ref:
-        return None
-    return ref.rstrip("/").split("/")[-1] if "/" in ref else ref
-
-
-def subject_id(resource: dict[str, Any]) -> str | None:
-    """The patient a resource is about: R4/STU3 ``subject``, DSTU2 ``patient``."""
-    for key in ("subject", "patient"):
-        if key in resource:
-            return reference_id(resource.get(key))
-    return None
-
-
-def iter_resources(
-    value: Any, where: str
-) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
-    """Resources in a prefetch/fetch value or a context Bundle, with their location.
-
-    Yields ``(location, resource, problem)``: a Bundle's entries (with or without
-    ``Bundle.type``), a lone resource, or a list of either. OperationOutcome entries that a
-    server adds to a searchset (``search.mode: outcome``) are skipped silently.
-    """
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from iter_resources(item, f"{where}[{index}]")
-        return
-    if not isinstance(value, dict):
-        yield where, None, "is not a FHIR resource or Bundle"
-        return
-    if value.get("resourceType") != "Bundle":
-        yield where, value, None
-        return
-    for index, entry in enumerate(as_list(value.get("entry"))):
-        location = f"{where}.entry[{index}]"
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            yield location, None, "has no resource"
-            continue
-        if resource.get("resourceType") == "OperationOutcome":
-            continue
-        yield location, resource, None
-
-
 def source_ref(resource: dict[str, Any], origin: str) -> SourceRef:
     resource_id = resource.get("id")
     return SourceRef(
@@ -256,11 +207,15 @@ def source_ref(resource: dict[str, Any], origin: str) -> SourceRef:
 def to_patient(resource: dict[str, Any], origin: str, fallback_id: str) -> PatientInfo:
     resource_id = resource.get("id")
     gender = resource.get("gender")
+    died = resource.get("deceasedDateTime")
     return PatientInfo(
         id=resource_id if isinstance(resource_id, str) else fallback_id,
         birth_date=parse_date(resource.get("birthDate")),
         sex=gender if isinstance(gender, str) else None,
         source=source_ref(resource, origin),
+        # A date that does not parse still says the patient died.
+        deceased=resource.get("deceasedBoolean") is True or bool(_text(died)),
+        deceased_on=parse_date(died),
     )
 
 
@@ -334,6 +289,13 @@ def _frequency_per_day(timing: Any) -> float | None:
     return per_day if math.isfinite(per_day) else None
 
 
+def _single_administration(timing: Any) -> bool:
+    """``timing.repeat.count`` 1: one administration in all, whatever the frequency says."""
+    repeat = timing.get("repeat") if isinstance(timing, dict) else None
+    count = repeat.get("count") if isinstance(repeat, dict) else None
+    return count == 1 and not isinstance(count, bool)
+
+
 def _doses(resource: dict[str, Any]) -> tuple[Dose, ...]:
     key = "dosage" if resource.get("resourceType") == "MedicationStatement" else "dosageInstruction"
     doses: list[Dose] = []
@@ -344,12 +306,16 @@ def _doses(resource: dict[str, Any]) -> tuple[Dose, ...]:
         for dose_and_rate in as_list(instruction.get("doseAndRate")):  # R4
             if quantity is None and isinstance(dose_and_rate, dict):
                 quantity = quantity_of(dose_and_rate.get("doseQuantity"))
+        timing = instruction.get("timing")
+        once = _single_administration(timing)
         doses.append(
             Dose(
                 quantity=quantity,
-                frequency_per_day=_frequency_per_day(instruction.get("timing")),
+                frequency_per_day=1.0 if once else _frequency_per_day(timing),
                 text=_text(instruction.get("text")),
                 patient_instruction=_text(instruction.get("patientInstruction")),
+                once=once,
+                untimed=timing is None,
             )
         )
     return tuple(doses)
@@ -369,22 +335,6 @@ def _routes(resource: dict[str, Any]) -> tuple[tuple[Coding, ...], str]:
 def code_codings(resource: dict[str, Any]) -> tuple[Coding, ...]:
     """Codings of a Condition's or an Observation's ``code``."""
     return codings_of(resource.get("code"))
-
-
-def medication_reference_key(reference: Any) -> str | None:
-    """``"Medication/x"`` for a (relative or absolute, versioned or not) reference to a
-    Medication resource, else None (contained ``#x`` references are resolved elsewhere)."""
-    ref = reference.get("reference") if isinstance(reference, dict) else None
-    if not isinstance(ref, str) or ref.startswith("#"):
-        return None
-    if ref.startswith("urn:uuid:"):
-        return ref  # a Bundle entry's fullUrl
-    parts = [part for part in ref.split("?")[0].split("/") if part]
-    if len(parts) >= 4 and parts[-2] == "_history":
-        parts = parts[:-2]
-    if len(parts) >= 2 and parts[-2] == "Medication" and parts[-1]:
-        return f"Medication/{parts[-1]}"
-    return None
 
 
 def medication_codes(
@@ -539,22 +489,6 @@ _LIST_FIELDS_R4 = {
 }
 
 
-def nested_deeper_than(value: Any, limit: int) -> bool:
-    """Do dicts and lists nest more than ``limit`` levels in ``value``? Iterative, so safe at
-    any depth (the JSON parser accepts up to 1,024 levels; copying such a value recursively
-    would exhaust Python's stack)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
-        for child in children:
-            if isinstance(child, dict | list):
-                if depth + 1 > limit:
-                    return True
-                stack.append((child, depth + 1))
-    return False
-
-
 def repair_draft(resource: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Fix the shapes real clients get wrong (single object for an array); say what was fixed."""
     fixed = dict(resource)
@@ -566,94 +500,154 @@ def repair_draft(resource: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return fixed, notes
 
 
-def model_problems(resource: dict[str, Any], fhir_version: str) -> list[str]:
-    """What the fhir.resources model of this FHIR version rejects (empty list = valid)."""
-    resource_type = resource.get("resourceType")
-    if fhir_version == "DSTU2" or not isinstance(resource_type, str):
-        return []  # fhir.resources has no DSTU2 models; lenient extraction only
-    model_class = _model_class(fhir_version, resource_type)
-    if model_class is None:
-        return []
-    try:
-        model_class.model_validate(resource)
-    except ValidationError as exc:
-        return [
-            f"{'.'.join(str(part) for part in error['loc']) or resource_type}: {error['msg']}"
-            for error in exc.errors()[:5]
-        ]
-    except (TypeError, ValueError) as exc:
-        return [str(exc)[:200]]
-    except KeyError as exc:  # fhir_core: a contained resource of a type it does not know
-        return [f"unknown resource type ({exc})"[:200]]
-    return []
+# --- one call's gathered data → facts -------------------------------------------------------
+
+# A draft order an update suggestion would copy and send back: FHIR resources nest a dozen
+# levels or so; far deeper is hostile, and copying it recursively would exhaust the stack.
+MAX_ECHOED_DRAFT_DEPTH = 64
 
 
-_MODEL_CACHE: dict[tuple[str, str], Any] = {}
+class Relevance(Protocol):
+    """Which coded facts the rules can use at all (the pipeline asks the knowledge).
 
-
-def _model_class(fhir_version: str, resource_type: str) -> Any:
-    key = (fhir_version, resource_type)
-    if key not in _MODEL_CACHE:
-        try:
-            if fhir_version == "STU3":
-                from fhir.resources.STU3 import get_fhir_model_class
-            else:
-                from fhir.resources.R4B import get_fhir_model_class
-            _MODEL_CACHE[key] = get_fhir_model_class(resource_type)
-        except (KeyError, ValueError, ImportError):
-            _MODEL_CACHE[key] = None
-    return _MODEL_CACHE[key]
-
-
-def detect_fhir_version(
-    resources: Iterable[dict[str, Any]],
-    hook: str,
-    prefetched: Iterable[dict[str, Any]] = (),
-) -> str:
-    """R4 unless the draft orders look DSTU2 (MedicationOrder) or STU3.
-
-    Without a telling draft order (patient-view has none), the prefetched resources decide:
-    a DSTU2 server's answers must be recognised, or the fallback asks it for types it lacks.
+    A chronic patient's chart is mostly codes no rule reads: such resources are recognised
+    from their codes and not normalised further. A resource without a usable code is still
+    read in full, so it is reported (or kept, text only) exactly as without this filter.
     """
-    resources = list(resources)
-    if any(r.get("resourceType") == "MedicationOrder" for r in resources):
-        return "DSTU2"
-    found = _draft_version(resources)
-    if found is not None:
-        return found
-    prefetched = list(prefetched)
-    if any(_looks_dstu2(r) for r in prefetched):
-        return "DSTU2"
-    found = _draft_version([r for r in prefetched if r.get("resourceType") == "MedicationRequest"])
-    if found is not None:
-        return found
-    return "STU3" if hook == "medication-prescribe" else "R4"
+
+    def condition_code(self, system: str, code: str) -> bool: ...
+
+    def lab_kind(self, system: str, code: str) -> str | None:
+        """The kind of result a lab code is, None when no rule reads it.
+
+        The rules read only the newest usable result of each kind (``latest_lab``), so the
+        context keeps just that one per kind (``_keep_if_newest``).
+        """
+        ...
+
+    def medication(self, codings: tuple[Coding, ...], text: str) -> bool: ...
 
 
-def _looks_dstu2(resource: dict[str, Any]) -> bool:
-    """MedicationOrder, or a Condition naming its patient by ``patient`` (``subject`` since
-    STU3) with a plain-code ``clinicalStatus`` (a CodeableConcept in R4)."""
-    resource_type = resource.get("resourceType")
-    if resource_type == "MedicationOrder":
-        return True
-    return (
-        resource_type == "Condition"
-        and "patient" in resource
-        and "subject" not in resource
-        and isinstance(resource.get("clinicalStatus", ""), str)
-    )
+@dataclass
+class Facts:
+    """What a call's data says, as PatientContext facts, and what could not be used."""
+
+    patient: PatientInfo
+    conditions: list[Condition] = field(default_factory=list)
+    medications: list[Medication] = field(default_factory=list)
+    labs: list[Lab] = field(default_factory=list)
+    drafts: list[Medication] = field(default_factory=list)
+    # The repaired JSON of each draft order by reference, for update suggestions.
+    draft_resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    draft_lab_orders: list[LabOrder] = field(default_factory=list)
+    issues: list[DataIssue] = field(default_factory=list)
 
 
-def _draft_version(resources: list[dict[str, Any]]) -> str | None:
-    """R4 or STU3 from the shape of medication orders, None when they do not tell."""
-    for resource in resources:
-        for instruction in as_list(resource.get("dosageInstruction")):
-            if isinstance(instruction, dict):
-                if "doseAndRate" in instruction:
-                    return "R4"
-                if "doseQuantity" in instruction or "doseRange" in instruction:
-                    return "STU3"
-        if "context" in resource and "encounter" not in resource:
-            return "STU3"
-    return None
+def normalise(
+    gathered: Gathered, draft_orders_key: str | None, relevant: Relevance | None = None
+) -> Facts:
+    """Every gathered resource → its fact (or a data issue saying why it cannot be used).
 
+    ``relevant`` skips a resource with usable codes (or drug text) that no rule can use. A
+    resource without them is read in full, so that it is reported exactly as without the
+    filter. Draft orders are never skipped.
+    """
+    patient_id = gathered.patient_id
+    facts = Facts(patient=PatientInfo(id=patient_id))
+    issues = facts.issues
+    medications = gathered.medications
+    # Per lab kind, the newest usable result so far.
+    newest: dict[str, _LabCandidate] = {}
+    for found in gathered.found:
+        origin, resource, where = found.origin, found.resource, found.where
+        resource_type = resource.get("resourceType")
+        if resource_type == "Patient":
+            facts.patient = to_patient(resource, origin, patient_id)
+        elif resource_type == "Condition":
+            # Decided from the raw codes, before any Coding is built: most are skipped.
+            if relevant is not None:
+                coded, matters = first_code_match(resource.get("code"), relevant.condition_code)
+                if coded and not matters:
+                    continue
+            _append(facts.conditions, to_condition(resource, origin), issues, where, "has no code")
+        elif resource_type in MEDICATION_TYPES:
+            codes = medication_codes(resource, medications)
+            named, ingredients, text = codes
+            if (
+                (named or ingredients or text)
+                and relevant is not None
+                and not relevant.medication(named + ingredients, text)
+            ):
+                continue
+            medication = to_medication(resource, origin, is_draft=False, codes=codes)
+            _append(facts.medications, medication, issues, where, "names no medication")
+        elif resource_type == "Observation":
+            if relevant is not None:
+                coded, kind = first_code_match(resource.get("code"), relevant.lab_kind)
+                if coded:
+                    if kind is not None:
+                        _keep_if_newest(newest, kind, origin, resource, where)
+                    continue
+            _append(facts.labs, to_lab(resource, origin), issues, where, "has no code")
+    # A chronic patient has hundreds of results of a kind: only the newest is normalised.
+    for _, origin, resource, where in newest.values():
+        _append(facts.labs, to_lab(resource, origin), issues, where, "has no code")
+
+    draft_origin = f"context:{draft_orders_key}"
+    for where, resource in gathered.drafts:
+        repaired, notes = repair_draft(resource)
+        issues.extend(DataIssue(where, note) for note in notes)
+        if isinstance(repaired.get("id"), str):
+            if nested_deeper_than(repaired, MAX_ECHOED_DRAFT_DEPTH):
+                # Still read (its drug may need a warning), never copied into a suggestion.
+                issues.append(
+                    DataIssue(
+                        where,
+                        f"nests more than {MAX_ECHOED_DRAFT_DEPTH} levels deep (no FHIR "
+                        "resource does); read, but no suggestion sends it back",
+                    )
+                )
+            else:
+                facts.draft_resources[f"{repaired['resourceType']}/{repaired['id']}"] = repaired
+        # No strict (fhir.resources) check here: it cost a third of a typical call, and the
+        # lenient reading reports what it cannot use. The cards check the drafts they send
+        # back (``cds_service.fhir_models``), where conformance matters.
+        medication = to_medication(repaired, draft_origin, is_draft=True, referenced=medications)
+        _append(
+            facts.drafts, medication, issues, where, "names no medication yet; nothing to check"
+        )
+    for resource in gathered.draft_lab_orders:
+        order = to_lab_order(resource, draft_origin)
+        if order is not None:
+            facts.draft_lab_orders.append(order)
+    return facts
+
+
+_LabCandidate = tuple[float, str, dict[str, Any], str]  # (recency, origin, resource, where)
+
+
+def _keep_if_newest(
+    newest: dict[str, _LabCandidate],
+    kind: str,
+    origin: str,
+    resource: dict[str, Any],
+    where: str,
+) -> None:
+    """Keep ``resource`` as its kind's result if it is usable and newer than the one kept.
+
+    Exactly the result ``ClinicalPicture.latest_lab`` would pick from all of them: the newest
+    by the same key, the first one read among equally new results.
+    """
+    if not lab_is_usable(resource):
+        return
+    recency = lab_recency(lab_effective(resource))
+    kept = newest.get(kind)
+    if kept is None or recency > kept[0]:
+        newest[kind] = (recency, origin, resource, where)
+
+
+def _append(target: list[Any], item: Any, issues: list[DataIssue], where: str, why: str) -> None:
+    if item is None:
+        issues.append(DataIssue(where, f"{why}; ignored"))
+    else:
+        target.append(item)

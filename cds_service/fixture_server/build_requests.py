@@ -86,6 +86,14 @@ PRODUCTS: dict[str, Product] = {
         {"count": 1, "frequency": 1, "period": 1, "periodUnit": "d"},
         "2 g intravenously over 1 hour, once", category="inpatient",
     ),
+    # A single dose written as EHRs write a one-off infusion: count 1, no frequency or period.
+    "mg-sulfate-once": Product(
+        "draft-mg-sulfate-once",
+        (("1658221", "2 ML magnesium sulfate 500 MG/ML Injection"),
+         ("6585", "magnesium sulfate")),
+        "magnesium sulfate 500 MG/ML Injection (2 mL vial)", "iv", (2, "g", "g"),
+        {"count": 1}, "2 g intravenously over 1 hour, once", category="inpatient",
+    ),
     "mg-citrate": Product(
         "draft-mg-citrate", (("1052760", "magnesium citrate 58.2 MG/ML Oral Solution"),),
         "magnesium citrate 58.2 MG/ML Oral Solution", "oral", (10, "mL", "mL"),
@@ -164,7 +172,10 @@ PRODUCTS: dict[str, Product] = {
 class Scenario:
     """One request fixture. ``shape`` picks the client: r4 (a conformant CDS Hooks 2.0 EHR),
     stu3 (CDS Hooks 1.0 medication-prescribe), sandbox / sandbox-nodrug (the public sandbox
-    with an R4 server) or dstu2 (the sandbox with its default DSTU2 server)."""
+    with an R4 server) or dstu2 (the sandbox with its default DSTU2 server); urn-uuid (r4
+    with Bundle-internal references: the Patient sent in a collection Bundle under a
+    ``urn:uuid:`` fullUrl, every resource naming it by that fullUrl) and
+    conditions-of-another (r4 whose prefetched Conditions all name another patient)."""
 
     patient_id: str
     hook: str
@@ -233,6 +244,15 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "ckd4-low-egfr", "order-select", ("mg-oxide", "ciprofloxacin"), "selected-ciprofloxacin"
     ),
+    # Data age and identity: a patient recorded as deceased; an eGFR from 1978; references
+    # by urn:uuid fullUrl; every Condition another patient's; a single IV dose.
+    Scenario("deceased", "order-select", ("mg-oxide",)),
+    Scenario("stale-egfr", "order-sign", ("mg-sulfate",)),
+    Scenario(MG, "order-select", ("mg-oxide",), "urn-uuid", shape="urn-uuid"),
+    Scenario(
+        MG, "order-select", ("mg-oxide",), "conditions-of-another", shape="conditions-of-another"
+    ),
+    Scenario("esrd-dialysis", "order-sign", ("mg-sulfate-once",), "once"),
 )
 
 
@@ -455,7 +475,31 @@ def build_request(scenario: Scenario, store: FixtureStore) -> Resource:
     request["context"] = context
     if scenario.prefetch:
         request["prefetch"] = build_prefetch(scenario, context, store)
+    if scenario.shape == "urn-uuid":
+        _bundle_internal_references(request)
+    elif scenario.shape == "conditions-of-another":
+        for entry in request["prefetch"]["conditions"]["entry"]:
+            entry["resource"]["subject"] = {"reference": "Patient/another-patient"}
     return request
+
+
+def _bundle_internal_references(request: Resource) -> None:
+    """Name the patient by a ``urn:uuid:`` fullUrl, as transaction Bundles and Synthea do."""
+    patient_id = request["context"]["patientId"]
+    full_url = "urn:uuid:" + stable_uuid(f"{patient_id}/Patient/{patient_id}")
+    prefetch = request["prefetch"]
+    prefetch["patient"] = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"fullUrl": full_url, "resource": prefetch["patient"]}],
+    }
+    bundles = [value for key, value in prefetch.items() if key != "patient"]
+    for bundle in [*bundles, request["context"]["draftOrders"]]:
+        for entry in bundle.get("entry", []):
+            resource = entry["resource"]
+            if "subject" in resource:
+                resource["subject"] = {"reference": full_url}
+            entry["fullUrl"] = "urn:uuid:" + stable_uuid(f"{patient_id}/{_reference(resource)}")
 
 
 def render(request: Resource) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cds_service.context.model import Coding
+from cds_service.fhir_types import Coding
 from cds_service.knowledge.model import (
     ATC,
     ICD10,
@@ -448,6 +448,11 @@ class Knowledge:
         return _get(self._drug_groups, group_id, "drug group")
 
     @property
+    def interactions(self) -> tuple[Interaction, ...]:
+        """Every interaction entry, in file order (the explanation pages list them)."""
+        return tuple(self._interactions.values())
+
+    @property
     def drug_group_ids(self) -> tuple[str, ...]:
         return tuple(self._drug_groups)
 
@@ -536,7 +541,11 @@ class Knowledge:
                 f"  {dg.id:<26} {coded:>2}/{len(dg.ingredients)} coded ingredients  [{effects}]"
             )
         lines += ["", "Lab value sets:"]
-        lines += [f"  {g.id:<20} {len(g.codes):>2} LOINC" for g in self._labs.values()]
+        lines += [
+            f"  {g.id:<20} {len(g.codes):>2} LOINC, look-back {g.lookback.days:g} days"
+            f" ({', '.join(g.lookback.source_ids)}; {g.lookback.status})"
+            for g in self._labs.values()
+        ]
         status_counts = Counter(i.status for i in self._interactions.values())
         lines += [
             "",

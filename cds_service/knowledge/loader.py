@@ -22,7 +22,7 @@ from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from cds_service.context.model import Coding
+from cds_service.fhir_types import Coding
 from cds_service.knowledge.index import Knowledge
 from cds_service.knowledge.model import (
     ATC,
@@ -42,6 +42,7 @@ from cds_service.knowledge.model import (
     Interaction,
     KnowledgeError,
     LabGroup,
+    Lookback,
     MagnesiumProduct,
     MagnesiumSalt,
     RuleInfo,
@@ -477,6 +478,12 @@ def _build(
                 for c in g["codes"]
             ),
             source_ids=tuple(g["sources"]),
+            lookback=Lookback(
+                days=g["lookback"]["days"],
+                status=g["lookback"]["status"],
+                source_ids=tuple(g["lookback"]["sources"]),
+                note=g["lookback"].get("note", ""),
+            ),
             units=tuple((c["code"], c["unit"]) for c in g["codes"] if c.get("unit")),
         )
         for g in labs["groups"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cds_service.context.model import Coding
+from cds_service.fhir_types import Coding
 
 # Evidence statuses, strongest first.
 STATUSES = ("verified", "secondary", "unverified")
@@ -269,11 +269,22 @@ class Interaction(_Cited):
 
 
 @dataclass(frozen=True)
+class Lookback(_Cited):
+    """How old a lab result may be and still raise a card to critical."""
+
+    days: float
+    status: str
+    source_ids: tuple[str, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class LabGroup(_Cited):
     id: str  # serum-magnesium | egfr | creatinine
     display: str
     codes: tuple[CodeEntry, ...]
     source_ids: tuple[str, ...]
+    lookback: Lookback
     units: tuple[tuple[str, str], ...] = ()  # (code, unit) where the code implies a unit
 
     def unit_for(self, code: str) -> str | None:

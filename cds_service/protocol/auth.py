@@ -31,6 +31,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Flask, Response, g, jsonify, request
 
+from cds_service.context.fhir_origin import Origin, parse_origins
 from cds_service.protocol.jwks import JwksCache, JwksError, SigningKey, parse_jwks
 from cds_service.protocol.validation import schema_problems
 from cds_service.settings import Settings, SettingsError
@@ -77,6 +78,8 @@ class TrustedIssuer:
     keys: Mapping[str, SigningKey] | None = None
     # None = any tenant (or none); else the token's ``tenant`` claim must be one of these.
     tenants: frozenset[str] | None = None
+    # Origins this issuer's calls may name as ``fhirServer`` (on top of the global allowlist).
+    fhir_servers: frozenset[Origin] = frozenset()
 
 
 def load_trusted_issuers(path: Path) -> dict[str, TrustedIssuer]:
@@ -113,11 +116,18 @@ def load_trusted_issuers(path: Path) -> dict[str, TrustedIssuer]:
                 ) from None
             keys = _configured_keys(key_document, f"{where} jwksFile {key_file}")
         tenants = entry.get("tenants")
+        try:
+            fhir_servers = parse_origins(entry.get("fhirServers", ()), f"{where} fhirServers")
+        except ValueError as exc:
+            raise TrustedIssuersError(str(exc)) from None
+        if fhir_servers is None:
+            raise TrustedIssuersError(f"{where}: fhirServers lists origins; '*' is not one")
         issuers[entry["iss"]] = TrustedIssuer(
             iss=entry["iss"],
             jku=tuple(entry.get("jku", ())),
             keys=keys,
             tenants=frozenset(tenants) if tenants else None,
+            fhir_servers=fhir_servers,
         )
     return issuers
 
@@ -146,6 +156,25 @@ def trusted_issuers(settings: Settings) -> dict[str, TrustedIssuer]:
     if settings.trust_sandbox and SANDBOX_ISSUER not in issuers:
         issuers[SANDBOX_ISSUER] = sandbox_issuer()
     return issuers
+
+
+def issuer_fhir_servers(settings: Settings) -> dict[str, frozenset[Origin]]:
+    """Per trusted issuer, the FHIR servers its entry lists (for the FHIR fetch allowlist).
+
+    With authentication off no call has an issuer: nothing. An issuer with no list (and no
+    ``CDS_FHIR_SERVER_ALLOWLIST``) gets no FHIR fetching at all, and start-up says so.
+    """
+    if settings.auth == "off":
+        return {}
+    issuers = trusted_issuers(settings)
+    if settings.fhir_server_origins is not None and not settings.fhir_server_origins:
+        for issuer in issuers.values():
+            if not issuer.fhir_servers:
+                log.warning(
+                    "trusted issuer %s lists no fhirServers and CDS_FHIR_SERVER_ALLOWLIST is "
+                    "empty: its calls get no FHIR fetching (prefetch only)", issuer.iss,
+                )
+    return {iss: issuer.fhir_servers for iss, issuer in issuers.items() if issuer.fhir_servers}
 
 
 class ReplayCache:

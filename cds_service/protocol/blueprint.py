@@ -16,6 +16,7 @@ from flask.typing import ResponseReturnValue
 from cds_service.context.model import DataUnavailable
 from cds_service.pipeline import HookPipeline
 from cds_service.protocol.errors import ApiError
+from cds_service.protocol.guidance import public_base_url
 from cds_service.protocol.hook_request import HookRequest
 from cds_service.protocol.services import SERVICES_BY_ID, discovery_document
 from cds_service.protocol.validation import check_hook, read_json_body, validate_or_400
@@ -52,12 +53,13 @@ def call_service(service_id: str) -> ResponseReturnValue:
     validate_or_400(body, "hook-request.schema.json", "hook request")
     validated = time.perf_counter()
     check_hook(service, body)
-    hook_request = HookRequest.from_json(body)
+    hook_request = HookRequest.from_json(body, issuer=values.get("auth_issuer"))
     values.hook_instance = hook_request.hook_instance
     extensions = current_app.extensions
     pipeline: HookPipeline = extensions[PIPELINE_EXTENSION]
+    base_url = public_base_url(extensions["cds_settings"], request.host_url)
     try:
-        result = pipeline.run(service, hook_request)
+        result = pipeline.run(service, hook_request, base_url)
     except DataUnavailable as exc:
         raise ApiError(
             412,

@@ -15,13 +15,16 @@ class HookRequest:
     # The EHR's access token: transient, never logged or stored.
     access_token: str | None = field(default=None, repr=False)
     prefetch: dict[str, Any] = field(default_factory=dict)
+    # The trusted JWT issuer that authenticated the call (None with authentication off): its
+    # entry may list the FHIR servers it may send the service to.
+    issuer: str | None = None
 
     @property
     def patient_id(self) -> str:
         return str(self.context.get("patientId", ""))
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> HookRequest:
+    def from_json(cls, body: dict[str, Any], issuer: str | None = None) -> HookRequest:
         """From a body that already passed ``schemas/hook-request.schema.json``."""
         authorization = body.get("fhirAuthorization")
         token = authorization.get("access_token") if isinstance(authorization, dict) else None
@@ -33,4 +36,5 @@ class HookRequest:
             fhir_server=body.get("fhirServer"),
             access_token=token,
             prefetch=prefetch if isinstance(prefetch, dict) else {},
+            issuer=issuer,
         )

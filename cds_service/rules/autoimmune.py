@@ -30,7 +30,14 @@ from cds_service.rules.derived import (
     order_evidence,
     serum_magnesium,
 )
-from cds_service.rules.describe import condition_text
+from cds_service.rules.describe import (
+    clinical_name,
+    condition_evidence,
+    medication_evidence,
+    medication_text,
+    mid_sentence,
+    short_display,
+)
 from cds_service.rules.findings import Evidence, Finding, Proposal
 from cds_service.rules.myasthenia import myasthenia_evidence
 from cds_service.rules.picture import ClinicalPicture, ConditionFact, MedicationFact
@@ -102,9 +109,7 @@ def _finding(
             if item.id == THYROID_SPACING and thyroid:
                 continue  # the chelation-interaction card says it, with a one-click fix
             paragraphs.append(f"{group.display}: {item.text}")
-            sources += item.source_ids
-            if item.status == "unverified":
-                unverified.append(item.text)
+            sources += item.source_ids  # the explanation page shows and flags them
     if thyroid and hashimoto:
         names = ", ".join(hormone.medication.display for hormone in thyroid)
         paragraphs.append(
@@ -117,10 +122,6 @@ def _finding(
         assert other.autoimmune_use is not None
         marker = " **(this order)**" if salt is not None and other.id == salt.id else ""
         lines.append(f"- {other.autoimmune_use.text}{marker}")
-        if other.autoimmune_use.status == "unverified":
-            label = "comparison of magnesium forms (clinical source's table)"
-            if label not in unverified:
-                unverified.append(label)
     paragraphs.append("**Which form for which aim**\n" + "\n".join(lines))
 
     proposals: tuple[Proposal, ...] = ()
@@ -147,24 +148,40 @@ def _finding(
                 ),
             )
         better = lower_first(knowledge.magnesium_salt(target.salt).display)
-        summary = f"{name}: {use.summary}; consider {better}"  # the detail names the condition
-    elif use is None:
-        paragraphs.append(f"The clinical source does not rate {name.lower()} among these forms.")
-        summary = f"{name}: match the form to the aim, diet first, check levels ({condition})"
+        mg = lower_first(name)
+        summary = f"Consider {better} instead of {mg}: {use.summary}"
+        actions = [
+            f"Switch to {clinical_name(target.name)}, or keep {mg} short-term."
+        ]
+        if use.status == "unverified":
+            unverified.append("the comparison of magnesium forms")
     else:
-        summary = f"{name}: {use.summary}; diet first, check magnesium levels ({condition})"
-
+        if use is None:
+            paragraphs.append(
+                f"The clinical source does not rate {name.lower()} among these forms."
+            )
+        summary = (
+            f"Diet first and check serum magnesium before {lower_first(name)}: its benefit in "
+            f"{mid_sentence(short_display(condition))} varies"
+        )
+        actions = []
+    actions.append(
+        "Food first: leafy greens, nuts, seeds, legumes, whole grains"
+        + ("; check serum magnesium before a supplement." if serum is None else ".")
+    )
+    if thyroid and hashimoto:
+        actions.append("Space it from thyroid hormone: see the interaction card.")
     paragraphs.append(rule.statement("diet-first").text)
     paragraphs.append(rule.statement("check-levels").text)
     evidence = [
-        *(Evidence(condition_text(c.condition), c.condition.source) for c, _ in related),
-        *(Evidence("On file: " + t.medication.display, t.medication.source) for t in thyroid),
+        *(condition_evidence(c.condition) for c, _ in related),
+        *(
+            medication_evidence(t, f"on {mid_sentence(medication_text(t.medication))}")
+            for t in thyroid
+        ),
+        serum.evidence if serum is not None else Evidence("no serum magnesium on file"),
+        order_evidence(fact, with_dose=False),
     ]
-    if serum is not None:
-        evidence.append(Evidence(serum.describe, serum.lab.source))
-    else:
-        evidence.append(Evidence("No serum magnesium on file"))
-    evidence.append(order_evidence(fact))
     return Finding(
         rule_id=RULE_ID,
         indicator="info",
@@ -176,4 +193,7 @@ def _finding(
         proposals=proposals,
         order=fact.medication,
         unverified=tuple(unverified),
+        action=" ".join(actions),
+        watch="Serum magnesium; stomach upset or diarrhoea.",
+        topics=(*dict.fromkeys(group.id for _, group in related), *((salt.id,) if salt else ())),
     )

@@ -18,10 +18,19 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from cds_service.context.model import Lab, LabOrder, Quantity
+from cds_service.context.model import Dose, Lab, LabOrder, Quantity
 from cds_service.knowledge import Ingredient, Knowledge, MagnesiumMatch, ThresholdBand
 from cds_service.knowledge.model import ConditionGroup
-from cds_service.rules.describe import condition_text, lab_text, order_text
+from cds_service.rules.describe import (
+    condition_evidence,
+    lab_text,
+    lab_value_text,
+    lab_when,
+    medication_evidence,
+    mid_sentence,
+    order_text,
+    short_display,
+)
 from cds_service.rules.findings import Evidence
 from cds_service.rules.picture import ClinicalPicture, ConditionFact, MedicationFact
 
@@ -80,10 +89,12 @@ def daily_elemental_mg(fact: MedicationFact) -> DailyDose:
     fraction = match.elemental_fraction
     parts: list[str] = []
     for dose, salt_mg in zip(fact.medication.doses, salts_mg, strict=True):
-        assert dose.quantity is not None and dose.frequency_per_day is not None
+        per_day = _administrations_per_day(dose, fact)
+        assert dose.quantity is not None and per_day is not None
         amount = f"{dose.quantity.value:g} {dose.quantity.unit}".strip()
         per_dose = "" if amount == f"{salt_mg:g} mg" else f" = {salt_mg:g} mg"
-        parts.append(f"{amount}{per_dose} x {dose.frequency_per_day:g}/day")
+        once = dose.once or dose.frequency_per_day is None
+        parts.append(f"{amount}{per_dose} {'once' if once else f'x {per_day:g}/day'}")
     basis = (
         "stated as elemental magnesium"
         if fraction == 1.0
@@ -120,17 +131,28 @@ def _daily_total(fact: MedicationFact) -> tuple[float | None, str, tuple[float, 
     for dose in doses:
         if dose.quantity is None:
             return None, "dose unknown: no dose quantity", ()
-        if dose.frequency_per_day is None:
+        per_day = _administrations_per_day(dose, fact)
+        if per_day is None:
             return None, "dose unknown: no dose frequency", ()
         salt_mg, why = _product_mg(dose.quantity, match)
         if salt_mg is None:
             return None, f"dose unknown: {why}", ()
         salts_mg.append(salt_mg)
-        total += salt_mg * fraction * dose.frequency_per_day
+        total += salt_mg * fraction * per_day
     if not math.isfinite(total):
         # Finite inputs can still overflow (e.g. 1e308 g x 1000/day): not a dose to reason on.
         return None, "dose unknown: the stated amounts are out of any plausible range", ()
     return total, "", tuple(salts_mg)
+
+
+def _administrations_per_day(dose: Dose, fact: MedicationFact) -> float | None:
+    """A single dose is one administration: stated (count 1), or a parenteral order with no
+    timing at all (a one-off infusion or injection is written so)."""
+    if dose.frequency_per_day is not None:
+        return dose.frequency_per_day
+    if dose.untimed and fact.route == "parenteral":
+        return 1.0
+    return None
 
 
 def _product_mg(quantity: Quantity, match: MagnesiumMatch) -> tuple[float | None, str]:
@@ -200,30 +222,27 @@ class SerumMagnesium:
 
     @property
     def value_text(self) -> str:
-        """'2.7 mg/dL' (what the lab reported), for summaries."""
-        value = self.lab.value
-        return f"{value.value:g} {value.unit}".strip() if value else "no value"
+        """'2.7 mg/dL', '1.30 mmol/L' (rounded as read), for summaries."""
+        return lab_value_text(self.lab, "serum-magnesium")
 
     @property
     def describe(self) -> str:
-        """Lab value, date, code, converted value and how it compares with its range."""
-        text = "Latest serum magnesium: " + lab_text(self.lab)
-        unit = self.lab.value.unit.lower() if self.lab.value else ""
-        if self.mmol is not None and unit not in ("mmol/l", "mm"):
-            text += f" = {self.mmol:.2f} mmol/L"
+        """'Serum magnesium 2.7 mg/dL on 2026-11-18 (high)': value, date, and where it stands."""
+        value = lab_value_text(self.lab, "serum-magnesium")
+        text = f"Serum magnesium {value} {lab_when(self.lab)}"
         if self.is_toxic:
-            text += f", above the toxic level {self.toxic_above:.2f} mmol/L"
-        elif self.is_high and self.mmol is not None and self.high is not None:
-            text += f", above the {self.range_text}"
+            text += " (above the toxic level)"
         elif self.is_high:
-            text += ", flagged high by the laboratory"
+            text += " (high)"
         elif self.is_low:
-            text += f", below the {self.range_text}"
-        elif self.mmol is not None:
-            text += f", within the {self.range_text}"
-        else:
-            text += " (unit not understood: not compared with a range)"
+            text += " (low)"
+        elif self.mmol is None:
+            text += " (unit not understood)"
         return text
+
+    @property
+    def evidence(self) -> Evidence:
+        return Evidence(self.describe, self.lab.source, self.lab.codings[:1])
 
 
 def serum_magnesium(picture: ClinicalPicture, knowledge: Knowledge) -> SerumMagnesium | None:
@@ -344,18 +363,19 @@ class KidneyFunction:
 
     @property
     def label(self) -> str:
-        """Short wording for a summary: 'Chronic kidney disease stage 4 (severe), eGFR 22'."""
-        parts = [self.condition_display] if self.condition_display else []
+        """Short wording for mid-sentence: 'chronic kidney disease stage 4, eGFR 22'."""
+        condition = self.condition_display
+        parts = [mid_sentence(short_display(condition))] if condition else []
         if self.egfr is not None and self.egfr.value is not None:
-            parts.append(f"eGFR {self.egfr.value.value:g}")
+            parts.append(f"eGFR {lab_value_text(self.egfr, 'egfr').split(' ')[0]}")
         return ", ".join(parts) or "reduced kidney function"
 
     @property
     def evidence(self) -> tuple[Evidence, ...]:
-        items = [Evidence(condition_text(f.condition), f.condition.source) for f in self.conditions]
+        items = [condition_evidence(f.condition) for f in self.conditions]
         if self.egfr is not None:
-            band = f" ({self.kdigo.label})" if self.kdigo else ""
-            items.append(Evidence("Latest eGFR: " + lab_text(self.egfr) + band, self.egfr.source))
+            text = lab_text(self.egfr, "eGFR", "egfr")
+            items.append(Evidence(text, self.egfr.source, self.egfr.codings[:1]))
         return tuple(items)
 
 
@@ -466,9 +486,12 @@ def magnesium_name(fact: MedicationFact) -> str:
 
 
 def order_evidence(fact: MedicationFact, *, with_dose: bool = True) -> Evidence:
-    """The order (or the medication on file), how it was recognised, and its daily dose."""
-    prefix = "Order: " if fact.medication.is_draft else "On file: "
+    """'Ordered: magnesium oxide 400 mg oral tablet, 1 tablet twice a day (482 mg elemental
+    magnesium a day)'; 'On file: ...' for one already taken."""
+    prefix = "Ordered: " if fact.medication.is_draft else "On file: "
     text = prefix + order_text(fact)
     if with_dose and fact.is_magnesium:
-        text += f"; {daily_elemental_mg(fact).how}"
-    return Evidence(text, fact.medication.source)
+        daily = daily_elemental_mg_value(fact)
+        if daily is not None:
+            text += f" ({daily:.0f} mg elemental magnesium a day)"
+    return medication_evidence(fact, text)

@@ -25,7 +25,7 @@ from cds_service.rules.derived import (
     magnesium_name,
     order_evidence,
 )
-from cds_service.rules.findings import Finding, Indicator
+from cds_service.rules.findings import Evidence, Finding, Indicator
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
 RULE_ID = "magnesium-dose-limit"
@@ -111,16 +111,17 @@ def _finding(
     assert band.value is not None
     name = magnesium_name(fact)
     limit = f"{band.value:g} mg/day"
-    # The hazard leads, so that a cut-off summary still says it.
+    mg = lower_first(name)
+    # What to do, then why.
     if others:
         summary = (
-            f"Above the {limit} upper limit with magnesium already taken: "
-            f"{total:.0f} mg elemental Mg/day ({lower_first(name)} and others)"
+            f"Review total magnesium: with {mg}, {total:.0f} mg elemental a day is above the "
+            f"{limit} upper limit"
         )
     else:
         summary = (
-            f"Above the {limit} upper limit: {lower_first(name)} gives "
-            f"{total:.0f} mg elemental Mg/day"
+            f"Lower the {mg} dose: {total:.0f} mg elemental a day is above the {limit} upper "
+            "limit"
         )
     who = f"age {age}" if age is not None else "age unknown, adult limit used"
     paragraphs = [
@@ -131,12 +132,22 @@ def _finding(
         "Consider a lower dose or fewer doses a day, unless a higher dose is intended "
         "and supervised.",
     ]
+    limit_fact = f"upper limit {limit} for {band.label}" + (
+        "" if age is not None else " (age unknown: the adult limit)"
+    )
     return Finding(
         rule_id=RULE_ID,
         indicator=indicator,
         summary=summary,
         detail="\n\n".join(p for p in paragraphs if p),
-        evidence=(order_evidence(fact), *(order_evidence(o) for o in others)),
+        evidence=(
+            order_evidence(fact),
+            *(order_evidence(o) for o in others),
+            Evidence(limit_fact),
+        ),
+        action="Lower the dose or the number of doses a day, unless a higher dose is intended "
+        "and supervised.",
+        watch="Diarrhoea, nausea and abdominal cramps.",
         source_ids=threshold.source_ids,
         # Together-above-the-limit is one finding however many drafts share it.
         key=f"{RULE_ID}:" + "|".join(sorted(f.ref for f in (fact, *others))),

@@ -31,6 +31,7 @@ from cds_service.context.model import PatientContext
 from cds_service.knowledge import Knowledge
 from cds_service.rules import (
     autoimmune,
+    data_checks,
     dose,
     interactions,
     mg_drugs,
@@ -51,9 +52,12 @@ RULES: tuple[Rule, ...] = (
     interactions.evaluate,
     autoimmune.evaluate,
     dose.evaluate,
+    data_checks.evaluate,
 )
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
+# The card's one clause on why its indicator differs between selection and signing.
+CAPPED_NOTE = "A warning while the order is chosen; critical at signing."
 # Rules whose critical cards are shown as critical at order-select too.
 ALWAYS_SEVERE = frozenset({myasthenia.RULE_ID, mg_drugs.RULE_ID})
 SIGNING_HOOKS = frozenset({"order-sign"})
@@ -66,8 +70,43 @@ def evaluate(
 ) -> list[Finding]:
     """All findings for this hook call, most serious first, each finding once."""
     picture = build_picture(context, knowledge, today)
-    found = prioritise(finding for rule in RULES for finding in rule(picture, knowledge, hook))
+    if context.patient.deceased:
+        # On purpose: no clinical card for a patient recorded as deceased, one to say so.
+        return apply_hook_policy([data_checks.deceased(picture, knowledge, hook)], hook)
+    found = prioritise(_run_rules(picture, knowledge, hook))
+    if picture.stale_labs and any(f.indicator == "critical" for f in found):
+        found = cap_stale(found, picture, knowledge, hook)
     return apply_hook_policy(found, hook)
+
+
+def _run_rules(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterable[Finding]:
+    return (finding for rule in RULES for finding in rule(picture, knowledge, hook))
+
+
+def cap_stale(
+    findings: list[Finding], picture: ClinicalPicture, knowledge: Knowledge, hook: str
+) -> list[Finding]:
+    """A result older than its look-back window cannot raise a card above warning.
+
+    The rules run again without the old results: a critical finding that is not critical
+    then (or not there at all) rests on old data, and is shown as a warning that names
+    them with their dates. Criticals that stand without them (a coded dialysis, a current
+    value) stay.
+    """
+    without = {
+        f.key: f.indicator
+        for f in prioritise(_run_rules(picture.without_stale_labs(), knowledge, hook))
+    }
+    capped: list[Finding] = []
+    for finding in findings:
+        if finding.indicator == "critical" and without.get(finding.key) != "critical":
+            old = _old_results(finding, picture, knowledge)
+            note = f"Not shown as critical: it rests on {old}."
+            finding = dataclasses.replace(
+                finding, indicator="warning", detail=f"{finding.detail}\n\n{note}"
+            )
+        capped.append(finding)
+    return sorted(capped, key=lambda f: SEVERITY[f.indicator])
 
 
 def prioritise(findings: Iterable[Finding]) -> list[Finding]:
@@ -80,11 +119,28 @@ def prioritise(findings: Iterable[Finding]) -> list[Finding]:
     return sorted(best.values(), key=lambda f: SEVERITY[f.indicator])
 
 
+def _old_results(finding: Finding, picture: ClinicalPicture, knowledge: Knowledge) -> str:
+    """'Estimated glomerular filtration rate from 1978-05-01, older than its 90-day
+    look-back; recheck it'."""
+    cited = {e.source for e in finding.evidence}
+    old = [f for f in picture.stale_labs if f.lab.source in cited] or list(picture.stale_labs)
+    parts = []
+    for fact in old:
+        group = knowledge.lab_group(fact.kind)
+        if fact.lab.effective is None:
+            parts.append(f"{group.display} with no date")
+        else:
+            when = fact.lab.effective.date().isoformat()
+            days = group.lookback.days
+            parts.append(f"{group.display} from {when}, older than its {days:g}-day look-back")
+    return f"{'; '.join(parts)}; recheck {'them' if len(parts) > 1 else 'it'}"
+
+
 def apply_hook_policy(findings: list[Finding], hook: str) -> list[Finding]:
     """Cap order-select at warning (but myasthenia), drop info at signing; keep the order."""
     if hook in ADVISING_HOOKS:
         capped = [
-            dataclasses.replace(f, indicator="warning")
+            dataclasses.replace(f, indicator="warning", severity_note=CAPPED_NOTE)
             if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE
             else f
             for f in findings

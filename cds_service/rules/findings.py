@@ -21,8 +21,12 @@ def as_indicator(value: str) -> Indicator:
 class Evidence:
     """One patient fact that triggered a finding, in words a clinician reads."""
 
-    text: str  # e.g. "Myasthenia gravis (ICD-10-CM G70.00)"
+    text: str  # clinical words, no codes: "Myasthenia gravis since 2019"
     source: SourceRef | None = None
+    # Provenance for the card's extension, never its text: the codes that matched, and how a
+    # medication was recognised (e.g. "magnesium: rxnorm-product 198741").
+    codes: tuple[Coding, ...] = ()
+    recognised_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,5 +53,16 @@ class Finding:
     key: str
     proposals: tuple[Proposal, ...] = ()
     order: Medication | None = None
-    # Facts this finding uses that the knowledge base marks unverified (shown on the card).
+    # Facts this finding uses that the knowledge base marks unverified: short labels, flagged
+    # once on the card ("the 4-hour spacing figure"); the explanation page gives them in full.
     unverified: tuple[str, ...] = ()
+    # The card's own words (``detail`` above is the long reasoning, kept for the explanation
+    # and as the fallback): what to do and what to watch, a sentence or two each.
+    action: str = ""
+    watch: str = ""
+    # Names of the drug or condition the card is about: its source is the document about them.
+    about: tuple[str, ...] = ()
+    # Knowledge ids (condition or drug group, salt) that pick the explanation page's sections.
+    topics: tuple[str, ...] = ()
+    # One clause when the indicator differs between selection and signing.
+    severity_note: str = ""

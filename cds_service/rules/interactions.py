@@ -28,6 +28,7 @@ from cds_service.knowledge.model import DrugEffect, DrugGroup
 from cds_service.rules.derived import (
     ingredient_in,
     ingredient_key,
+    lower_first,
     magnesium_name,
     order_evidence,
 )
@@ -148,6 +149,8 @@ def _figure_stated(said: str, value: float) -> bool:
 
 
 _HOURS = r"h|hr|hrs|hour|hours"
+# "(figure not verified against the label)": a knowledge text's own note on its status.
+_STATUS_REMARK = re.compile(r"\s*\([^()]*\bnot verified\b[^()]*\)")
 
 
 def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact) -> Finding | None:
@@ -160,16 +163,24 @@ def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact)
     if _spacing_stated(target.medication, drug, other):
         return None
     spacing = spacing_phrase(drug.name, interaction)
-    if target is magnesium:
-        summary = f"{mg_name} with {drug.name}: {spacing}"
+    has_figure = interaction is not None and (
+        interaction.hours_before is not None or interaction.hours_after is not None
+    )
+    # What to do, then why: the spacing, and that magnesium binds the drug in the gut.
+    if has_figure:
+        summary = f"{spacing[:1].upper()}{spacing[1:]}: magnesium binds {drug.name} in the gut"
     else:
-        where = "ordered" if magnesium.medication.is_draft else "on file"
-        summary = f"{drug.name.capitalize()} with {mg_name.lower()} {where}: {spacing}"
+        summary = (
+            f"Separate {drug.name} from {lower_first(mg_name)} as its label directs: "
+            "magnesium lowers its absorption"
+        )
     paragraphs = [f"**{drug.name}** ({drug.group.display.lower()}): {drug.effect.text}"]
     proposals: tuple[Proposal, ...] = ()
+    actions: list[str] = []
     if interaction is not None:
         paragraphs.append(interaction.text)
-        has_figure = interaction.hours_before is not None or interaction.hours_after is not None
+        # The card flags what is unverified once, in its own clause.
+        actions.append(_STATUS_REMARK.sub("", interaction.text))
         if has_figure and target.medication.source.resource_id:
             text = interaction.text
             if drug.name.lower() not in text.lower():
@@ -183,13 +194,18 @@ def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact)
                     text=text,
                 ),
             )
+            actions.append("The suggestion adds it to the order's instructions.")
     else:
         paragraphs.append("No separation time is on file for this drug: follow its label.")
+        actions.append("No separation time is on file for this drug: follow its label.")
     if magnesium.route is None:
         paragraphs.append("The magnesium's route is not stated; it is taken to be by mouth.")
     unverified = tuple(
-        fact.text
-        for fact in (interaction, drug.effect)
+        label
+        for fact, label in (
+            (interaction, "the spacing figure"),
+            (drug.effect, f"that magnesium binds {drug.name}"),
+        )
         if fact is not None and fact.status == "unverified"
     )
     pair = sorted((magnesium.ref, drug.fact.ref))
@@ -208,4 +224,8 @@ def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact)
         proposals=proposals,
         order=target.medication,
         unverified=unverified,
+        action=" ".join(actions),
+        watch=f"Whether {drug.name} works as expected if doses were taken together.",
+        about=(drug.name,),
+        topics=(drug.group.id,),
     )

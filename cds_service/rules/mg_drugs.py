@@ -18,7 +18,12 @@ from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import DrugEffect, DrugGroup
 from cds_service.rules.derived import ingredient_in, is_systemic_magnesium, order_evidence
 from cds_service.rules.findings import Evidence, Finding, Proposal, as_indicator
-from cds_service.rules.myasthenia import POSSIBLE, MyastheniaEvidence, myasthenia_evidence
+from cds_service.rules.myasthenia import (
+    MG_CONDITIONS,
+    POSSIBLE,
+    MyastheniaEvidence,
+    myasthenia_evidence,
+)
 from cds_service.rules.myasthenia import RULE_ID as MG_RULE_ID
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
@@ -83,19 +88,23 @@ def _aggravating(
         "Choose another drug where one is suitable; if it must be given, watch for worsening "
         "muscle weakness.",
     ]
+    drugs = group.display.lower()
+    action = "Choose another drug where one is suitable; if it must be given, watch closely."
     if mg_evidence.coded:
-        verb = "Avoid" if indicator == "critical" else "Caution with"
-        summary = (
-            f"{verb} {name} in myasthenia gravis: "
-            f"{group.display.lower()} can worsen muscle weakness"
-        )
+        if indicator == "critical":
+            summary = f"Avoid {name}: myasthenia gravis; {drugs} can worsen muscle weakness"
+        else:
+            summary = (
+                f"Use {name} with caution: myasthenia gravis; {drugs} can worsen muscle weakness"
+            )
     else:
         # Inferred from a drug, the diagnosis may be wrong: advise, do not block.
         indicator = "warning" if indicator == "critical" else indicator
-        summary = f"{mg_evidence.possible}: caution with {name}"
+        summary = f"Confirm {mg_evidence.possible} before {name}: it can worsen muscle weakness"
         detail.insert(0, knowledge.rule(MG_RULE_ID).statement(POSSIBLE).text)
+        action = "Confirm the diagnosis; until then choose another drug where one is suitable."
     return _finding(
-        fact, indicator, summary, detail, mg_evidence, effect, (), knowledge, name, rule.id
+        fact, group, indicator, summary, detail, mg_evidence, effect, (), name, rule.id, action
     )
 
 
@@ -109,30 +118,35 @@ def _potentiated(
 ) -> Finding:
     name = _drug_name(fact, knowledge, group)
     summary = (
-        f"{name} with IV/IM magnesium in myasthenia gravis: "
-        "magnesium potentiates neuromuscular blockade"
+        f"Use {name} with care alongside IV/IM magnesium: myasthenia gravis; magnesium "
+        "potentiates neuromuscular blockade"
     )
     detail = [f"**{name}** ({group.display.lower()}): {effect.text}"]
     if not mg_evidence.coded:
-        summary = f"{mg_evidence.possible}: IV/IM magnesium potentiates {name}"
+        summary = f"Confirm {mg_evidence.possible}: IV/IM magnesium potentiates {name}"
         detail.insert(0, knowledge.rule(MG_RULE_ID).statement(POSSIBLE).text)
-    extra = tuple(order_evidence(m) for m in parenteral_mg)
+    extra = tuple(order_evidence(m, with_dose=False) for m in parenteral_mg)
+    action = (
+        "Give the lowest effective dose of the blocker, titrated to effect, and avoid "
+        "parenteral magnesium where possible."
+    )
     return _finding(
-        fact, "warning", summary, detail, mg_evidence, effect, extra, knowledge, name, RULE_ID
+        fact, group, "warning", summary, detail, mg_evidence, effect, extra, name, RULE_ID, action
     )
 
 
 def _finding(
     fact: MedicationFact,
+    group: DrugGroup,
     indicator: str,
     summary: str,
     detail: list[str],
     mg_evidence: MyastheniaEvidence,
     effect: DrugEffect,
     extra: tuple[Evidence, ...],
-    knowledge: Knowledge,
     name: str,
     rule_id: str,
+    action: str,
 ) -> Finding:
     medication = fact.medication
     proposals: tuple[Proposal, ...] = ()
@@ -146,7 +160,7 @@ def _finding(
                 recommended=indicator == "critical" and mg_evidence.coded,
             ),
         )
-    order = order_evidence(fact)
+    order = order_evidence(fact, with_dose=False)
     return Finding(
         rule_id=rule_id,
         indicator=as_indicator(indicator),
@@ -157,5 +171,12 @@ def _finding(
         key=f"{rule_id}:{fact.ref}",
         proposals=proposals,
         order=medication,
-        unverified=(effect.text,) if effect.status == "unverified" else (),
+        unverified=(f"the warning for {group.display.lower()}",)
+        if effect.status == "unverified"
+        else (),
+        action=action,
+        watch="Muscle strength, swallowing and breathing.",
+        about=(name,),
+        topics=(*MG_CONDITIONS, group.id),
     )
+

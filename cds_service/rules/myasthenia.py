@@ -12,6 +12,7 @@ soaks) is what the clinical source allows in MG, so it is not flagged.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,7 +20,12 @@ from functools import lru_cache
 from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import DrugEffect
 from cds_service.rules.derived import is_systemic_magnesium, lower_first, order_evidence
-from cds_service.rules.describe import condition_text, medication_text
+from cds_service.rules.describe import (
+    condition_evidence,
+    medication_evidence,
+    medication_text,
+    mid_sentence,
+)
 from cds_service.rules.findings import Evidence, Finding, Indicator, Proposal
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
@@ -51,18 +57,15 @@ class MyastheniaEvidence:
 
     @property
     def possible(self) -> str:
-        """'Possible myasthenia gravis (on pyridostigmine, no coded diagnosis)': it leads a
-        summary."""
-        return f"Possible myasthenia gravis (on {', '.join(self.drugs)}, no coded diagnosis)"
+        """'possible myasthenia gravis (on pyridostigmine, not coded)', for a summary."""
+        return f"possible myasthenia gravis (on {', '.join(self.drugs)}, not coded)"
 
 
 def myasthenia_evidence(picture: ClinicalPicture, knowledge: Knowledge) -> MyastheniaEvidence:
     """Coded MG, or failing that a drug on file that only MG is treated with."""
     coded = picture.conditions_in(*MG_CONDITIONS)
     if coded:
-        return MyastheniaEvidence(
-            tuple(Evidence(condition_text(f.condition), f.condition.source) for f in coded), True
-        )
+        return MyastheniaEvidence(tuple(condition_evidence(f.condition) for f in coded), True)
     evidence: list[Evidence] = []
     drugs: list[str] = []
     for fact in picture.medications:
@@ -77,10 +80,10 @@ def myasthenia_evidence(picture: ClinicalPicture, knowledge: Knowledge) -> Myast
         names = [i.name for i in specific]
         drugs += [n for n in names if n not in drugs]
         evidence.append(
-            Evidence(
-                f"{medication_text(medication)}: {', '.join(names)} is used only to treat "
-                "myasthenia gravis (no coded diagnosis)",
-                medication.source,
+            medication_evidence(
+                fact,
+                f"On {mid_sentence(medication_text(medication))}, used only in myasthenia "
+                "gravis; no coded diagnosis",
             )
         )
     return MyastheniaEvidence(tuple(evidence), False, tuple(drugs))
@@ -97,9 +100,20 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     on_file = picture.medications_in("cholinesterase-inhibitor")
     extra: tuple[str, ...] = ()
     if antagonism is not None and on_file:
-        extra = (antagonism.text,)
+        extra = ("that magnesium counteracts anticholinesterases",)
         names = ", ".join(medication_text(f.medication) for f in on_file)
         paragraphs.insert(len(paragraphs) - 1, f"{antagonism.text} On file: {names}.")
+    if mg.coded:  # an MG drug is already named when it is what suggests the diagnosis
+        mg = dataclasses.replace(
+            mg,
+            evidence=(
+                *mg.evidence,
+                *(
+                    medication_evidence(f, f"on {mid_sentence(medication_text(f.medication))}")
+                    for f in on_file
+                ),
+            ),
+        )
 
     if hook == "patient-view":
         for fact in picture.medications:
@@ -136,18 +150,31 @@ def _finding(
         else "magnesium"
     )
     name = lower_first(name)  # it sits mid-sentence in every summary and label
-    # The hazard leads every summary, so that a truncated summary still says it.
+    # What to do first, then why, so that the summary alone says both.
+    route = "IV/IM " if parenteral else ""
+    watch = "Muscle strength, swallowing and breathing" + (
+        "; reflexes and respiratory rate during the infusion." if parenteral else "."
+    )
     if not mg.coded:
-        risk = f"IV/IM {name} risks a myasthenic crisis" if parenteral else f"avoid {name}"
-        summary = f"{mg.possible}: {risk}"
+        summary = f"Confirm {mg.possible} before {route}{name}: magnesium can trigger a crisis"
+        action = (
+            "Confirm the diagnosis and add it to the problem list before deciding; if it is "
+            "confirmed, avoid systemic magnesium."
+        )
     elif parenteral:
         summary = (
-            f"IV/IM {name} in myasthenia gravis: risk of myasthenic crisis and respiratory failure"
+            f"Avoid IV/IM {name}: myasthenia gravis; risk of myasthenic crisis and "
+            "respiratory failure"
         )
+        action = _UNAVOIDABLE
     elif hook == "patient-view":
-        summary = f"Patient with myasthenia gravis is on {name}: magnesium can worsen weakness"
+        summary = f"Review {name} on file: myasthenia gravis; magnesium can worsen weakness"
+        action = "Review whether magnesium is still needed; stop it unless neurology advises it."
     else:
-        summary = f"Avoid {name} in myasthenia gravis: magnesium worsens neuromuscular weakness"
+        summary = (
+            f"Avoid {name}: myasthenia gravis; magnesium can worsen weakness or cause a crisis"
+        )
+        action = _UNAVOIDABLE
     proposals: tuple[Proposal, ...] = ()
     if medication.is_draft and medication.source.resource_id:
         proposals = (
@@ -164,10 +191,19 @@ def _finding(
         indicator=mg.indicator,
         summary=summary,
         detail="\n\n".join(paragraphs),
-        evidence=(*mg.evidence, order_evidence(fact)),
+        evidence=(*mg.evidence, order_evidence(fact, with_dose=False)),
         source_ids=(),  # the rule catalogue lists this rule's sources
         key=f"{rule_id}:{fact.ref}",
         proposals=proposals,
         order=medication,
         unverified=extra,
+        action=action,
+        watch=watch,
+        topics=MG_CONDITIONS,
     )
+
+
+_UNAVOIDABLE = (
+    "Remove the order. If magnesium is unavoidable (documented severe hypomagnesemia), give it "
+    "only with neurology advice, at the lowest effective dose."
+)

@@ -8,6 +8,7 @@ context layer skip normalising such facts (``KnowledgeRelevance``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import date
 from functools import lru_cache
@@ -71,6 +72,9 @@ class MedicationFact:
 class LabFact:
     lab: Lab
     kind: str  # "serum-magnesium" | "egfr" | "creatinine"
+    # Older than its kind's look-back window (or undated): shown with its date, but it may
+    # not raise a card above warning (``engine.cap_stale``).
+    stale: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,14 @@ class ClinicalPicture:
             source.reference in selected or source.resource_id in selected
         )
 
+    @property
+    def stale_labs(self) -> tuple[LabFact, ...]:
+        return tuple(fact for fact in self.labs if fact.stale)
+
+    def without_stale_labs(self) -> ClinicalPicture:
+        """The same picture as if the results older than their look-back were not on file."""
+        return dataclasses.replace(self, labs=tuple(f for f in self.labs if not f.stale))
+
     def latest_lab(self, kind: str) -> LabFact | None:
         """The newest usable result of a kind: the only lab fact any rule reads, so the
         context layer keeps no other (``KnowledgeRelevance.lab_kind``)."""
@@ -117,6 +129,12 @@ class ClinicalPicture:
     @property
     def age(self) -> int | None:
         return self.context.patient.age_on(self.today)
+
+
+def _is_stale(lab: Lab, lookback_days: float, today: date) -> bool:
+    if lab.effective is None:
+        return True  # no date: its age cannot be known
+    return (today - lab.effective.date()).days > lookback_days
 
 
 def condition_counts(condition: Condition) -> bool:
@@ -256,7 +274,7 @@ def build_picture(context: PatientContext, knowledge: Knowledge, today: date) ->
         for position, medication in enumerate(context.draft_orders)
     )
     labs = [
-        LabFact(lab, kind)
+        LabFact(lab, kind, _is_stale(lab, knowledge.lab_group(kind).lookback.days, today))
         for lab in context.labs
         if lab.status not in WITHDRAWN_LAB_STATUSES
         and (kind := knowledge.lab_kind(lab.codings)) is not None

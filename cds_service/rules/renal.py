@@ -36,7 +36,7 @@ from cds_service.rules.derived import (
     serum_magnesium,
     serum_magnesium_ordered,
 )
-from cds_service.rules.findings import Evidence, Finding, Indicator, Proposal
+from cds_service.rules.findings import Finding, Indicator, Proposal
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
 RULE_ID = "renal-magnesium"
@@ -78,23 +78,23 @@ def serum_test_proposal(
     """
     ordered = serum_magnesium_ordered(picture, knowledge)
     if ordered is not None:
-        return (), [f"A serum magnesium test is among the orders ({ordered.display})."], ()
+        return (), ["A serum magnesium test is among the orders."], ()
     if serum is not None and is_recent(picture, knowledge, serum.lab):
         return (), [], ()
     window = recency_window_days(knowledge)
     code = knowledge.lab_group("serum-magnesium").codes[0]  # mass/volume, as most labs report
     proposal = Proposal(
         kind="order-lab",
-        label=f"Order serum magnesium (LOINC {code.code})",
+        label="Order a serum magnesium",
         text=reason,
         code=Coding(LOINC, code.code, code.display),
     )
     if serum is None:
-        return (proposal,), ["No serum magnesium is on file: check it."], ()
+        return (proposal,), ["No serum magnesium on file: check it."], ()
     note = (
-        f"The latest serum magnesium is older than {window:g} days (local policy): check it again."
+        f"Last serum magnesium over {window:g} days old: recheck it."
     )
-    return (proposal,), [note], (f"recency window for serum magnesium ({window:g} days)",)
+    return (proposal,), [note], (f"the {window:g}-day recency window (local policy)",)
 
 
 def _order(
@@ -109,6 +109,8 @@ def _order(
     parenteral = fact.route == "parenteral"
     high = serum is not None and serum.is_high
     indicator: Indicator
+    mg = lower_first(name)
+    actions: list[str] = []
     if kidney.severity == "severe":
         indicator = "critical" if parenteral or high else "warning"
         paragraphs = [rule.statement("accumulation").text]
@@ -118,39 +120,39 @@ def _order(
             paragraphs.append(rule.statement("oral-caution").text)
         if high:
             assert serum is not None
-            # The hazard leads every summary, so that a cut-off summary still says it.
+            # What to do first, then why.
             summary = (
-                f"Hypermagnesemia risk: serum Mg already high ({serum.value_text}) with "
-                f"{kidney.label}; {lower_first(name)} ordered"
+                f"Avoid more {mg}: serum magnesium already high ({serum.value_text}) with "
+                f"{kidney.label}"
             )
             paragraphs.append(
                 f"Serum magnesium is already above its range ({serum.value_text}). "
                 + knowledge.rule(HIGH_SERUM_RULE_ID).statement("toxicity").text
             )
+            actions.append("Hold magnesium unless treating a documented deficiency.")
         elif parenteral:
-            summary = (
-                f"Limit IV/IM {lower_first(name)} with {kidney.label}: check urine output and Mg"
-            )
+            summary = f"Limit IV/IM {mg}: {kidney.label}; magnesium accumulates"
         else:
-            summary = (
-                f"Magnesium can accumulate with {kidney.label}: caution with "
-                f"{lower_first(name)}, monitor"
-            )
+            summary = f"Use {mg} with caution: {kidney.label}; magnesium can accumulate"
+        if parenteral:
+            actions.append(_parenteral_limits(knowledge, short=True))
+        else:
+            actions.append("If it is needed, use the lowest dose; check serum magnesium during it.")
         paragraphs.append(rule.statement("dose-advice").text)
+        watch = "Reflexes, blood pressure, breathing and heart rhythm (magnesium toxicity)."
     else:
         indicator = "info"
-        summary = (
-            f"Reduced magnesium excretion with {kidney.label}: monitor serum Mg on "
-            f"{lower_first(name)}"
-        )
+        summary = f"Check serum magnesium on {mg}: {kidney.label}; magnesium excretion is reduced"
         paragraphs = [rule.statement("moderate-monitoring").text]
+        actions.append("Check serum magnesium before long-term use and monitor it.")
+        watch = "Serum magnesium during long-term use."
     proposals, lab_notes, unverified = serum_test_proposal(
         picture, knowledge, serum, f"{name} ordered with reduced kidney function"
     )
     paragraphs += lab_notes
     evidence = [*kidney.evidence]
     if serum is not None:
-        evidence.append(Evidence(serum.describe, serum.lab.source))
+        evidence.append(serum.evidence)
     evidence.append(order_evidence(fact))
     return Finding(
         rule_id=RULE_ID,
@@ -163,15 +165,20 @@ def _order(
         proposals=proposals,
         order=fact.medication,
         unverified=unverified,
+        action=" ".join([*actions, *lab_notes]),
+        watch=watch,
     )
 
 
-def _parenteral_limits(knowledge: Knowledge) -> str:
-    limits = [
-        knowledge.threshold("iv-mgso4-severe-renal-max"),
-        knowledge.threshold("iv-mgso4-urine-output-min"),
-    ]
-    return " ".join(f"{t.display}: {t.value:g} {t.unit}." for t in limits)
+def _parenteral_limits(knowledge: Knowledge, *, short: bool = False) -> str:
+    most = knowledge.threshold("iv-mgso4-severe-renal-max")
+    urine = knowledge.threshold("iv-mgso4-urine-output-min")
+    if short:
+        return (
+            f"At most {most.value:g} {most.unit}, each dose only with a urine output of "
+            f"{urine.value:g} {urine.unit}; check serum magnesium during it."
+        )
+    return " ".join(f"{t.display}: {t.value:g} {t.unit}." for t in (most, urine))
 
 
 def _on_file(
@@ -181,17 +188,17 @@ def _on_file(
     knowledge: Knowledge,
 ) -> Finding:
     rule = knowledge.rule(RULE_ID)
-    name = magnesium_name(fact)
+    name = lower_first(magnesium_name(fact))
     paragraphs = [rule.statement("accumulation").text, rule.statement("oral-caution").text]
     indicator: Indicator = "warning"
-    summary = f"Magnesium can accumulate with {kidney.label}: patient takes {lower_first(name)}"
+    summary = f"Review {name} on file: {kidney.label}; magnesium can accumulate"
     evidence = [*kidney.evidence]
     if serum is not None:
-        evidence.append(Evidence(serum.describe, serum.lab.source))
+        evidence.append(serum.evidence)
         if serum.is_high:
             summary = (
-                f"Serum Mg high ({serum.value_text}) with {kidney.label}: "
-                f"{lower_first(name)} on file"
+                f"Review {name} on file: serum magnesium high ({serum.value_text}) with "
+                f"{kidney.label}"
             )
             paragraphs.append(knowledge.rule(HIGH_SERUM_RULE_ID).statement("toxicity").text)
         if serum.is_toxic:
@@ -207,4 +214,6 @@ def _on_file(
         source_ids=(),
         key=excretion_key(fact, patient_view=True),
         order=fact.medication,
+        action="Review whether this magnesium is still needed; check serum magnesium.",
+        watch="Reflexes, blood pressure, breathing and heart rhythm (magnesium toxicity).",
     )

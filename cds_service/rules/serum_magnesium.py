@@ -33,7 +33,7 @@ from cds_service.rules.derived import (
     order_evidence,
     serum_magnesium,
 )
-from cds_service.rules.describe import condition_text
+from cds_service.rules.describe import condition_evidence, mid_sentence, short_display
 from cds_service.rules.findings import Evidence, Finding, Indicator, Proposal
 from cds_service.rules.myasthenia import myasthenia_evidence
 from cds_service.rules.picture import ClinicalPicture, ConditionFact, MedicationFact
@@ -82,18 +82,19 @@ def _high(
     indicator: Indicator = "critical" if serum.is_toxic else "warning"
     when = serum.lab.effective.date().isoformat() if serum.lab.effective else "date unknown"
     # The hazard first, so that a cut-off summary still says it.
-    level = "toxic" if serum.is_toxic else "high"
+    level = "at a toxic level" if serum.is_toxic else "high"
+    mg = lower_first(name)
     if patient_view:
-        summary = f"Serum magnesium {level} ({serum.value_text}, {when}): {name} on file"
+        summary = f"Review {mg} on file: serum magnesium {level} ({serum.value_text} on {when})"
     else:
-        summary = f"Serum magnesium {level} ({serum.value_text}, {when}): {name} ordered"
+        summary = f"Hold {mg}: serum magnesium {level} ({serum.value_text} on {when})"
     paragraphs = [
         f"The latest serum magnesium, {serum.value_text} on {when}, is {serum.high_reason}; "
         "more magnesium raises it further.",
         knowledge.rule(RULE_ID).statement("toxicity").text,
         "Confirm that magnesium is needed and recheck the level before giving more.",
     ]
-    evidence = [*_condition_evidence(coded), Evidence(serum.describe, serum.lab.source)]
+    evidence = [*_condition_evidence(coded), serum.evidence]
     if kidney.severity is not None:
         evidence += kidney.evidence
     evidence.append(order_evidence(fact))
@@ -106,6 +107,8 @@ def _high(
         source_ids=("mgso4-pi",),
         key=excretion_key(fact, patient_view=patient_view),
         order=fact.medication,
+        action="Confirm that magnesium is needed and recheck the level before giving more.",
+        watch=_TOXICITY_SIGNS,
     )
 
 
@@ -120,8 +123,10 @@ def _coded(
 ) -> Finding:
     """Hypermagnesemia on the problem list, with no high value to say it: still a warning."""
     name = lower_first(magnesium_name(fact))
-    where = "on file" if patient_view else "ordered"
-    summary = f"Hypermagnesemia on the problem list: {name} {where}"
+    if patient_view:
+        summary = f"Review {name} on file: hypermagnesemia is on the problem list"
+    else:
+        summary = f"Check serum magnesium before {name}: hypermagnesemia is on the problem list"
     rule = knowledge.rule(RULE_ID)
     paragraphs = [rule.statement("coded-hypermagnesemia").text, rule.statement("toxicity").text]
     proposals: tuple[Proposal, ...] = ()
@@ -133,8 +138,9 @@ def _coded(
         paragraphs += notes
     evidence = list(_condition_evidence(coded))
     if serum is not None:
-        evidence.append(Evidence(serum.describe, serum.lab.source))
+        evidence.append(serum.evidence)
     evidence.append(order_evidence(fact))
+    notes = paragraphs[2:]
     return Finding(
         rule_id=PATIENT_VIEW_RULE_ID if patient_view else RULE_ID,
         indicator="warning",
@@ -146,11 +152,16 @@ def _coded(
         proposals=proposals,
         order=fact.medication,
         unverified=unverified,
+        action=" ".join(["Confirm that magnesium is needed before giving more.", *notes]),
+        watch=_TOXICITY_SIGNS,
     )
 
 
+_TOXICITY_SIGNS = "Reflexes, blood pressure, breathing and heart rhythm (magnesium toxicity)."
+
+
 def _condition_evidence(coded: tuple[ConditionFact, ...]) -> tuple[Evidence, ...]:
-    return tuple(Evidence(condition_text(f.condition), f.condition.source) for f in coded)
+    return tuple(condition_evidence(f.condition) for f in coded)
 
 
 def _low(picture: ClinicalPicture, serum: SerumMagnesium, knowledge: Knowledge) -> Finding | None:
@@ -159,11 +170,19 @@ def _low(picture: ClinicalPicture, serum: SerumMagnesium, knowledge: Knowledge) 
         return None
     rule = knowledge.rule(LOW_RULE_ID)
     when = serum.lab.effective.date().isoformat() if serum.lab.effective else "date unknown"
-    condition = related[0][1].display  # the knowledge's name: bounded, unlike EHR text
-    summary = f"Low serum magnesium ({serum.value_text}, {when}) in a patient with {condition}"
+    # The knowledge's name: bounded, unlike EHR text.
+    condition = mid_sentence(short_display(related[0][1].display))
+    summary = (
+        f"Diet first, then replace with care: serum magnesium low ({serum.value_text} on "
+        f"{when}) with {condition}"
+    )
     paragraphs = [
         f"The latest serum magnesium is below the {serum.range_text}.",
         rule.statement("absorption").text,
+    ]
+    actions = [
+        "Diet first (leafy greens, nuts and seeds, legumes, whole grains); replace magnesium "
+        "if it stays low."
     ]
     mg_evidence = myasthenia_evidence(picture, knowledge)
     if mg_evidence:
@@ -172,16 +191,18 @@ def _low(picture: ClinicalPicture, serum: SerumMagnesium, knowledge: Knowledge) 
             "Before replacing it: myasthenia gravis. "
             + " ".join(g.text for g in group.guidance if g.status != "unverified")
         )
+        actions.append("Myasthenia gravis: no systemic magnesium without neurology advice.")
     kidney = kidney_function(picture, knowledge)
     if kidney.severity is not None:
         paragraphs.append(
             f"Before replacing it: reduced kidney function ({kidney.label}). "
             + knowledge.rule("renal-magnesium").statement("accumulation").text
         )
+        actions.append("Reduced kidney function: the lowest dose, with serum magnesium checks.")
     paragraphs.append(knowledge.rule("autoimmune-guidance").statement("diet-first").text)
     evidence = [
-        *(Evidence(condition_text(fact.condition), fact.condition.source) for fact, _ in related),
-        Evidence(serum.describe, serum.lab.source),
+        *(condition_evidence(fact.condition) for fact, _ in related),
+        serum.evidence,
     ]
     evidence += mg_evidence.evidence
     if kidney.severity is not None:
@@ -194,4 +215,7 @@ def _low(picture: ClinicalPicture, serum: SerumMagnesium, knowledge: Knowledge) 
         evidence=tuple(dict.fromkeys(evidence)),  # coded MG is also an autoimmune condition
         source_ids=("magnesium-autoimmunity",),
         key=f"{LOW_RULE_ID}:{serum.lab.source.reference}",
+        action=" ".join(actions),
+        watch="Serum magnesium after replacing it.",
+        topics=tuple(dict.fromkeys(group.id for _, group in related)),
     )
