@@ -1,121 +1,93 @@
-"""Closed-loop HTTP load generator, run in its own process.
+"""Closed-loop HTTP load on loopback: ``concurrency`` threads, each with one keep-alive
+``http.client`` connection, POST as fast as answers come back for a fixed time.
 
-``concurrency`` threads, each with one keep-alive ``http.client`` connection, POST as fast as
-answers come back, until ``max_requests`` or ``max_seconds`` is reached (whichever first).
-Loopback only. A separate process keeps the client's GIL away from the benchmark driver; on
-a 2-core machine it still shares the CPUs with the server, for the floor and ours alike.
+The client shares the 2 CPUs with the server it loads, for the floor and the service alike.
 """
 
 from __future__ import annotations
 
 import http.client
 import itertools
-import multiprocessing
 import socket
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from bench.procfs import cpu_seconds
+from bench.servers import LOOPBACK, Server, cpu_seconds
 from bench.stats import summary
 from bench.workloads import BodyTemplate
 
-LOOPBACK = "127.0.0.1"
+# hookInstances never repeat within a run: each call's cards are new rows for the store.
+_INDEXES = itertools.count(10**9)
+_INDEX_LOCK = threading.Lock()
 
 
 @dataclass
 class LoadResult:
+    """One target, workload and concurrency: all its rounds' requests over their measured time."""
+
     target: str
     workload: str
     concurrency: int
-    requests: int
-    errors: int
-    seconds: float
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    statuses: dict[int, int] = field(default_factory=dict)
-    # Every request's latency (ms), for combining rounds; not written to the JSON report.
-    latencies: list[float] = field(default_factory=list, repr=False)
-    # CPU the server's processes used while the requests were measured (user + system).
-    server_cpu_seconds: float | None = None
+    requests: int = 0
+    errors: int = 0  # non-200 answers and failed connections
+    seconds: float = 0.0
+    # User + system CPU of the server's processes over the measured requests (not the warm-up);
+    # None once a round could not read it (a worker gunicorn replaced, say).
+    server_cpu_seconds: float | None = 0.0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
-    def rps(self) -> float:
+    def calls_per_s(self) -> float:
         return self.requests / self.seconds if self.seconds > 0 else 0.0
 
     @property
-    def server_cpu_ms_per_call(self) -> float | None:
+    def cpu_ms_per_call(self) -> float | None:
         if self.server_cpu_seconds is None or not self.requests:
             return None
         return self.server_cpu_seconds * 1000 / self.requests
 
-    @classmethod
-    def combined(cls, rounds: list[LoadResult]) -> LoadResult:
-        """Several rounds of one target, workload and concurrency as one measurement: all
-        their requests over all their measured time, percentiles over every latency."""
-        first = rounds[0]
-        latencies = [value for r in rounds for value in r.latencies]
-        statuses: dict[int, int] = {}
-        for r in rounds:
-            for status, count in r.statuses.items():
-                statuses[status] = statuses.get(status, 0) + count
-        cpu = [r.server_cpu_seconds for r in rounds]
-        return cls(
-            first.target,
-            first.workload,
-            first.concurrency,
-            sum(r.requests for r in rounds),
-            sum(r.errors for r in rounds),
-            sum(r.seconds for r in rounds),
-            summary(latencies),
-            statuses,
-            latencies,
-            None if None in cpu else sum(c for c in cpu if c is not None),
-        )
+    def add_round(
+        self, latencies_ms: list[float], errors: int, seconds: float, cpu: float | None
+    ) -> None:
+        self.requests += len(latencies_ms)
+        self.errors += errors
+        self.seconds += seconds
+        self.latencies_ms.extend(latencies_ms)
+        if self.server_cpu_seconds is not None:
+            self.server_cpu_seconds = None if cpu is None else self.server_cpu_seconds + cpu
 
     def to_json(self) -> dict[str, Any]:
         return {
-            name: value for name, value in asdict(self).items() if name != "latencies"
-        } | {"rps": self.rps, "server_cpu_ms_per_call": self.server_cpu_ms_per_call}
-
-
-class _Shared:
-    def __init__(self, max_requests: int, deadline: float, offset: int) -> None:
-        self.lock = threading.Lock()
-        self.counter = itertools.count(offset)
-        self.limit = offset + max_requests
-        self.deadline = deadline
-
-    def next_index(self) -> int | None:
-        with self.lock:
-            index = next(self.counter)
-        if index >= self.limit or time.monotonic() >= self.deadline:
-            return None
-        return index
+            "target": self.target,
+            "workload": self.workload,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": self.seconds,
+            "calls_per_s": self.calls_per_s,
+            "server_cpu_ms_per_call": self.cpu_ms_per_call,
+            "latency_ms": summary(self.latencies_ms),
+        }
 
 
 def _connect(port: int) -> http.client.HTTPConnection:
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=60)
     conn.connect()
-    # One send per request, but keep small writes from waiting for delayed ACKs anyway.
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return conn
 
 
 def _client(
-    port: int,
-    path: str,
-    template: BodyTemplate,
-    shared: _Shared,
-    latencies: list[float],
-    statuses: dict[int, int],
+    port: int, path: str, template: BodyTemplate, deadline: float, out: list[tuple[float, int]]
 ) -> None:
     conn = _connect(port)
-    headers = {"Content-Type": "application/json", "Connection": "keep-alive"}
+    headers = {"Content-Type": "application/json"}
     try:
-        while (index := shared.next_index()) is not None:
+        while time.monotonic() < deadline:
+            with _INDEX_LOCK:
+                index = next(_INDEXES)
             body = template.render(index)
             started = time.perf_counter()
             try:
@@ -130,106 +102,44 @@ def _client(
                 status = 0
                 conn.close()
                 conn = _connect(port)
-            latencies.append((time.perf_counter() - started) * 1000)
-            statuses[status] = statuses.get(status, 0) + 1
+            out.append(((time.perf_counter() - started) * 1000, status))
     finally:
         conn.close()
 
 
 def _phase(
-    port: int,
-    path: str,
-    template: BodyTemplate,
-    concurrency: int,
-    max_requests: int,
-    max_seconds: float,
-    offset: int,
-) -> tuple[list[float], dict[int, int], float]:
-    shared = _Shared(max_requests, time.monotonic() + max_seconds, offset)
-    per_thread: list[tuple[list[float], dict[int, int]]] = [([], {}) for _ in range(concurrency)]
+    port: int, path: str, template: BodyTemplate, concurrency: int, seconds: float
+) -> tuple[list[tuple[float, int]], float]:
+    outs: list[list[tuple[float, int]]] = [[] for _ in range(concurrency)]
+    deadline = time.monotonic() + seconds
     threads = [
-        threading.Thread(target=_client, args=(port, path, template, shared, *per_thread[i]))
-        for i in range(concurrency)
+        threading.Thread(target=_client, args=(port, path, template, deadline, out)) for out in outs
     ]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
-    latencies = [value for values, _ in per_thread for value in values]
-    statuses: dict[int, int] = {}
-    for _, counts in per_thread:
-        for status, count in counts.items():
-            statuses[status] = statuses.get(status, 0) + count
-    return latencies, statuses, elapsed
+    return [call for out in outs for call in out], time.perf_counter() - started
 
 
-def generate_load(
-    target: str,
-    workload: str,
-    port: int,
+def run_round(
+    result: LoadResult,
+    server: Server,
     path: str,
     template: BodyTemplate,
-    concurrency: int,
-    max_requests: int,
-    max_seconds: float,
+    seconds: float,
     warmup_seconds: float,
-    offset: int,
-    server_pids: Sequence[int] = (),
-) -> LoadResult:
-    """Warm up (discarded), then measure. Runs inside the load-generator process.
-
-    ``server_pids``: the server's processes, whose CPU over the measured phase (not the
-    warm-up) the result reports; read here, where the phase starts and ends.
-    """
-    if warmup_seconds > 0:
-        _phase(port, path, template, concurrency, 10**9, warmup_seconds, offset + 10**8)
-    cpu_before = cpu_seconds(server_pids) if server_pids else None
-    latencies, statuses, elapsed = _phase(
-        port, path, template, concurrency, max_requests, max_seconds, offset
-    )
-    cpu_after = cpu_seconds(server_pids) if server_pids else None
-    server_cpu = (
-        cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
-    )
-    errors = sum(count for status, count in statuses.items() if status != 200)
-    return LoadResult(
-        target,
-        workload,
-        concurrency,
-        len(latencies),
-        errors,
-        elapsed,
-        summary(latencies),
-        statuses,
-        latencies,
-        server_cpu,
-    )
-
-
-class LoadGenerator:
-    """One long-lived load-generator process (started once, reused for every run)."""
-
-    def __init__(self) -> None:
-        self._pool = ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn")
-        )
-        self._runs = 0
-
-    def run(self, **kwargs: Any) -> LoadResult:
-        # Each run gets its own range of hookInstances: no call repeats an earlier one.
-        self._runs += 1
-        result: LoadResult = self._pool.submit(
-            generate_load, offset=self._runs * 10**9, **kwargs
-        ).result()
-        return result
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-    def __enter__(self) -> LoadGenerator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+) -> None:
+    """Warm up on new connections (not counted), then measure ``seconds`` of load and the CPU
+    the server's processes used meanwhile; add both to ``result``."""
+    _phase(server.port, path, template, result.concurrency, warmup_seconds)
+    pids = server.pids()
+    before = cpu_seconds(pids)
+    calls, elapsed = _phase(server.port, path, template, result.concurrency, seconds)
+    after = cpu_seconds(pids)
+    # The CPU figure counts only if the same processes served the whole round.
+    same = server.pids() == pids
+    cpu = after - before if same and before is not None and after is not None else None
+    errors = sum(1 for _, status in calls if status != 200)
+    result.add_round([ms for ms, _ in calls], errors, elapsed, cpu)

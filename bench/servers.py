@@ -1,4 +1,5 @@
-"""Processes the benchmark starts: the fixture FHIR server and the two gunicorn servers.
+"""Processes the benchmark starts: the fixture FHIR server and gunicorn servers (the service's
+``cds-service serve`` and the floor), and the CPU they use (from ``/proc``, Linux).
 
 Everything binds to 127.0.0.1 only. Each process is stopped by its own pid (gunicorn's master
 stops its workers on SIGTERM); nothing is killed by name.
@@ -17,18 +18,52 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
-from bench import procfs
 from bench.workloads import Workload
 from cds_service.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[1]
+# Indices into stat_fields(): proc(5)'s field numbers minus 3 (the list starts after the
+# pid and the command name).
+PPID, UTIME, STIME, START_TIME = 1, 11, 12, 19
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the parenthesised command name (which may hold spaces or
+    ")"), or None when the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pids: Sequence[int]) -> float | None:
+    """User + system CPU these processes have used so far; None if any cannot be read."""
+    ticks = 0
+    for pid in pids:
+        fields = stat_fields(pid)
+        if fields is None:
+            return None
+        ticks += int(fields[UTIME]) + int(fields[STIME])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_ms(pids: Sequence[int]) -> float:
+    """CPU time of every thread of these processes, in ms to the nanosecond
+    (``/proc/<pid>/task/<tid>/schedstat``; ``stat`` counts 10 ms ticks); a thread that ended
+    is no longer in it."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e6
 
 
 def free_port() -> int:
@@ -42,8 +77,6 @@ def free_port() -> int:
 
 def _fixture_server_main(patients_dir: str, delays: Sequence[int], conn: Connection) -> None:
     """Child process: one fixture server per delay, until the parent says stop."""
-    from contextlib import ExitStack
-
     from cds_service.fixture_server import create_fixture_app, serve_in_background
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
@@ -66,12 +99,9 @@ def fixture_servers(
     benchmark's GIL); yields ``{delay_ms: base_url}``."""
     patients = workdir / "patients"
     patients.mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()
     for workload in workloads:
         bundle = workload.patient_bundle()
-        if bundle["id"] not in seen:
-            seen.add(bundle["id"])
-            (patients / f"{bundle['id']}.json").write_text(json.dumps(bundle), encoding="utf-8")
+        (patients / f"{bundle['id']}.json").write_text(json.dumps(bundle), encoding="utf-8")
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     process = ctx.Process(
@@ -94,22 +124,22 @@ def fixture_servers(
 # ------------------------------------------------------------------------ gunicorn servers
 
 
-def production_env(workdir: Path, name: str, port: int, settings: Settings) -> dict[str, str]:
-    """The environment of a server: no inherited CDS_* settings, only the ones named here."""
+def server_env(
+    workdir: Path, name: str, port: int, workers: int | None = None, code: Path = ROOT
+) -> dict[str, str]:
+    """A server's environment: production defaults, no inherited CDS_* settings, auth off
+    (a JWT's cost is not what these servers compare), its own SQLite file; ``code``: the
+    checkout whose ``cds_service`` it imports (first on PYTHONPATH)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
     env.update(
         {
             "CDS_HOST": LOOPBACK,
             "CDS_PORT": str(port),
-            "CDS_WORKERS": str(settings.workers),
-            "CDS_THREADS": str(settings.threads),
-            # Authentication off: auth is measured in process (see README, Performance).
+            "CDS_WORKERS": str(workers or Settings().workers),
             "CDS_AUTH": "off",
             "CDS_DATABASE_URL": f"sqlite:///{workdir / f'{name}.sqlite3'}",
-            # The no-prefetch workloads fetch from the benchmark's own fixture servers.
-            "CDS_FHIR_SERVER_ALLOWLIST": "*",
             "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+                p for p in (str(code), os.environ.get("PYTHONPATH", "")) if p
             ),
         }
     )
@@ -117,7 +147,8 @@ def production_env(workdir: Path, name: str, port: int, settings: Settings) -> d
 
 
 def service_command(port: int) -> list[str]:
-    """``cds-service serve`` as installed next to this interpreter (else via ``-m``)."""
+    """``cds-service serve`` as installed next to this interpreter (else via ``-m``); it
+    imports the ``cds_service`` its PYTHONPATH names first (``server_env``)."""
     script = Path(sys.executable).with_name("cds-service")
     base = [str(script)] if script.exists() else [sys.executable, "-m", "cds_service.cli"]
     return [*base, "serve", "--host", LOOPBACK, "--port", str(port)]
@@ -125,12 +156,6 @@ def service_command(port: int) -> list[str]:
 
 def floor_command() -> list[str]:
     return [sys.executable, "-m", "bench.floor_app"]
-
-
-def unrecorded_command(*skip: str) -> list[str]:
-    """The diagnostic service without request log, card recording or (no argument) both;
-    binds CDS_PORT."""
-    return [sys.executable, "-m", "bench.unrecorded_app", *skip]
 
 
 @dataclass
@@ -144,16 +169,24 @@ class Server:
     def base_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def worker_pids(self) -> list[int]:
-        """Gunicorn's workers: the master's child processes."""
-        pids = []
+    def descendants(self) -> list[int]:
+        """Every process under the one started (gunicorn's workers, and whatever else
+        ``serve`` may start), read from ``/proc``."""
+        children: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            fields = procfs.stat_fields(int(entry.name))
-            if fields is not None and int(fields[procfs.PPID]) == self.process.pid:
-                pids.append(int(entry.name))
-        return sorted(pids)
+            if entry.name.isdigit():
+                fields = stat_fields(int(entry.name))
+                if fields is not None:
+                    children.setdefault(int(fields[PPID]), []).append(int(entry.name))
+        found, queue = [], [self.process.pid]
+        while queue:
+            kids = children.get(queue.pop(), [])
+            found.extend(kids)
+            queue.extend(kids)
+        return sorted(found)
+
+    def pids(self) -> list[int]:
+        return [self.process.pid, *self.descendants()]
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -162,58 +195,39 @@ class Server:
             return "(no log)"
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmHWM (peak resident set) and VmRSS of a process, in KiB."""
-    out: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0])
-    except OSError:
-        pass
-    return out
-
-
-def _wait_ready(server: Server, timeout: float) -> None:
+def _wait_ready(server: Server, workers: int, timeout: float = 60) -> None:
+    """Until /healthz answers and every worker has booted."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(
                 f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}"
             )
-        try:
-            with urllib.request.urlopen(f"{server.base_url}/healthz", timeout=2) as response:
-                if response.status == 200 and len(server.worker_pids()) > 0:
-                    return
-        except OSError:
-            pass
+        url = f"{server.base_url}/healthz"
+        with suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200 and len(server.descendants()) >= workers:
+                return
         time.sleep(0.1)
     raise RuntimeError(f"{server.name} not ready within {timeout:.0f} s:\n{server.log_tail()}")
 
 
 @contextmanager
-def gunicorn_server(
-    name: str, command: list[str], env: dict[str, Any], port: int, workdir: Path
+def started_server(
+    name: str, command: list[str], env: dict[str, str], port: int, workdir: Path
 ) -> Iterator[Server]:
     log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     server = Server(name, port, process, log_path)
     try:
-        _wait_ready(server, timeout=60)
-        # Every worker must have booted before the first measurement.
-        deadline = time.monotonic() + 30
-        expected = int(env.get("CDS_WORKERS", "1"))
-        while len(server.worker_pids()) < expected and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_ready(server, int(env["CDS_WORKERS"]))
         yield server
     finally:
         _stop(server)
 
 
 def _stop(server: Server) -> None:
-    workers = [(pid, _start_time(pid)) for pid in server.worker_pids()]
+    workers = [(pid, _start_time(pid)) for pid in server.descendants()]
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)
         try:
@@ -222,12 +236,12 @@ def _stop(server: Server) -> None:
             server.process.kill()
             server.process.wait(timeout=5)
     for pid, started in workers:
-        # Only a worker of the master we started that outlived it (same pid, same start time).
+        # Only a process under the one we started that outlived it (same pid, same start).
         if _start_time(pid) == started:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
 
 def _start_time(pid: int) -> int | None:
-    fields = procfs.stat_fields(pid)
-    return None if fields is None else int(fields[procfs.START_TIME])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[START_TIME])

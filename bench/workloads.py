@@ -12,7 +12,7 @@ import json
 import random
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Any
 
@@ -25,6 +25,7 @@ SNOMED = "http://snomed.info/sct"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
+TERMINOLOGY = "http://terminology.hl7.org/CodeSystem/"
 FHIR_BASE = "http://127.0.0.1:8090"  # what the EHR says fullUrls are relative to
 _NAMESPACE = uuid.UUID("0b5e7c1a-2f39-4c4e-8f59-6d1f7a3e9b21")
 TODAY = date(2026, 11, 25)
@@ -247,22 +248,18 @@ def _concept(system: str, code: str, display: str, text: str | None = None) -> R
 
 
 def _category(system: str, code: str, display: str) -> list[Resource]:
-    return [{"coding": [{"system": system, "code": code, "display": display}]}]
+    return [{"coding": [{"system": TERMINOLOGY + system, "code": code, "display": display}]}]
+
+
+def _quantity(value: float, code: str, unit: str | None = None) -> Resource:
+    return {"value": value, "unit": unit or code, "system": UCUM, "code": code}
 
 
 def patient_resource(spec: PatientSpec) -> Resource:
     return {
         "resourceType": "Patient",
         "id": spec.patient_id,
-        "meta": {
-            "tag": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
-                    "code": "HTEST",
-                    "display": "test health data",
-                }
-            ]
-        },
+        "meta": {"tag": _category("v3-ActReason", "HTEST", "test health data")[0]["coding"]},
         "identifier": [
             {"system": "https://magnesium-cds.example.org/bench/mrn", "value": spec.patient_id}
         ],
@@ -281,18 +278,14 @@ def condition(
         "resourceType": "Condition",
         "id": f"{spec.patient_id}-cond-{index:04d}",
         "clinicalStatus": _concept(
-            "http://terminology.hl7.org/CodeSystem/condition-clinical",
+            TERMINOLOGY + "condition-clinical",
             "active" if active else "resolved",
             "Active" if active else "Resolved",
         ),
         "verificationStatus": _concept(
-            "http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed", "Confirmed"
+            TERMINOLOGY + "condition-ver-status", "confirmed", "Confirmed"
         ),
-        "category": _category(
-            "http://terminology.hl7.org/CodeSystem/condition-category",
-            "problem-list-item",
-            "Problem List Item",
-        ),
+        "category": _category("condition-category", "problem-list-item", "Problem List Item"),
         "code": {
             "coding": [
                 {"system": ICD10CM, "code": icd, "display": display},
@@ -313,9 +306,7 @@ def _dosage(text: str, per_day: int, dose: tuple[float, str] | None) -> Resource
         "route": _concept(SNOMED, "26643006", "Oral route"),
     }
     if dose is not None:
-        dosage["doseAndRate"] = [
-            {"doseQuantity": {"value": dose[0], "unit": dose[1], "system": UCUM, "code": dose[1]}}
-        ]
+        dosage["doseAndRate"] = [{"doseQuantity": _quantity(*dose)}]
     return dosage
 
 
@@ -332,11 +323,7 @@ def medication_request(
         "id": f"{spec.patient_id}-medreq-{index:04d}",
         "status": "active" if active else "stopped",
         "intent": "order",
-        "category": _category(
-            "http://terminology.hl7.org/CodeSystem/medicationrequest-category",
-            "outpatient",
-            "Outpatient",
-        ),
+        "category": _category("medicationrequest-category", "outpatient", "Outpatient"),
         "medicationCodeableConcept": _concept(RXNORM, code, name, f"{name} ({text})"),
         "subject": _ref(spec.patient_id),
         "authoredOn": authored.isoformat(),
@@ -344,7 +331,7 @@ def medication_request(
         "dosageInstruction": [_dosage(text, _per_day(text), (1, "{tbl}"))],
         "dispenseRequest": {
             "numberOfRepeatsAllowed": 3,
-            "quantity": {"value": 90, "unit": "tablet", "system": UCUM, "code": "{tbl}"},
+            "quantity": _quantity(90, "{tbl}", "tablet"),
         },
     }
 
@@ -374,35 +361,24 @@ def observation(
     effective: date,
 ) -> Resource:
     code, display, unit, _, low, high = lab
-    reference_range: Resource = {}
-    if low is not None:
-        reference_range["low"] = {"value": low, "unit": unit, "system": UCUM, "code": unit}
-    if high is not None:
-        reference_range["high"] = {"value": high, "unit": unit, "system": UCUM, "code": unit}
-    flag = "N"
-    if low is not None and value < low:
-        flag = "L"
-    elif high is not None and value > high:
-        flag = "H"
+    reference_range = {
+        name: _quantity(limit, unit)
+        for name, limit in (("low", low), ("high", high))
+        if limit is not None
+    }
+    below, above = low is not None and value < low, high is not None and value > high
+    flag = "L" if below else "H" if above else "N"
     resource: Resource = {
         "resourceType": "Observation",
         "id": f"{spec.patient_id}-obs-{index:04d}",
         "status": "final",
-        "category": _category(
-            "http://terminology.hl7.org/CodeSystem/observation-category",
-            "laboratory",
-            "Laboratory",
-        ),
+        "category": _category("observation-category", "laboratory", "Laboratory"),
         "code": _concept(LOINC, code, display),
         "subject": _ref(spec.patient_id),
         "effectiveDateTime": f"{effective.isoformat()}T08:15:00-05:00",
         "issued": f"{effective.isoformat()}T12:00:00-05:00",
-        "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
-        "interpretation": [
-            _concept(
-                "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", flag, flag
-            )
-        ],
+        "valueQuantity": _quantity(value, unit),
+        "interpretation": [_concept(TERMINOLOGY + "v3-ObservationInterpretation", flag, flag)],
     }
     if reference_range:
         resource["referenceRange"] = [reference_range]
@@ -456,9 +432,7 @@ def draft_order(patient_id: str, draft: Draft) -> Resource:
         "status": "draft",
         "intent": "order",
         "category": _category(
-            "http://terminology.hl7.org/CodeSystem/medicationrequest-category",
-            draft.category,
-            draft.category.capitalize(),
+            "medicationrequest-category", draft.category, draft.category.capitalize()
         ),
         "medicationCodeableConcept": {
             "coding": [
@@ -475,16 +449,7 @@ def draft_order(patient_id: str, draft: Draft) -> Resource:
                 "text": draft.dose_text,
                 "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}},
                 "route": _concept(SNOMED, *draft.route),
-                "doseAndRate": [
-                    {
-                        "doseQuantity": {
-                            "value": draft.dose[0],
-                            "unit": draft.dose[1],
-                            "system": UCUM,
-                            "code": draft.dose[1],
-                        }
-                    }
-                ],
+                "doseAndRate": [{"doseQuantity": _quantity(*draft.dose)}],
             }
         ],
     }
@@ -568,67 +533,72 @@ NO_PREFETCH_MISSING = ("patient", "conditions", "medicationRequests", "observati
 EXPECTED = frozenset({"myasthenia-magnesium"})
 
 
+def _workload(
+    name: str,
+    description: str,
+    spec: PatientSpec,
+    drafts: tuple[Draft, ...],
+    expected: frozenset[str] = EXPECTED,
+    delay_ms: int | None = None,
+) -> Workload:
+    """An order-sign call about the patient ``spec`` generates; with ``delay_ms``, the keys
+    of ``NO_PREFETCH_MISSING`` are left for the service to fetch from the fixture server."""
+    resources = generate_patient(spec)
+    missing = NO_PREFETCH_MISSING if delay_ms is not None else ()
+    prefetch = prefetch_for(spec.patient_id, resources, omit=missing)
+    request = order_sign_request(spec.patient_id, drafts, prefetch, name)
+    service = "magnesium-order-sign"
+    return Workload(name, description, service, request, resources, expected, delay_ms, missing)
+
+
 def typical() -> Workload:
-    resources = generate_patient(TYPICAL)
-    request = order_sign_request(
-        TYPICAL.patient_id,
-        (MAGNESIUM_OXIDE_DRAFT,),
-        prefetch_for(TYPICAL.patient_id, resources),
-        "typical",
-    )
-    return Workload(
+    return _workload(
         "typical",
         "order-sign, full prefetch: 20 conditions, 15 medications, 10 labs, 1 draft",
-        "magnesium-order-sign",
-        request,
-        resources,
-        EXPECTED,
+        TYPICAL,
+        (MAGNESIUM_OXIDE_DRAFT,),
     )
 
 
 def large() -> Workload:
-    resources = generate_patient(LARGE)
-    request = order_sign_request(
-        LARGE.patient_id,
-        (MAGNESIUM_SULFATE_IV_DRAFT, MAGNESIUM_OXIDE_DRAFT, CIPROFLOXACIN_DRAFT),
-        prefetch_for(LARGE.patient_id, resources),
-        "large",
-    )
-    return Workload(
+    return _workload(
         "large",
         "order-sign, chronic patient: 1,000 conditions, 500 medications, 500 labs, 3 drafts",
-        "magnesium-order-sign",
-        request,
-        resources,
-        EXPECTED,
+        LARGE,
+        (MAGNESIUM_SULFATE_IV_DRAFT, MAGNESIUM_OXIDE_DRAFT, CIPROFLOXACIN_DRAFT),
+    )
+
+
+def suggestion() -> Workload:
+    """The typical patient also on levothyroxine: the answer carries an update suggestion
+    (space the two drugs), whose draft the service checks with the fhir.resources models."""
+    return _workload(
+        "suggestion",
+        "typical, with levothyroxine on file: a chelation card with an update suggestion",
+        replace(
+            TYPICAL,
+            patient_id="bench-suggestion",
+            relevant_medications=(PYRIDOSTIGMINE, LEVOTHYROXINE),
+        ),
+        (MAGNESIUM_OXIDE_DRAFT,),
+        EXPECTED | {"chelation-interaction"},
     )
 
 
 def no_prefetch(delay_ms: int) -> Workload:
     """The typical patient with 4 keys left for the service to fetch (statements prefetched)."""
-    resources = generate_patient(TYPICAL)
-    label = f"no-prefetch-{delay_ms}ms"
-    request = order_sign_request(
-        TYPICAL.patient_id,
-        (MAGNESIUM_OXIDE_DRAFT,),
-        prefetch_for(TYPICAL.patient_id, resources, omit=NO_PREFETCH_MISSING),
-        label,
-    )
-    return Workload(
-        label,
+    return _workload(
+        f"no-prefetch-{delay_ms}ms",
         f"typical patient, {len(NO_PREFETCH_MISSING)} keys fetched from the fixture server "
         f"(+{delay_ms} ms per request)",
-        "magnesium-order-sign",
-        request,
-        resources,
-        EXPECTED,
-        fhir_server_delay_ms=delay_ms,
-        missing_keys=NO_PREFETCH_MISSING,
+        TYPICAL,
+        (MAGNESIUM_OXIDE_DRAFT,),
+        delay_ms=delay_ms,
     )
 
 
 def all_workloads() -> list[Workload]:
-    return [typical(), large(), no_prefetch(0), no_prefetch(50)]
+    return [typical(), large(), suggestion(), no_prefetch(0), no_prefetch(50)]
 
 
 # ------------------------------------------------------------------------ request bodies
