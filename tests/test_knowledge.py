@@ -41,10 +41,14 @@ RULE_IDS = (
     "magnesium-dose-limit",
     "patient-view-contraindication",
     "patient-view-low-magnesium",
+    "neuromuscular-junction-magnesium",
+    "magnesium-neuromuscular-blocker",
+    "obstetric-magnesium-monitoring",
 )
 CONDITION_IDS = (
     "myasthenia-gravis",
     "lambert-eaton",
+    "other-neuromuscular-junction",
     "ckd-stage-3",
     "ckd-stage-4",
     "ckd-stage-5",
@@ -62,6 +66,7 @@ CONDITION_IDS = (
     "ibd-celiac-malabsorption",
     "hypermagnesemia",
     "hypomagnesemia",
+    "pre-eclampsia-eclampsia",
 )
 DRUG_GROUP_IDS = (
     "fluoroquinolone",
@@ -74,6 +79,10 @@ DRUG_GROUP_IDS = (
     "other-chelator",
     "neuromuscular-blocker",
     "aminoglycoside-polymyxin",
+    "antimalarial",
+    "mycophenolate",
+    "gabapentinoid",
+    "magnesium-carrier-fluid",
 )
 
 
@@ -95,7 +104,7 @@ def icd(code: str, system: str = ICD10CM) -> Coding:
 
 def test_bundled_knowledge_loads_and_is_cached(kb: Knowledge) -> None:
     assert default_knowledge() is kb
-    assert re.fullmatch(r"2026\.11\.2\+[0-9a-f]{8}", kb.version)
+    assert re.fullmatch(r"2026\.12\.0\+[0-9a-f]{8}", kb.version)
     manifest = raw("manifest.json")
     assert set(kb.file_versions) == {"manifest.json", *manifest["files"]}
     for name, version in kb.file_versions.items():
@@ -192,13 +201,13 @@ CORRUPTIONS: list[tuple[str, str, Callable[[dict[str, Any]], Any], tuple[str, ..
         "unknown source id",
         "rules.json",
         lambda d: d["rules"][0]["sources"].append("no-such-source"),
-        ("$.rules[0].sources[2]", "unknown source id 'no-such-source'"),
+        ("$.rules[0].sources[3]", "unknown source id 'no-such-source'"),
     ),
     (
         "unknown source id deep in a file",
         "conditions.json",
         lambda d: d["groups"][MG]["guidance"][0]["sources"].append("made-up"),
-        (f"$.groups[{MG}].guidance[0].sources[1]", "unknown source id 'made-up'"),
+        (f"$.groups[{MG}].guidance[0].sources[2]", "unknown source id 'made-up'"),
     ),
     (
         "SNOMED code in two condition groups",
@@ -384,11 +393,27 @@ def test_sources_have_urls_only_where_confirmed(kb: Knowledge) -> None:
     assert kb.source("nih-ods-magnesium").url == (
         "https://ods.od.nih.gov/factsheets/Magnesium-HealthProfessional/"
     )
-    assert kb.source("project-reference").url is None
     for source in raw("sources.json")["sources"]:
         assert source["status"] in STATUSES
         if "url" in source:
             assert source["url"].startswith(("https://", "http://"))
+
+
+def test_sources_are_documents_a_clinician_can_open(kb: Knowledge) -> None:
+    """No local file, no API record: a DailyMed label page (or its search when the setid was
+    not confirmed, and the note says so), a fact sheet, a guideline."""
+    ids = {s["id"] for s in raw("sources.json")["sources"]}
+    assert "project-reference" not in ids
+    for source in raw("sources.json")["sources"]:
+        url = source.get("url", "")
+        assert "api.fda.gov" not in url and ".json" not in url, source["id"]
+        assert "clinical-knowledge.md" not in json.dumps(source), source["id"]
+        if "dailymed" in url and "search.cfm" in url:
+            assert "setid of this label was not confirmed" in source["note"], source["id"]
+        if source["id"] != "local-policy":
+            assert url, source["id"]
+    mg = kb.source("mgso4-dextrose-pi")
+    assert mg.url is not None and "drugInfo.cfm?setid=" in mg.url
 
 
 def test_statuses_follow_the_reference(kb: Knowledge) -> None:
@@ -892,7 +917,11 @@ def test_rule_catalogue(kb: Knowledge) -> None:
     rule = kb.rule("myasthenia-magnesium")
     assert rule.indicator == "critical"
     # Both spellings are used by callers.
-    assert rule.source_ids == rule.sources == ("mgso4-pi", "magnesium-autoimmunity")
+    assert rule.source_ids == rule.sources == (
+        "mgso4-dextrose-pi",
+        "mgso4-pi",
+        "magnesium-autoimmunity",
+    )
     assert {r.display for r in rule.override_reasons} >= {
         "Treating documented severe hypomagnesemia under monitoring",
         "Myasthenia gravis diagnosis not confirmed",
@@ -938,7 +967,8 @@ def test_rule_facts_added_for_the_clinical_rules(kb: Knowledge) -> None:
     assert (fq and fq.indicator, ag and ag.indicator) == ("critical", "warning")
     # Statements the cards quote, and the local policy for "recent".
     assert kb.rule("autoimmune-guidance").statement("diet-first").status == "secondary"
-    assert kb.rule("myasthenia-magnesium").statement("label").status == "verified"
+    # The contraindication is cited from the PLR premix label, whose text was not re-read.
+    assert kb.rule("myasthenia-magnesium").statement("label").status == "secondary"
     with pytest.raises(KeyError):
         kb.rule("renal-magnesium").statement("no-such-statement")
     recent = kb.threshold("serum-magnesium-recent-days")

@@ -85,7 +85,9 @@ def test_children_have_lower_limits_and_infants_none() -> None:
     order = draft(MG_OXIDE_400, dose=(1, "tablet"))  # 241 mg/day
     [child] = run(dose.evaluate, context(drafts=[order], birth_date=date(2020, 1, 1)))
     assert "110 mg/day" in child.summary and "4-8 years" in child.detail
-    assert run(dose.evaluate, context(drafts=[order], birth_date=date(2026, 6, 1))) == []
+    # Under 1 year the source sets no limit: the card says so (info) instead of nothing.
+    [infant] = run(dose.evaluate, context(drafts=[order], birth_date=date(2026, 6, 1)))
+    assert infant.indicator == "info" and "no supplement upper limit" in infant.summary
 
 
 def test_unknown_age_uses_the_adult_limit_and_says_so() -> None:

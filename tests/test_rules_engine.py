@@ -95,7 +95,7 @@ def test_most_serious_first_across_rules_and_each_finding_once() -> None:
     )
     found = run_all(ctx, "order-select")
     assert shape(found) == [
-        ("myasthenia-magnesium", "critical"),
+        ("myasthenia-magnesium", "warning"),  # oral: the label contraindication is parenteral
         ("chelation-interaction", "warning"),
         ("magnesium-dose-limit", "warning"),
         ("renal-magnesium", "info"),
@@ -106,3 +106,14 @@ def test_most_serious_first_across_rules_and_each_finding_once() -> None:
 def test_patient_view_without_magnesium_on_file_is_quiet() -> None:
     ctx = context(conditions=[MG, CKD4], labs=[egfr(20), serum_mg(2.0)])
     assert run_all(ctx, "patient-view") == []
+
+
+def test_severity_that_differs_between_select_and_sign_says_why() -> None:
+    ckd4 = context(conditions=[CKD4], drafts=[draft(MG_OXIDE_400, dose=(400, "mg"))],
+                   labs=[egfr(22), serum_mg(2.7)])
+    [select] = run_all(ckd4, "order-select")
+    [sign] = run_all(ckd4, "order-sign")
+    assert (select.indicator, sign.indicator) == ("warning", "critical")
+    assert select.detail.startswith("A warning while ordering; critical at signing: serum")
+    assert sign.detail.startswith("Critical at signing (a warning while ordering): serum")
+    assert "kidney disease stage 4" in sign.detail.split("\n")[0]

@@ -582,6 +582,7 @@ def _condition_group(g: Json) -> ConditionGroup:
         source_ids=tuple(g["sources"]),
         guidance=tuple(_guidance(x) for x in g.get("guidance", [])),
         note=g.get("note", ""),
+        counts_while_inactive=g.get("counts_while_inactive", False),
     )
 
 
@@ -614,6 +615,7 @@ def _salt(s: Json) -> MagnesiumSalt:
                 strength_basis=p.get("strength_basis", "salt"),
                 status=p["status"],
                 note=p.get("note", ""),
+                form=p.get("form"),
             )
             for p in s["products"]
         ),

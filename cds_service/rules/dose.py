@@ -45,6 +45,9 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     age = picture.age
     band = _limit_band(knowledge, age, _band_sex(knowledge, picture.context.patient.sex))
     if band is None or band.value is None:
+        if age is not None and age < _youngest_band_age(knowledge):
+            # The source sets no limit this young: say so rather than check nothing silently.
+            yield from (_no_limit(fact, age, knowledge) for fact in drafts)
         return
     others = [f for f in (*picture.medications, *picture.drafts) if _counted(f)]
     for fact in drafts:
@@ -96,6 +99,27 @@ def _limit_band(knowledge: Knowledge, age: int | None, sex: str | None) -> Thres
         # Unknown age: the open-ended (adult) band rather than a guess.
         return next((b for b in threshold.bands if b.age_max is None), None)
     return threshold.band_for(age, sex)
+
+
+@lru_cache(maxsize=8)
+def _youngest_band_age(knowledge: Knowledge) -> float:
+    ages = [b.age_min for b in knowledge.threshold(LIMIT).bands if b.age_min is not None]
+    return min(ages, default=0.0)
+
+
+def _no_limit(fact: MedicationFact, age: int, knowledge: Knowledge) -> Finding:
+    name = lower_first(magnesium_name(fact))
+    return Finding(
+        rule_id=RULE_ID,
+        indicator="info",
+        summary=f"Dose {name} by weight: no supplement upper limit is set for infants under "
+        "1 year",
+        detail=knowledge.rule(RULE_ID).statement("infant").text,
+        evidence=(order_evidence(fact),),
+        source_ids=knowledge.threshold(LIMIT).source_ids,
+        key=f"{RULE_ID}:{fact.ref}",
+        order=fact.medication,
+    )
 
 
 def _finding(

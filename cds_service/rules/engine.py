@@ -31,6 +31,7 @@ from cds_service.context.model import PatientContext
 from cds_service.knowledge import Knowledge
 from cds_service.rules import (
     autoimmune,
+    blockade,
     dose,
     interactions,
     mg_drugs,
@@ -46,6 +47,7 @@ Rule = Callable[[ClinicalPicture, Knowledge, str], Iterable[Finding]]
 RULES: tuple[Rule, ...] = (
     myasthenia.evaluate,
     mg_drugs.evaluate,
+    blockade.evaluate,
     renal.evaluate,
     serum_magnesium.evaluate,
     interactions.evaluate,
@@ -81,15 +83,32 @@ def prioritise(findings: Iterable[Finding]) -> list[Finding]:
 
 
 def apply_hook_policy(findings: list[Finding], hook: str) -> list[Finding]:
-    """Cap order-select at warning (but myasthenia), drop info at signing; keep the order."""
+    """Cap order-select at warning (but myasthenia), drop info at signing; keep the order.
+    Where the indicator differs between the two, the card says why in one clause."""
     if hook in ADVISING_HOOKS:
         capped = [
-            dataclasses.replace(f, indicator="warning")
+            _with_clause(
+                dataclasses.replace(f, indicator="warning"),
+                "A warning while ordering; critical at signing",
+            )
             if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE
             else f
             for f in findings
         ]
         return sorted(capped, key=lambda f: SEVERITY[f.indicator])
     if hook in SIGNING_HOOKS:
-        return [f for f in findings if f.indicator != "info"]
+        return [
+            _with_clause(f, "Critical at signing (a warning while ordering)")
+            if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE
+            else f
+            for f in findings
+            if f.indicator != "info"
+        ]
     return findings
+
+
+def _with_clause(finding: Finding, lead: str) -> Finding:
+    """The severity change and its reason lead the detail: 'Critical at signing (a warning
+    while ordering): IV magnesium with severe kidney impairment.'"""
+    because = finding.critical_because or "harm is likely once the order is signed"
+    return dataclasses.replace(finding, detail=f"{lead}: {because}.\n\n{finding.detail}")

@@ -51,3 +51,6 @@ class Finding:
     order: Medication | None = None
     # Facts this finding uses that the knowledge base marks unverified (shown on the card).
     unverified: tuple[str, ...] = ()
+    # Why a critical finding is critical, as a clause ("IV magnesium with severe kidney
+    # impairment"): said on the card when order-select shows it as a warning, and at signing.
+    critical_because: str = ""

@@ -148,10 +148,24 @@ def _order(
         picture, knowledge, serum, f"{name} ordered with reduced kidney function"
     )
     paragraphs += lab_notes
+    # Every other magnesium source counts: an over-the-counter supplement on file adds up.
+    others = [
+        other
+        for other in (*picture.medications, *picture.drafts)
+        if other is not fact and is_systemic_magnesium(other)
+    ]
+    if others:
+        names = ", ".join(dict.fromkeys(lower_first(magnesium_name(o)) for o in others))
+        paragraphs.insert(0, f"Also taking or ordered: {names}; count it in the total.")
     evidence = [*kidney.evidence]
     if serum is not None:
         evidence.append(Evidence(serum.describe, serum.lab.source))
     evidence.append(order_evidence(fact))
+    evidence += [order_evidence(o) for o in others]
+    because = ""
+    if indicator == "critical":
+        why = "serum magnesium already high" if high else "IV magnesium"
+        because = f"{why} with {kidney.label}"
     return Finding(
         rule_id=RULE_ID,
         indicator=indicator,
@@ -163,6 +177,7 @@ def _order(
         proposals=proposals,
         order=fact.medication,
         unverified=unverified,
+        critical_because=because,
     )
 
 
