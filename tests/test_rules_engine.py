@@ -116,4 +116,4 @@ def test_severity_that_differs_between_select_and_sign_says_why() -> None:
     assert (select.indicator, sign.indicator) == ("warning", "critical")
     assert select.detail.startswith("A warning while ordering; critical at signing: serum")
     assert sign.detail.startswith("Critical at signing (a warning while ordering): serum")
-    assert "kidney disease stage 4" in sign.detail.split("\n")[0]
+    assert "chronic kidney disease stage 4" in sign.detail.split("\n")[0]

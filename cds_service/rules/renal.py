@@ -165,7 +165,7 @@ def _order(
     because = ""
     if indicator == "critical":
         why = "serum magnesium already high" if high else "IV magnesium"
-        because = f"{why} with {kidney.label}"
+        because = f"{why} with {lower_first(kidney.label)}"
     return Finding(
         rule_id=RULE_ID,
         indicator=indicator,
