@@ -153,7 +153,8 @@ def test_condition_code_across_patients(fixture_fhir_server: str) -> None:
     ids = search_ids(fixture_fhir_server, "Condition?code=http://hl7.org/fhir/sid/icd-10-cm%7CG70.00")
     assert sorted(ids) == ["mg-inactive-cond-myasthenia-resolved",
                            "mg-inactive-cond-ocular-myasthenia-refuted",
-                           "mg-pyridostigmine-cond-myasthenia"]
+                           "mg-pyridostigmine-cond-myasthenia",
+                           "mg-remission-cond-myasthenia"]
 
 
 def test_medication_code(fixture_fhir_server: str) -> None:
