@@ -56,7 +56,7 @@ def test_serve_runs_gunicorn_with_the_configured_workers(gunicorn_service: Serve
     url = gunicorn_service.url
     assert requests.get(f"{url}/readyz", timeout=5).json()["status"] == "ready"
     services = requests.get(f"{url}/cds-services", timeout=5).json()["services"]
-    assert len(services) == 4
+    assert len(services) == 5
 
 
 def test_gunicorn_answers_the_myasthenia_request_with_its_card(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rule_builders import (
     CIPROFLOXACIN,
     CKD4,
+    KB,
     LEVOTHYROXINE,
     MG,
     MG_CITRATE_SOLN,
@@ -12,6 +13,7 @@ from rule_builders import (
     MG_SULFATE,
     MG_SULFATE_INJ,
     RA,
+    TODAY,
     condition,
     context,
     draft,
@@ -117,3 +119,11 @@ def test_severity_that_differs_between_select_and_sign_says_why() -> None:
     assert select.detail.startswith("A warning while ordering; critical at signing: serum")
     assert sign.detail.startswith("Critical at signing (a warning while ordering): serum")
     assert "chronic kidney disease stage 4" in sign.detail.split("\n")[0]
+
+
+def test_sign_only_ehrs_get_the_advice_select_would_have_shown() -> None:
+    ms = context(conditions=[condition("G35.A", "24700007", "Multiple sclerosis")],
+                 drafts=[draft(MG_OXIDE_400, dose=(400, "mg"))])
+    assert run_all(ms, "order-sign") == []
+    found = engine.evaluate(ms, KB, "order-sign", TODAY, advice_shown_before=False)
+    assert shape(found) == [("autoimmune-guidance", "info")]

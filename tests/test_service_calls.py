@@ -51,7 +51,7 @@ def test_discovery_lists_one_service_per_hook_with_prefetch(cds_url: str) -> Non
     assert not list(DISCOVERY_SCHEMA.iter_errors(body))
     services = {s["hook"]: s for s in body["services"]}
     assert set(services) == {"order-select", "order-sign", "patient-view", "medication-prescribe"}
-    assert len({s["id"] for s in body["services"]}) == 4
+    assert len({s["id"] for s in body["services"]}) == 5  # order-sign twice: with, without select
     for service in body["services"]:
         assert service["title"] and service["description"]
         assert set(service["prefetch"]) == {key.name for key in PREFETCH_KEYS}

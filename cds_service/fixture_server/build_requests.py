@@ -295,6 +295,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("mg-supplement", "order-select", ("gabapentin",), "gabapentin"),
     Scenario("sle", "order-sign", ("mg-sulfate",), "iv-magnesium"),
     Scenario("infant", "order-select", ("mg-citrate-infant",)),
+    # An EHR that fires only order-sign calls magnesium-order-sign-only (same request shape).
+    Scenario("multiple-sclerosis", "order-sign", ("mg-citrate",), "sign-only"),
 )
 
 

@@ -15,9 +15,12 @@ Hook policy (after the HL7 PDDI-CDS guidance: advise early, do not nag at signin
   medication-prescribe fires while the prescription is being written, so it is advised like
   order-select (its discovery entry says "the order-select checks").
 - order-sign repeats only what is still unresolved: info-level advice was shown while the
-  order was being built and is not repeated; a chelation warning whose draft already states
-  the spacing is resolved (``interactions``); a serum magnesium test already among the drafts
-  is not suggested again (``renal``). Warnings and critical findings stay: the risk has not gone.
+  order was being built and is not repeated (the ``magnesium-order-sign-only`` service, for
+  EHRs that fire no order-select, shows it at signing); a chelation warning whose draft
+  already states the spacing is resolved (``interactions``); a serum magnesium test already
+  among the drafts is not suggested again (``renal``). Warnings and critical findings stay:
+  the risk has not gone. A finding critical at signing but capped while ordering says why, in
+  one clause, on both cards.
 - Cards come most serious first (critical, warning, info); the order of ``RULES`` breaks ties.
 """
 
@@ -64,12 +67,19 @@ ADVISING_HOOKS = frozenset({"order-select", "medication-prescribe"})
 
 
 def evaluate(
-    context: PatientContext, knowledge: Knowledge, hook: str, today: date
+    context: PatientContext,
+    knowledge: Knowledge,
+    hook: str,
+    today: date,
+    *,
+    advice_shown_before: bool = True,
 ) -> list[Finding]:
-    """All findings for this hook call, most serious first, each finding once."""
+    """All findings for this hook call, most serious first, each finding once.
+    ``advice_shown_before=False``: an EHR that fires no order-select (its own service), so
+    order-sign shows the info advice too."""
     picture = build_picture(context, knowledge, today)
     found = prioritise(finding for rule in RULES for finding in rule(picture, knowledge, hook))
-    return apply_hook_policy(found, hook)
+    return apply_hook_policy(found, hook, advice_shown_before=advice_shown_before)
 
 
 def prioritise(findings: Iterable[Finding]) -> list[Finding]:
@@ -82,9 +92,12 @@ def prioritise(findings: Iterable[Finding]) -> list[Finding]:
     return sorted(best.values(), key=lambda f: SEVERITY[f.indicator])
 
 
-def apply_hook_policy(findings: list[Finding], hook: str) -> list[Finding]:
-    """Cap order-select at warning (but myasthenia), drop info at signing; keep the order.
-    Where the indicator differs between the two, the card says why in one clause."""
+def apply_hook_policy(
+    findings: list[Finding], hook: str, *, advice_shown_before: bool = True
+) -> list[Finding]:
+    """Cap order-select at warning (but myasthenia), drop info at signing (unless no
+    order-select showed it); keep the order. Where the indicator differs between the two,
+    the card says why in one clause."""
     if hook in ADVISING_HOOKS:
         capped = [
             _with_clause(
@@ -102,7 +115,7 @@ def apply_hook_policy(findings: list[Finding], hook: str) -> list[Finding]:
             if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE
             else f
             for f in findings
-            if f.indicator != "info"
+            if f.indicator != "info" or not advice_shown_before
         ]
     return findings
 
