@@ -83,6 +83,7 @@ DRUG_GROUP_IDS = (
     "mycophenolate",
     "gabapentinoid",
     "magnesium-carrier-fluid",
+    "cardiac-glycoside",
 )
 
 
@@ -1023,3 +1024,47 @@ def test_only_mg_specific_drugs_imply_myasthenia(kb: Knowledge) -> None:
         if ingredient.implies_myasthenia is not None
     }
     assert implying == {"pyridostigmine", "efgartigimod alfa", "rozanolixizumab", "zilucoplan"}
+
+
+# --- issue 20: corrected and added facts --------------------------------------------------
+
+
+def test_lambert_eaton_codes(kb: Knowledge) -> None:
+    for code in ("G70.80", "G70.81", "G73.1"):
+        assert kb.condition_groups([icd(code)]) == {"lambert-eaton"}
+    assert kb.condition_groups([Coding(SNOMED, "56989000")]) == {"lambert-eaton"}
+    # "Myasthenic syndrome due to another disorder" is not Lambert-Eaton syndrome.
+    assert kb.condition_groups([Coding(SNOMED, "193209005")]) == set()
+    assert kb.condition_group("lambert-eaton").counts_while_inactive
+    assert kb.condition_group("myasthenia-gravis").counts_while_inactive
+    assert not kb.condition_group("ckd-stage-4").counts_while_inactive
+    assert kb.condition_groups([icd("O14.13")]) == {"pre-eclampsia-eclampsia"}
+
+
+def test_label_spacings_of_issue_20(kb: Knowledge) -> None:
+    def figures(group: str, code: str | None) -> tuple[float | None, float | None]:
+        entry = kb.interaction_for(group, code)
+        assert entry is not None
+        return entry.hours_before, entry.hours_after
+
+    assert figures("fluoroquinolone", "1927663") == (2.0, 6.0)  # delafloxacin
+    assert figures("tetracycline", "2059269") == (4.0, 4.0)  # omadacycline
+    assert figures("antimalarial", "5521") == (4.0, 4.0)  # hydroxychloroquine
+    assert figures("mycophenolate", None) == (None, None)  # "not at the same time"
+    assert figures("gabapentinoid", None) == (None, 2.0)
+    assert figures("cardiac-glycoside", None) == (2.0, 2.0)
+    assert kb.interaction_for("fluoroquinolone", "1927663").sources == ("delafloxacin-label",)
+
+
+def test_maginex_holds_61_mg_elemental(kb: Knowledge) -> None:
+    maginex = kb.match_magnesium([Coding(RXNORM, "359739")])
+    assert maginex is not None and maginex.elemental_mg_per_unit == pytest.approx(61, abs=1)
+    aspartate = kb.magnesium_salt("aspartate").fraction_for("oral")
+    assert aspartate is not None and aspartate.fraction == pytest.approx(0.084)
+
+
+def test_balanced_fluids_are_recognised_by_name(kb: Knowledge) -> None:
+    for text in ("Plasma-Lyte A injection", "Normosol-R pH 7.4", "PrismaSol BGK 4/2.5",
+                 "Dianeal PD-2 with 1.5% dextrose", "TPN adult standard"):
+        groups, _ = kb.drug_groups([], text)
+        assert "magnesium-carrier-fluid" in groups, text

@@ -186,6 +186,11 @@ PRODUCTS: dict[str, Product] = {
         (300, "mg", "mg"), {"frequency": 3, "period": 1, "periodUnit": "d"},
         "300 mg by mouth three times daily",
     ),
+    "digoxin": Product(
+        "draft-digoxin", (("3407", "digoxin"),), "digoxin 0.125 MG Oral Tablet", "oral",
+        (0.125, "mg", "mg"), {"frequency": 1, "period": 1, "periodUnit": "d"},
+        "0.125 mg by mouth once daily",
+    ),
     "mg-citrate-infant": Product(
         "draft-mg-citrate-infant", (("1052760", "magnesium citrate 58.2 MG/ML Oral Solution"),),
         "magnesium citrate 58.2 MG/ML Oral Solution", "oral", (2, "mL", "mL"),
@@ -293,6 +298,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("mg-supplement", "order-select", ("delafloxacin",), "delafloxacin"),
     Scenario("mg-supplement", "order-select", ("omadacycline",), "omadacycline"),
     Scenario("mg-supplement", "order-select", ("gabapentin",), "gabapentin"),
+    Scenario("mg-supplement", "order-select", ("digoxin",), "digoxin"),
     Scenario("sle", "order-sign", ("mg-sulfate",), "iv-magnesium"),
     Scenario("infant", "order-select", ("mg-citrate-infant",)),
     # An EHR that fires only order-sign calls magnesium-order-sign-only (same request shape).
