@@ -112,3 +112,13 @@ def test_stays_critical_at_order_select_and_is_the_only_card() -> None:
     iv = draft(MG_SULFATE_INJ, MG_SULFATE, route="iv", dose=(2, "g"))
     ctx = context(conditions=[MG], drafts=[iv])
     assert shape(run_all(ctx, "order-select")) == [("myasthenia-magnesium", "critical")]
+
+
+def test_balanced_fluid_is_not_magnesium_therapy_but_a_magnesium_vial_still_is() -> None:
+    plasma_lyte = draft("6579", text="Plasma-Lyte A injection pH 7.4", route="iv",
+                        dose=(1000, "mL"))
+    assert run(myasthenia.evaluate, context(conditions=[MG], drafts=[plasma_lyte])) == []
+    vial_for_tpn = draft(MG_SULFATE_INJ, text="Magnesium sulfate 2 g added to TPN", route="iv",
+                         dose=(2, "g"))
+    [finding] = run(myasthenia.evaluate, context(conditions=[MG], drafts=[vial_for_tpn]))
+    assert finding.indicator == "critical"

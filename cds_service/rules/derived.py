@@ -181,7 +181,7 @@ class SerumMagnesium:
         if self.mmol is not None and self.high is not None and self.mmol > self.high:
             return f"above the {self.range_text}"
         if self.is_toxic:
-            return "above the level at which reflexes weaken"
+            return "above the level at which reflexes begin to diminish"
         return "flagged high by the laboratory"
 
     @property
@@ -212,7 +212,8 @@ class SerumMagnesium:
         if self.mmol is not None and unit not in ("mmol/l", "mm"):
             text += f" = {self.mmol:.2f} mmol/L"
         if self.is_toxic:
-            text += f", above the toxic level {self.toxic_above:.2f} mmol/L"
+            # mEq/L = 2 x mmol/L for a divalent ion: the label's unit.
+            text += f", above {2 * self.toxic_above:g} mEq/L, where reflexes begin to diminish"
         elif self.is_high and self.mmol is not None and self.high is not None:
             text += f", above the {self.range_text}"
         elif self.is_high:

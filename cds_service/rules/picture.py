@@ -257,9 +257,10 @@ def _medication_fact(
 ) -> MedicationFact:
     groups, matched_by, magnesium = _drug_lookup(knowledge, medication.all_codings, medication.text)
     route = route_of(medication, magnesium, knowledge)
-    if CARRIER_FLUID in groups:
+    if CARRIER_FLUID in groups and not (magnesium and magnesium.matched_by == "rxnorm-product"):
         # A balanced fluid, dialysate or parenteral nutrition holds magnesium at about plasma
-        # level (medications.json): not magnesium therapy, so no magnesium rule reads it.
+        # level (medications.json): not magnesium therapy, so no magnesium rule reads it. A
+        # magnesium product's own code (a vial added to the bag) still counts as magnesium.
         magnesium = None
     return MedicationFact(medication, groups, matched_by, magnesium, route, position)
 

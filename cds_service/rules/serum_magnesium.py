@@ -6,10 +6,15 @@ The value is read once in ``derived.serum_magnesium`` (mg/dL, mmol/L or mEq/L; t
 Observation's own reference range when present).
 
 - high-serum-magnesium: a systemic magnesium order while the latest value is high (above its
-  range, a missing bound taken from the default range; or above the toxic level whatever the
-  range; or, when no number decides, flagged H/HH/HU by the laboratory) gives a warning
-  whatever the kidney codes say; critical above the level where reflexes weaken. With reduced
-  kidney function the renal rule says the same: the two share a key.
+  range, a missing bound taken from the default range; or above 4 mEq/L whatever the range;
+  or, when no number decides, flagged H/HH/HU by the laboratory) gives a warning whatever the
+  kidney codes say. Graded by the label's levels with the context (``_grade``): critical above
+  5 mEq/L (beyond the usual anticonvulsant level), or above 4 mEq/L (reflexes begin to
+  diminish) with severe kidney impairment or a neuromuscular disease. With reduced kidney
+  function the renal rule says the same: the two share a key.
+- obstetric-magnesium-monitoring: parenteral magnesium for pre-eclampsia or eclampsia, where a
+  high level is the aim: monitoring (reflexes, breathing, urine output, level against
+  2.5-5 mEq/L), critical only above that range.
 - The same rule, from a coded active hypermagnesemia when the value does not say "high" (none
   on file, or not high): a warning, suggesting a serum magnesium when none is recent.
 - patient-view-contraindication: magnesium on file with a high value or coded hypermagnesemia.
@@ -47,6 +52,7 @@ OBSTETRIC = "pre-eclampsia-eclampsia"  # condition group: magnesium is the thera
 # Conditions that lower the level at which magnesium harms (label: MG, neuromuscular disease).
 NEUROMUSCULAR = ("myasthenia-gravis", "lambert-eaton", "other-neuromuscular-junction")
 ANTICONVULSANT_RANGE = "serum-magnesium-anticonvulsant-range"
+RESPIRATORY_RATE_MIN = "obstetric-respiratory-rate-min"  # a local-policy threshold
 
 
 def _above_anticonvulsant_range(serum: SerumMagnesium, knowledge: Knowledge) -> bool:
@@ -162,6 +168,9 @@ def _obstetric(
     when = serum.lab.effective.date().isoformat() if serum.lab.effective else "date unknown"
     above = _above_anticonvulsant_range(serum, knowledge)
     paragraphs = [rule.statement("monitoring").text]
+    breathing = knowledge.threshold(RESPIRATORY_RATE_MIN)
+    rate = f"breathing rate below {breathing.value:g}/min (local protocol)"
+    paragraphs.append(f"Hold the next dose and reassess at a {rate}.")
     if above:
         summary = (
             f"Hold magnesium: serum magnesium {serum.value_text} on {when} is above the "
@@ -183,9 +192,10 @@ def _obstetric(
             Evidence(serum.describe, serum.lab.source),
             order_evidence(fact),
         ),
-        source_ids=(),
+        source_ids=("local-policy",) if breathing.status == "unverified" else (),
         key=excretion_key(fact, patient_view=patient_view),
         order=fact.medication,
+        unverified=(rate,) if breathing.status == "unverified" else (),
         critical_because=f"serum magnesium {serum.value_text}, above the anticonvulsant range"
         if above
         else "",
