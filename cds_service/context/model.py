@@ -92,6 +92,9 @@ class Dose:
     text: str = ""
     # What the patient is told (e.g. dose spacing); rules read it to see advice was taken up.
     patient_instruction: str = ""
+    # How long the course lasts (Timing.repeat.boundsDuration, or count / frequency), in days;
+    # None when open-ended or not stated. A short course is what "supervised" laxative use is.
+    course_days: float | None = None
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,13 @@ PRODUCTS: dict[str, Product] = {
         (300, "mg", "mg"), {"frequency": 3, "period": 1, "periodUnit": "d"},
         "300 mg by mouth three times daily",
     ),
+    # A bowel-preparation style course: one 300 mL bottle, once (supervised laxative use).
+    "mg-citrate-laxative": Product(
+        "draft-mg-citrate-laxative", (("1052760", "magnesium citrate 58.2 MG/ML Oral Solution"),),
+        "magnesium citrate 58.2 MG/ML Oral Solution", "oral", (300, "mL", "mL"),
+        {"count": 1, "frequency": 1, "period": 1, "periodUnit": "d"},
+        "300 mL by mouth once, the evening before the procedure",
+    ),
     "digoxin": Product(
         "draft-digoxin", (("3407", "digoxin"),), "digoxin 0.125 MG Oral Tablet", "oral",
         (0.125, "mg", "mg"), {"frequency": 1, "period": 1, "periodUnit": "d"},
@@ -301,6 +308,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("mg-supplement", "order-select", ("digoxin",), "digoxin"),
     Scenario("sle", "order-sign", ("mg-sulfate",), "iv-magnesium"),
     Scenario("infant", "order-select", ("mg-citrate-infant",)),
+    Scenario("no-relevant", "order-select", ("mg-citrate-laxative",), "laxative-course"),
     # An EHR that fires only order-sign calls magnesium-order-sign-only (same request shape).
     Scenario("multiple-sclerosis", "order-sign", ("mg-citrate",), "sign-only"),
 )

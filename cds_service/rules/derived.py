@@ -212,6 +212,7 @@ class SerumMagnesium:
         if self.mmol is not None and unit not in ("mmol/l", "mm"):
             text += f" = {self.mmol:.2f} mmol/L"
         if self.is_toxic:
+            assert self.toxic_above is not None  # is_toxic compares with it
             # mEq/L = 2 x mmol/L for a divalent ion: the label's unit.
             text += f", above {2 * self.toxic_above:g} mEq/L, where reflexes begin to diminish"
         elif self.is_high and self.mmol is not None and self.high is not None:
