@@ -52,7 +52,7 @@ OBSTETRIC = "pre-eclampsia-eclampsia"  # condition group: magnesium is the thera
 # Conditions that lower the level at which magnesium harms (label: MG, neuromuscular disease).
 NEUROMUSCULAR = ("myasthenia-gravis", "lambert-eaton", "other-neuromuscular-junction")
 ANTICONVULSANT_RANGE = "serum-magnesium-anticonvulsant-range"
-RESPIRATORY_RATE_MIN = "obstetric-respiratory-rate-min"  # a local-policy threshold
+RESPIRATORY_RATE_MIN = "obstetric-respiratory-rate-min"
 
 
 def _above_anticonvulsant_range(serum: SerumMagnesium, knowledge: Knowledge) -> bool:
@@ -169,7 +169,8 @@ def _obstetric(
     above = _above_anticonvulsant_range(serum, knowledge)
     paragraphs = [rule.statement("monitoring").text]
     breathing = knowledge.threshold(RESPIRATORY_RATE_MIN)
-    rate = f"breathing rate below {breathing.value:g}/min (local protocol)"
+    policy = " (local protocol)" if breathing.status == "unverified" else ""
+    rate = f"breathing rate below {breathing.value:g}/min{policy}"
     paragraphs.append(f"Hold the next dose and reassess at a {rate}.")
     if above:
         summary = (
