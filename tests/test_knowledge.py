@@ -199,6 +199,12 @@ CORRUPTIONS: list[tuple[str, str, Callable[[dict[str, Any]], Any], tuple[str, ..
         ("$.version", "does not match"),
     ),
     (
+        "product made of a form its salt does not have",
+        "medications.json",
+        lambda d: d["magnesium"]["salts"][8]["products"][0].update(form="dihydrate"),
+        ("$.magnesium.salts[8].products[0].form", "'dihydrate' is not one of"),
+    ),
+    (
         "unknown source id",
         "rules.json",
         lambda d: d["rules"][0]["sources"].append("no-such-source"),
