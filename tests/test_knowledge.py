@@ -974,8 +974,9 @@ def test_rule_facts_added_for_the_clinical_rules(kb: Knowledge) -> None:
     assert (fq and fq.indicator, ag and ag.indicator) == ("critical", "warning")
     # Statements the cards quote, and the local policy for "recent".
     assert kb.rule("autoimmune-guidance").statement("diet-first").status == "secondary"
-    # The contraindication is cited from the PLR premix label, whose text was not re-read.
-    assert kb.rule("myasthenia-magnesium").statement("label").status == "secondary"
+    # The contraindication is the PLR premix label's (section 5.6), read with the search tool.
+    assert kb.rule("myasthenia-magnesium").statement("label").status == "verified"
+    assert kb.source("mgso4-dextrose-pi").status == "verified"
     with pytest.raises(KeyError):
         kb.rule("renal-magnesium").statement("no-such-statement")
     recent = kb.threshold("serum-magnesium-recent-days")
