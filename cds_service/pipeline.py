@@ -73,7 +73,13 @@ class HookPipeline:
             rxnav=self.rxnav,
         )
         after_context = time.perf_counter()
-        findings = engine.evaluate(context, self.knowledge, service.hook, self.clock())
+        findings = engine.evaluate(
+            context,
+            self.knowledge,
+            service.hook,
+            self.clock(),
+            advice_shown_before=service.advice_shown_before,
+        )
         after_rules = time.perf_counter()
         cards = build_cards(
             findings,

@@ -263,7 +263,7 @@ def test_the_corpus_run_posts_each_call_to_its_service(tmp_path: Path) -> None:
     assert len(calls) >= 3 * 50 * 7  # 50 patients per FHIR version, 7+ calls each
     # One call of each service and FHIR version: what the full run posts, in small.
     sample = list({(c.service_id, c.version): c for c in calls}.values())
-    assert len(sample) == 11  # 3 services x 3 versions, medication-prescribe for STU3 and DSTU2
+    assert len(sample) == 14  # 4 services x 3 versions, medication-prescribe for STU3 and DSTU2
     app = inprocess.make_app(tmp_path, "corpus", process_wide=False)
     result = corpus.run(app, sample)
     assert result.calls == len(result.latencies_ms) == len(sample)

@@ -35,7 +35,10 @@ RESOURCE_ID = re.compile(
 )
 ANNOTATION = re.compile(r"\{[^{}]*\}")
 # "with End-stage renal disease", ": Magnesium oxide ordered" (eponyms keep their capital).
-MID_SENTENCE_CAPITAL = re.compile(r"(?:\b(?:with|of|in|on|to|for|before)|:) [A-Z][a-z]+[ -]")
+# Proper names (eponyms) keep their capital anywhere.
+MID_SENTENCE_CAPITAL = re.compile(
+    r"(?:\b(?:with|of|in|on|to|for|before)|:) (?!Lambert|Hashimoto|Sj|Crohn)[A-Z][a-z]+[ -]"
+)
 INTERNALS = re.compile(r"rxnorm|snomed|loinc|icd-10|matched|recognised as", re.IGNORECASE)
 
 
@@ -194,9 +197,17 @@ def test_a_card_capped_while_ordering_says_it_is_critical_at_signing(
         cds_url, fixture_fhir_server, "ckd4-low-egfr.order-select.json", "magnesium-order-select"
     )
     assert selecting["indicator"] == "warning"
-    note = "_A warning while the order is chosen; critical at signing._"
+    note = (
+        "_A warning while ordering; critical at signing: serum magnesium already high with "
+        "severe kidney impairment._"
+    )
     assert selecting["detail"].endswith(note)
     [signing] = _cards(
         cds_url, fixture_fhir_server, "esrd-dialysis.order-sign.json", "magnesium-order-sign"
     )
-    assert signing["indicator"] == "critical" and "at signing" not in signing["detail"]
+    # At signing the card says why it is now critical (it was a warning while ordering).
+    assert signing["indicator"] == "critical"
+    assert signing["detail"].endswith(
+        "_Critical at signing (a warning while ordering): IV magnesium with severe kidney "
+        "impairment._"
+    )

@@ -56,10 +56,10 @@ def test_serve_runs_gunicorn_with_the_configured_workers(gunicorn_service: Serve
     url = gunicorn_service.url
     assert requests.get(f"{url}/readyz", timeout=5).json()["status"] == "ready"
     services = requests.get(f"{url}/cds-services", timeout=5).json()["services"]
-    assert len(services) == 4
+    assert len(services) == 5
 
 
-def test_gunicorn_answers_the_myasthenia_request_with_the_critical_card(
+def test_gunicorn_answers_the_myasthenia_request_with_its_card(
     gunicorn_service: Served,
 ) -> None:
     url = gunicorn_service.url
@@ -67,7 +67,7 @@ def test_gunicorn_answers_the_myasthenia_request_with_the_critical_card(
     response = requests.post(f"{url}/cds-services/magnesium-order-select", json=body, timeout=15)
     assert response.status_code == 200
     [card] = response.json()["cards"]
-    assert card["indicator"] == "critical"
+    assert card["indicator"] == "warning"
     assert card["suggestions"][0]["actions"][0]["type"] == "delete"
 
 
@@ -86,7 +86,7 @@ def test_evaluate_prints_the_cards_without_a_server() -> None:
     result = run_cli("evaluate", str(MG_REQUEST))
     assert result.returncode == 0, result.stderr
     [card] = json.loads(result.stdout)["cards"]
-    assert card["indicator"] == "critical"
+    assert card["indicator"] == "warning"
 
 
 def test_evaluate_writes_utf8_json_whatever_the_locale(tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_evaluate_writes_a_lone_surrogate_from_a_draft_as_its_json_escape(
 def test_evaluate_fetches_from_a_fhir_server_when_asked(fixture_server_process: str) -> None:
     result = run_cli("evaluate", str(MG_NO_PREFETCH), "--fhir-server", fixture_server_process)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["cards"][0]["indicator"] == "critical"
+    assert json.loads(result.stdout)["cards"][0]["indicator"] == "warning"
 
 
 def test_evaluate_reports_unavailable_data_and_invalid_files(tmp_path: Path) -> None:
@@ -317,7 +317,7 @@ def test_demo_runs_service_and_fixture_server_together_without_auth(
             f"{served.url}/cds-services/magnesium-order-select", json=body, timeout=15
         )
         assert response.status_code == 200, response.text
-        assert response.json()["cards"][0]["indicator"] == "critical"
+        assert response.json()["cards"][0]["indicator"] == "warning"
         assert any("AUTHENTICATION IS OFF" in line for line in served.log_lines())
 
 

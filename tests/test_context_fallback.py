@@ -164,7 +164,7 @@ def test_a_draft_naming_its_drug_by_reference_is_resolved_from_the_draft_bundle(
     medication = _by_reference(draft, "draft-magnesium")
     body["context"]["draftOrders"]["entry"].append({"resource": medication})
     result = assert_conformant(call(cds_url, "magnesium-order-select", body))
-    assert only_card(result)["indicator"] == "critical"
+    assert only_card(result)["indicator"] == "warning"
 
 
 # --- 2. paged prefetch -------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_an_allowlisted_origin_is_fetched_from_and_no_other(
     client = open_app(tmp_path, fhir_server_allowlist=f" {fixture_fhir_server}/ ").test_client()
     answer = client.post(SERVICE_PATH, json=hook_call(fixture_fhir_server))
     assert answer.status_code == 200, answer.get_json()
-    assert answer.get_json()["cards"][0]["indicator"] == "critical"
+    assert answer.get_json()["cards"][0]["indicator"] == "warning"
     reasons = refused_keys(client.post(SERVICE_PATH, json=hook_call(attacker.base)))
     assert all(NOT_ALLOWED in reason for reason in reasons.values()), reasons
     assert attacker.connections == 0

@@ -154,7 +154,8 @@ def test_condition_code_across_patients(fixture_fhir_server: str) -> None:
     assert sorted(ids) == ["deceased-cond-myasthenia",
                            "mg-inactive-cond-myasthenia-resolved",
                            "mg-inactive-cond-ocular-myasthenia-refuted",
-                           "mg-pyridostigmine-cond-myasthenia"]
+                           "mg-pyridostigmine-cond-myasthenia",
+                           "mg-remission-cond-myasthenia"]
 
 
 def test_medication_code(fixture_fhir_server: str) -> None:

@@ -337,14 +337,14 @@ def data_issues(answer: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def test_the_injected_condition_counts_when_it_is_the_patients(client: FlaskClient) -> None:
-    # Control: the same condition for the right patient does raise the critical card.
+    # Control: the same condition for the right patient does raise the myasthenia card.
     answer = call_with_condition(client, "conditions", myasthenia_condition("Patient/no-relevant"))
-    assert "critical" in indicators(answer)
+    assert "warning" in indicators(answer)
 
 
 def test_prefetch_for_another_patient_is_ignored_and_reported(client: FlaskClient) -> None:
     answer = call_with_condition(client, "conditions", myasthenia_condition("Patient/someone-else"))
-    assert "critical" not in indicators(answer)
+    assert "warning" not in indicators(answer)
     issues = data_issues(answer)
     assert any("another patient" in i["problem"] and "conditions" in i["where"] for i in issues)
 
@@ -371,7 +371,7 @@ def test_prefetch_of_the_wrong_type_is_ignored_and_reported(client: FlaskClient)
     answer = call_with_condition(
         client, "observations", myasthenia_condition("Patient/no-relevant")
     )
-    assert "critical" not in indicators(answer)
+    assert "warning" not in indicators(answer)
     issues = data_issues(answer)
     assert any("Condition" in i["problem"] and "observations" in i["where"] for i in issues)
 
@@ -482,7 +482,7 @@ def test_a_drug_name_with_a_lone_surrogate_still_gets_its_card(client: FlaskClie
     data = json.dumps(body).replace('"@@"', '"magnesium oxide \\ud800"')
     response = post(client, data)
     assert response.status_code == 200, response.data[:300]
-    assert [c["indicator"] for c in strict_json(response.data)["cards"]] == ["critical"]
+    assert [c["indicator"] for c in strict_json(response.data)["cards"]] == ["warning"]
 
 
 @pytest.mark.parametrize("depth", [65, 300, 1000])

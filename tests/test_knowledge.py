@@ -43,10 +43,14 @@ RULE_IDS = (
     "patient-view-low-magnesium",
     "patient-deceased",
     "incomplete-data",
+    "neuromuscular-junction-magnesium",
+    "magnesium-neuromuscular-blocker",
+    "obstetric-magnesium-monitoring",
 )
 CONDITION_IDS = (
     "myasthenia-gravis",
     "lambert-eaton",
+    "other-neuromuscular-junction",
     "ckd-stage-3",
     "ckd-stage-4",
     "ckd-stage-5",
@@ -64,6 +68,7 @@ CONDITION_IDS = (
     "ibd-celiac-malabsorption",
     "hypermagnesemia",
     "hypomagnesemia",
+    "pre-eclampsia-eclampsia",
 )
 DRUG_GROUP_IDS = (
     "fluoroquinolone",
@@ -76,6 +81,11 @@ DRUG_GROUP_IDS = (
     "other-chelator",
     "neuromuscular-blocker",
     "aminoglycoside-polymyxin",
+    "antimalarial",
+    "mycophenolate",
+    "gabapentinoid",
+    "magnesium-carrier-fluid",
+    "cardiac-glycoside",
 )
 
 
@@ -97,7 +107,7 @@ def icd(code: str, system: str = ICD10CM) -> Coding:
 
 def test_bundled_knowledge_loads_and_is_cached(kb: Knowledge) -> None:
     assert default_knowledge() is kb
-    assert re.fullmatch(r"2026\.12\.1\+[0-9a-f]{8}", kb.version)
+    assert re.fullmatch(r"2026\.12\.2\+[0-9a-f]{8}", kb.version)
     manifest = raw("manifest.json")
     generated = {"terminology/rxnorm-products.json", "terminology/snomed-descendants.json"}
     assert set(kb.file_versions) == {"manifest.json", *manifest["files"], *generated}
@@ -192,16 +202,22 @@ CORRUPTIONS: list[tuple[str, str, Callable[[dict[str, Any]], Any], tuple[str, ..
         ("$.version", "does not match"),
     ),
     (
+        "product made of a form its salt does not have",
+        "medications.json",
+        lambda d: d["magnesium"]["salts"][8]["products"][0].update(form="dihydrate"),
+        ("$.magnesium.salts[8].products[0].form", "'dihydrate' is not one of"),
+    ),
+    (
         "unknown source id",
         "rules.json",
         lambda d: d["rules"][0]["sources"].append("no-such-source"),
-        ("$.rules[0].sources[2]", "unknown source id 'no-such-source'"),
+        ("$.rules[0].sources[3]", "unknown source id 'no-such-source'"),
     ),
     (
         "unknown source id deep in a file",
         "conditions.json",
         lambda d: d["groups"][MG]["guidance"][0]["sources"].append("made-up"),
-        (f"$.groups[{MG}].guidance[0].sources[1]", "unknown source id 'made-up'"),
+        (f"$.groups[{MG}].guidance[0].sources[2]", "unknown source id 'made-up'"),
     ),
     (
         "SNOMED code in two condition groups",
@@ -387,11 +403,27 @@ def test_sources_have_urls_only_where_confirmed(kb: Knowledge) -> None:
     assert kb.source("nih-ods-magnesium").url == (
         "https://ods.od.nih.gov/factsheets/Magnesium-HealthProfessional/"
     )
-    assert kb.source("project-reference").url is None
     for source in raw("sources.json")["sources"]:
         assert source["status"] in STATUSES
         if "url" in source:
             assert source["url"].startswith(("https://", "http://"))
+
+
+def test_sources_are_documents_a_clinician_can_open(kb: Knowledge) -> None:
+    """No local file, no API record: a DailyMed label page (or its search when the setid was
+    not confirmed, and the note says so), a fact sheet, a guideline."""
+    ids = {s["id"] for s in raw("sources.json")["sources"]}
+    assert "project-reference" not in ids
+    for source in raw("sources.json")["sources"]:
+        url = source.get("url", "")
+        assert "api.fda.gov" not in url and ".json" not in url, source["id"]
+        assert "clinical-knowledge.md" not in json.dumps(source), source["id"]
+        if "dailymed" in url and "search.cfm" in url:
+            assert "setid of this label was not confirmed" in source["note"], source["id"]
+        if source["id"] != "local-policy":
+            assert url, source["id"]
+    mg = kb.source("mgso4-dextrose-pi")
+    assert mg.url is not None and "drugInfo.cfm?setid=" in mg.url
 
 
 def test_statuses_follow_the_reference(kb: Knowledge) -> None:
@@ -896,7 +928,11 @@ def test_rule_catalogue(kb: Knowledge) -> None:
     rule = kb.rule("myasthenia-magnesium")
     assert rule.indicator == "critical"
     # Both spellings are used by callers.
-    assert rule.source_ids == rule.sources == ("mgso4-pi", "magnesium-autoimmunity")
+    assert rule.source_ids == rule.sources == (
+        "mgso4-dextrose-pi",
+        "mgso4-pi",
+        "magnesium-autoimmunity",
+    )
     assert {r.display for r in rule.override_reasons} >= {
         "Treating documented severe hypomagnesemia under monitoring",
         "Myasthenia gravis diagnosis not confirmed",
@@ -942,7 +978,9 @@ def test_rule_facts_added_for_the_clinical_rules(kb: Knowledge) -> None:
     assert (fq and fq.indicator, ag and ag.indicator) == ("critical", "warning")
     # Statements the cards quote, and the local policy for "recent".
     assert kb.rule("autoimmune-guidance").statement("diet-first").status == "secondary"
+    # The contraindication is the PLR premix label's (section 5.6), read with the search tool.
     assert kb.rule("myasthenia-magnesium").statement("label").status == "verified"
+    assert kb.source("mgso4-dextrose-pi").status == "verified"
     with pytest.raises(KeyError):
         kb.rule("renal-magnesium").statement("no-such-statement")
     recent = kb.threshold("serum-magnesium-recent-days")
@@ -997,3 +1035,47 @@ def test_only_mg_specific_drugs_imply_myasthenia(kb: Knowledge) -> None:
         if ingredient.implies_myasthenia is not None
     }
     assert implying == {"pyridostigmine", "efgartigimod alfa", "rozanolixizumab", "zilucoplan"}
+
+
+# --- issue 20: corrected and added facts --------------------------------------------------
+
+
+def test_lambert_eaton_codes(kb: Knowledge) -> None:
+    for code in ("G70.80", "G70.81", "G73.1"):
+        assert kb.condition_groups([icd(code)]) == {"lambert-eaton"}
+    assert kb.condition_groups([Coding(SNOMED, "56989000")]) == {"lambert-eaton"}
+    # "Myasthenic syndrome due to another disorder" is not Lambert-Eaton syndrome.
+    assert kb.condition_groups([Coding(SNOMED, "193209005")]) == set()
+    assert kb.condition_group("lambert-eaton").counts_while_inactive
+    assert kb.condition_group("myasthenia-gravis").counts_while_inactive
+    assert not kb.condition_group("ckd-stage-4").counts_while_inactive
+    assert kb.condition_groups([icd("O14.13")]) == {"pre-eclampsia-eclampsia"}
+
+
+def test_label_spacings_of_issue_20(kb: Knowledge) -> None:
+    def figures(group: str, code: str | None) -> tuple[float | None, float | None]:
+        entry = kb.interaction_for(group, code)
+        assert entry is not None
+        return entry.hours_before, entry.hours_after
+
+    assert figures("fluoroquinolone", "1927663") == (2.0, 6.0)  # delafloxacin
+    assert figures("tetracycline", "2059269") == (4.0, 4.0)  # omadacycline
+    assert figures("antimalarial", "5521") == (4.0, 4.0)  # hydroxychloroquine
+    assert figures("mycophenolate", None) == (None, None)  # "not at the same time"
+    assert figures("gabapentinoid", None) == (None, 2.0)
+    assert figures("cardiac-glycoside", None) == (2.0, 2.0)
+    assert kb.interaction_for("fluoroquinolone", "1927663").sources == ("delafloxacin-label",)
+
+
+def test_maginex_holds_61_mg_elemental(kb: Knowledge) -> None:
+    maginex = kb.match_magnesium([Coding(RXNORM, "359739")])
+    assert maginex is not None and maginex.elemental_mg_per_unit == pytest.approx(61, abs=1)
+    aspartate = kb.magnesium_salt("aspartate").fraction_for("oral")
+    assert aspartate is not None and aspartate.fraction == pytest.approx(0.084)
+
+
+def test_balanced_fluids_are_recognised_by_name(kb: Knowledge) -> None:
+    for text in ("Plasma-Lyte A injection", "Normosol-R pH 7.4", "PrismaSol BGK 4/2.5",
+                 "Dianeal PD-2 with 1.5% dextrose", "TPN adult standard"):
+        groups, _ = kb.drug_groups([], text)
+        assert "magnesium-carrier-fluid" in groups, text

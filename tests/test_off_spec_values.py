@@ -73,7 +73,7 @@ OBSERVATION = ("prefetch", "observations", "entry", 0, "resource")
 
 # Every place an unchecked JSON value meets a typed variable, parameter, return value or
 # container element of normalise.py / builder.py, with a value of another JSON type. None of
-# these touches what makes the critical card (myasthenia gravis + magnesium oxide) hold.
+# these touches what makes the myasthenia card (myasthenia gravis + magnesium oxide) hold.
 OFF_SPEC = {
     # _codes: a code that is a number (read as its digits), a list, an object.
     "draft-code-int": _set(198741, *DRAFT, "medicationCodeableConcept", "coding", 0, "code"),
@@ -159,7 +159,7 @@ def test_off_spec_json_at_a_typed_spot_gets_a_200(
     mutate(body)
     response = post(client, json.dumps(body))
     assert response.status_code == 200, response.data[:300]
-    assert "critical" in indicators(strict_json(response.data))
+    assert "warning" in indicators(strict_json(response.data))
 
 
 def test_a_draft_whose_id_is_a_number_is_still_checked(client: FlaskClient) -> None:
@@ -186,7 +186,7 @@ def test_a_boolean_code_is_no_code(client: FlaskClient) -> None:
     response = post(client, json.dumps(body))
     assert response.status_code == 200, response.data[:300]
     answer = strict_json(response.data)
-    assert "critical" in indicators(answer)  # the texts still name both
+    assert "warning" in indicators(answer)  # the texts still name both
     details = " ".join(card["detail"] for card in answer["cards"])
     for shown in ("RxNorm 1", "RxNorm True", "ICD-10-CM 0", "ICD-10-CM False"):
         assert shown not in details
@@ -214,9 +214,9 @@ def test_an_integer_code_is_still_read_as_its_digits(client: FlaskClient) -> Non
     response = post(client, json.dumps(body))
     assert response.status_code == 200, response.data[:300]
     answer = strict_json(response.data)
-    assert "critical" in indicators(answer)
+    assert "warning" in indicators(answer)
     # Named by what the code was recognised as, the code itself in the provenance.
-    [card] = [card for card in answer["cards"] if card["indicator"] == "critical"]
+    [card] = [card for card in answer["cards"] if card["indicator"] == "warning"]
     assert "magnesium oxide" in card["detail"]
     evidence = card["extension"]["org.magnesium-cds"]["evidence"]
     assert "magnesium: rxnorm-product 198741" in [fact.get("recognisedBy") for fact in evidence]

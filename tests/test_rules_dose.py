@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import date
 
 import pytest
@@ -85,7 +86,9 @@ def test_children_have_lower_limits_and_infants_none() -> None:
     order = draft(MG_OXIDE_400, dose=(1, "tablet"))  # 241 mg/day
     [child] = run(dose.evaluate, context(drafts=[order], birth_date=date(2020, 1, 1)))
     assert "110 mg/day" in child.summary and "4-8 years" in child.detail
-    assert run(dose.evaluate, context(drafts=[order], birth_date=date(2026, 6, 1))) == []
+    # Under 1 year the source sets no limit: the card says so (info) instead of nothing.
+    [infant] = run(dose.evaluate, context(drafts=[order], birth_date=date(2026, 6, 1)))
+    assert infant.indicator == "info" and "no supplement upper limit" in infant.summary
 
 
 def test_unknown_age_uses_the_adult_limit_and_says_so() -> None:
@@ -129,3 +132,21 @@ def test_any_gender_text_gives_the_bands_answer_without_growing_the_memo() -> No
     assert dose._limit_band.cache_info().currsize == 1
     female = run(dose.evaluate, context(drafts=[order], sex="female"))
     assert [f.summary for f in female] == [f.summary for f in expected]  # adult bands: 350 mg
+
+
+def test_a_short_supervised_laxative_course_is_advice_not_a_warning() -> None:
+    bottle = draft(MG_CITRATE_SOLN, dose=(300, "mL"))  # 2,829 mg elemental in one dose
+    [open_ended] = run(dose.evaluate, context(drafts=[bottle]))
+    assert open_ended.indicator == "warning"
+    one_day = dataclasses.replace(
+        bottle, doses=tuple(dataclasses.replace(d, course_days=1.0) for d in bottle.doses)
+    )
+    [course] = run(dose.evaluate, context(drafts=[one_day]))
+    assert course.indicator == "info" and course.unverified
+    assert "supervised laxative course" in course.detail
+    # Magnesium oxide is no laxative salt here (no A06AD code): the limit stands.
+    tablets = draft(MG_OXIDE_400, dose=(2, "{tbl}"), per_day=3)
+    short = dataclasses.replace(
+        tablets, doses=tuple(dataclasses.replace(d, course_days=1.0) for d in tablets.doses)
+    )
+    assert run(dose.evaluate, context(drafts=[short]))[0].indicator == "warning"

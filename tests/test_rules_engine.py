@@ -5,6 +5,7 @@ from __future__ import annotations
 from rule_builders import (
     CIPROFLOXACIN,
     CKD4,
+    KB,
     LEVOTHYROXINE,
     MG,
     MG_CITRATE_SOLN,
@@ -12,6 +13,7 @@ from rule_builders import (
     MG_SULFATE,
     MG_SULFATE_INJ,
     RA,
+    TODAY,
     condition,
     context,
     draft,
@@ -95,7 +97,7 @@ def test_most_serious_first_across_rules_and_each_finding_once() -> None:
     )
     found = run_all(ctx, "order-select")
     assert shape(found) == [
-        ("myasthenia-magnesium", "critical"),
+        ("myasthenia-magnesium", "warning"),  # oral: the label contraindication is parenteral
         ("chelation-interaction", "warning"),
         ("magnesium-dose-limit", "warning"),
         ("renal-magnesium", "info"),
@@ -106,3 +108,22 @@ def test_most_serious_first_across_rules_and_each_finding_once() -> None:
 def test_patient_view_without_magnesium_on_file_is_quiet() -> None:
     ctx = context(conditions=[MG, CKD4], labs=[egfr(20), serum_mg(2.0)])
     assert run_all(ctx, "patient-view") == []
+
+
+def test_severity_that_differs_between_select_and_sign_says_why() -> None:
+    ckd4 = context(conditions=[CKD4], drafts=[draft(MG_OXIDE_400, dose=(400, "mg"))],
+                   labs=[egfr(22), serum_mg(2.7)])
+    [select] = run_all(ckd4, "order-select")
+    [sign] = run_all(ckd4, "order-sign")
+    assert (select.indicator, sign.indicator) == ("warning", "critical")
+    assert select.severity_note.startswith("A warning while ordering; critical at signing: serum")
+    assert sign.severity_note.startswith("Critical at signing (a warning while ordering): serum")
+    assert "severe kidney impairment" in sign.severity_note
+
+
+def test_sign_only_ehrs_get_the_advice_select_would_have_shown() -> None:
+    ms = context(conditions=[condition("G35.A", "24700007", "Multiple sclerosis")],
+                 drafts=[draft(MG_OXIDE_400, dose=(400, "mg"))])
+    assert run_all(ms, "order-sign") == []
+    found = engine.evaluate(ms, KB, "order-sign", TODAY, advice_shown_before=False)
+    assert shape(found) == [("autoimmune-guidance", "info")]

@@ -6,6 +6,7 @@ from rule_builders import (
     CIPROFLOXACIN,
     GENTAMICIN,
     MG,
+    MG_OXIDE_400,
     MG_SULFATE_INJ,
     PYRIDOSTIGMINE,
     RA,
@@ -16,7 +17,7 @@ from rule_builders import (
     run,
 )
 
-from cds_service.rules import mg_drugs
+from cds_service.rules import blockade, mg_drugs
 
 
 def test_fluoroquinolone_in_myasthenia_is_critical_as_the_boxed_warning_says() -> None:
@@ -37,11 +38,11 @@ def test_fluoroquinolone_by_atc_code() -> None:
     assert finding.indicator == "critical"
 
 
-def test_aminoglycoside_is_a_warning_resting_on_an_unverified_listing() -> None:
+def test_aminoglycoside_is_a_warning_citing_the_gentamicin_label() -> None:
     order = draft(GENTAMICIN, route="iv", dose=(350, "mg"))
     [finding] = run(mg_drugs.evaluate, context(conditions=[MG], drafts=[order]))
     assert finding.indicator == "warning"
-    assert finding.unverified
+    assert "gentamicin-label" in finding.source_ids
     assert finding.proposals[0].recommended is False
 
 
@@ -62,14 +63,25 @@ def test_active_drugs_are_not_re_flagged_and_patient_view_is_quiet() -> None:
     assert run(mg_drugs.evaluate, ctx, "patient-view") == []
 
 
-def test_neuromuscular_blocker_with_parenteral_magnesium() -> None:
+def test_neuromuscular_blocker_with_parenteral_magnesium_for_every_patient() -> None:
     blocker = draft(ROCURONIUM, route="iv")
-    with_iv_mg = context(
-        conditions=[MG], medications=[medication(MG_SULFATE_INJ, route="iv")], drafts=[blocker]
-    )
-    [finding] = run(mg_drugs.evaluate, with_iv_mg)
-    assert finding.indicator == "warning"
-    assert "neuromuscular blockade" in finding.summary
-    assert any(c.code == "1658221" for e in finding.evidence for c in e.codes)
-    without = context(conditions=[MG], drafts=[blocker])
-    assert run(mg_drugs.evaluate, without) == []
+    for conditions in ([MG], []):
+        with_iv_mg = context(
+            conditions=conditions,
+            medications=[medication(MG_SULFATE_INJ, route="iv")],
+            drafts=[blocker],
+        )
+        [finding] = run(blockade.evaluate, with_iv_mg)
+        assert (finding.rule_id, finding.indicator) == (
+            "magnesium-neuromuscular-blocker",
+            "warning",
+        )
+        assert "rocuronium" in finding.summary
+        assert any(c.code == "1658221" for e in finding.evidence for c in e.codes)
+    # The other direction: IV magnesium ordered while a blocker is on file.
+    iv_mg = draft(MG_SULFATE_INJ, route="iv", dose=(2, "g"))
+    on_file = context(medications=[medication(ROCURONIUM, route="iv")], drafts=[iv_mg])
+    assert len(run(blockade.evaluate, on_file)) == 1
+    assert run(blockade.evaluate, context(drafts=[blocker])) == []
+    oral_mg = context(medications=[medication(MG_OXIDE_400)], drafts=[blocker])
+    assert run(blockade.evaluate, oral_mg) == []

@@ -96,7 +96,8 @@ def test_aggravating_drug_with_possible_myasthenia_is_a_warning_not_recommended(
 
 
 def test_coded_myasthenia_still_critical_with_removal_recommended() -> None:
-    ctx = context(conditions=[MG], medications=[medication(PYRIDOSTIGMINE)], drafts=[MG_ORAL])
+    iv = draft(MG_SULFATE_INJ, route="iv", dose=(2, "g"))
+    ctx = context(conditions=[MG], medications=[medication(PYRIDOSTIGMINE)], drafts=[iv])
     [finding] = run(myasthenia.evaluate, ctx)
     assert finding.indicator == "critical" and finding.proposals[0].recommended
 
@@ -115,10 +116,11 @@ def test_range_with_only_a_low_bound_takes_the_high_bound_from_the_default() -> 
     assert "default range" in finding.detail
 
 
-def test_toxic_value_is_critical_whatever_the_range_says() -> None:
-    only_low = context(labs=[_mg_lab(6.0, low=1.6)], drafts=[MG_ORAL])
+def test_value_above_the_anticonvulsant_level_is_critical_whatever_the_range_says() -> None:
+    # 6.5 mg/dL = 5.3 mEq/L, above the 2.5-5 mEq/L the label names for controlling convulsions.
+    only_low = context(labs=[_mg_lab(6.5, low=1.6)], drafts=[MG_ORAL])
     assert shape(run(serum_magnesium.evaluate, only_low)) == [("high-serum-magnesium", "critical")]
-    wide = context(labs=[_mg_lab(6.0, low=1.6, high=8.0)], drafts=[MG_ORAL])
+    wide = context(labs=[_mg_lab(6.5, low=1.6, high=8.0)], drafts=[MG_ORAL])
     assert shape(run(serum_magnesium.evaluate, wide)) == [("high-serum-magnesium", "critical")]
 
 

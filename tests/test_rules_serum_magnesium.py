@@ -8,6 +8,8 @@ from rule_builders import (
     KB,
     MG,
     MG_OXIDE_400,
+    MG_SULFATE,
+    MG_SULFATE_INJ,
     RA,
     SERUM_MG_MOLES,
     condition,
@@ -65,10 +67,37 @@ def test_high_value_flags_a_magnesium_order_whatever_the_kidney_codes() -> None:
     assert "reflexes" in finding.detail
 
 
-def test_toxic_value_is_critical() -> None:
-    toxic = lab(SERUM_MG_MOLES, 4.5, "mEq/L")  # above 4 mEq/L: reflexes weaken
-    [finding] = run(serum_magnesium.evaluate, context(drafts=[ORDER], labs=[toxic]))
-    assert finding.indicator == "critical"
+def test_grading_follows_the_label_levels_with_the_context() -> None:
+    """Above 4 mEq/L reflexes begin to diminish: a warning by itself, critical with severe
+    kidney impairment or a neuromuscular disease; above 5 mEq/L (the usual anticonvulsant
+    level) critical."""
+    above_4 = lab(SERUM_MG_MOLES, 4.5, "mEq/L")
+    [alone] = run(serum_magnesium.evaluate, context(drafts=[ORDER], labs=[above_4]))
+    assert alone.indicator == "warning" and "reflexes" in alone.summary
+    with_ckd = context(conditions=[CKD4], drafts=[ORDER], labs=[above_4])
+    assert run(serum_magnesium.evaluate, with_ckd)[0].indicator == "critical"
+    with_mg = context(conditions=[MG], drafts=[ORDER], labs=[above_4])
+    assert run(serum_magnesium.evaluate, with_mg)[0].indicator == "critical"
+    above_5 = lab(SERUM_MG_MOLES, 5.5, "mEq/L")
+    [finding] = run(serum_magnesium.evaluate, context(drafts=[ORDER], labs=[above_5]))
+    assert finding.indicator == "critical" and finding.critical_because
+    # 4.8 mg/dL is 3.95 mEq/L: high, not critical.
+    [high] = run(serum_magnesium.evaluate, context(drafts=[ORDER], labs=[serum_mg(4.8)]))
+    assert high.indicator == "warning"
+
+
+def test_pre_eclampsia_on_iv_magnesium_gets_monitoring_not_an_alarm() -> None:
+    pre_eclampsia = condition("O14.13", "46764007", "Severe pre-eclampsia, third trimester")
+    iv = draft(MG_SULFATE_INJ, MG_SULFATE, route="iv", dose=(2, "g"))
+    ctx = context(conditions=[pre_eclampsia], drafts=[iv], labs=[serum_mg(5.5)])
+    [finding] = run(serum_magnesium.evaluate, ctx)
+    assert (finding.rule_id, finding.indicator) == ("obstetric-magnesium-monitoring", "warning")
+    assert "reflexes" in finding.summary and "100 mL in 4 hours" in finding.detail
+    above = context(conditions=[pre_eclampsia], drafts=[iv], labs=[serum_mg(7.0)])
+    assert run(serum_magnesium.evaluate, above)[0].indicator == "critical"
+    # Without pre-eclampsia the same level on IV magnesium is the serum rule's.
+    plain = context(drafts=[iv], labs=[serum_mg(5.5)])
+    assert run(serum_magnesium.evaluate, plain)[0].rule_id == "high-serum-magnesium"
 
 
 def test_normal_value_no_card() -> None:

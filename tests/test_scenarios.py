@@ -55,6 +55,13 @@ def test_every_rule_has_a_scenario_and_the_negatives_are_there() -> None:
         "egfr-75.order-select.json",  # normal enough kidneys
         "mg-pyridostigmine.order-select.epsom.json",  # topical Epsom salt in MG
         "no-relevant.order-select.lisinopril.json",  # a non-magnesium order
+        # Issue 20: not magnesium therapy, no indication, no gut interaction, oral in LEMS.
+        "mg-pyridostigmine.order-sign.plasma-lyte.json",
+        "esrd-dialysis.order-sign.plasma-lyte.json",
+        "no-relevant.order-select.plasma-lyte.json",
+        "preeclampsia-no-magnesium.order-select.json",
+        "sle.order-sign.iv-magnesium.json",
+        "lambert-eaton.order-select.json",
     } <= negatives
 
 

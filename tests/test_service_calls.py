@@ -51,7 +51,7 @@ def test_discovery_lists_one_service_per_hook_with_prefetch(cds_url: str) -> Non
     assert not list(DISCOVERY_SCHEMA.iter_errors(body))
     services = {s["hook"]: s for s in body["services"]}
     assert set(services) == {"order-select", "order-sign", "patient-view", "medication-prescribe"}
-    assert len({s["id"] for s in body["services"]}) == 4
+    assert len({s["id"] for s in body["services"]}) == 5  # order-sign twice: with, without select
     for service in body["services"]:
         assert service["title"] and service["description"]
         assert set(service["prefetch"]) == {key.name for key in PREFETCH_KEYS}
@@ -66,14 +66,14 @@ def test_discovery_lists_one_service_per_hook_with_prefetch(cds_url: str) -> Non
 # --- the myasthenia gravis pipe -----------------------------------------------------------
 
 
-def test_myasthenia_patient_ordering_magnesium_gets_critical_card_with_removal(
+def test_myasthenia_patient_ordering_oral_magnesium_gets_a_warning_with_removal(
     cds_url: str,
 ) -> None:
     body = assert_conformant(
         call(cds_url, "magnesium-order-select", load_request("mg-pyridostigmine.order-select.json"))
     )
     card = only_card(body)
-    assert card["indicator"] == "critical"
+    assert card["indicator"] == "warning"
     assert "myasthenia gravis" in card["summary"].lower()
     assert len(card["summary"]) < 140
     assert "Myasthenia gravis" in card["detail"] and "pyridostigmine" in card["detail"].lower()
@@ -83,7 +83,8 @@ def test_myasthenia_patient_ordering_magnesium_gets_critical_card_with_removal(
     assert card["source"]["topic"]["code"] == "myasthenia-magnesium"
     assert card["selectionBehavior"] == "at-most-one"
     suggestion = only_suggestion(card)
-    assert suggestion["isRecommended"] is True
+    # Offered, not recommended: oral magnesium is a warning (the contraindication is IV).
+    assert suggestion["isRecommended"] is False
     action = suggestion["actions"][0]
     assert action["type"] == "delete"
     draft = load_request("mg-pyridostigmine.order-select.json")["context"]["draftOrders"]["entry"][
@@ -114,13 +115,13 @@ def test_iv_magnesium_at_signing_names_myasthenic_crisis(cds_url: str) -> None:
     card = only_card(body)
     assert card["indicator"] == "critical"
     assert "myasthenic crisis" in card["summary"].lower()
-    assert "respiratory failure" in card["summary"].lower()
+    assert "breathing" in card["detail"].lower()
 
 
 def test_sandbox_payload_is_normalised_not_rejected(cds_url: str) -> None:
     name = "mg-pyridostigmine.order-select.sandbox.json"
     body = assert_conformant(call(cds_url, "magnesium-order-select", load_request(name)))
-    assert only_card(body)["indicator"] == "critical"
+    assert only_card(body)["indicator"] == "warning"
 
 
 def test_dstu2_client_gets_its_medication_orders_fetched_as_medication_order(
@@ -144,7 +145,7 @@ def test_dstu2_client_gets_its_medication_orders_fetched_as_medication_order(
     with server.running() as base_url:
         body["fhirServer"] = base_url
         result = assert_conformant(call(cds_url, "magnesium-order-select", body))
-    assert only_card(result)["indicator"] == "critical"
+    assert only_card(result)["indicator"] == "warning"
     assert server.paths == [
         "/MedicationOrder?patient=mg-pyridostigmine&status=active"
         "&_include=MedicationOrder:medication&_count=100"
@@ -231,7 +232,7 @@ def test_stu3_medication_prescribe_for_old_clients(cds_url: str) -> None:
             load_request("mg-pyridostigmine.medication-prescribe.stu3.json"),
         )
     )
-    assert only_card(body)["indicator"] == "critical"
+    assert only_card(body)["indicator"] == "warning"
 
 
 def test_draft_without_a_drug_yet_gives_no_card_and_says_why(cds_url: str) -> None:
@@ -312,7 +313,7 @@ def test_operation_outcome_in_prefetch_counts_as_missing_and_is_fetched(
         "issue": [{"severity": "error", "code": "processing", "diagnostics": "timeout"}],
     }
     result = assert_conformant(call(cds_url, "magnesium-order-select", body))
-    assert only_card(result)["indicator"] == "critical"  # MG came from the fetched conditions
+    assert only_card(result)["indicator"] == "warning"  # MG came from the fetched conditions
     assert any("OperationOutcome" in issue["problem"] for issue in data_issues(result))
 
 
@@ -343,7 +344,7 @@ def test_optional_data_missing_still_answers_and_says_so(cds_url: str) -> None:
     del body["prefetch"]["medicationStatements"]
     body.pop("fhirServer", None)
     result = assert_conformant(call(cds_url, "magnesium-order-select", body))
-    assert only_card(result)["indicator"] == "critical"
+    assert only_card(result)["indicator"] == "warning"
     assert any(i["where"] == "prefetch.medicationStatements" for i in data_issues(result))
 
 
@@ -388,7 +389,7 @@ def test_missing_keys_are_fetched_concurrently_not_one_after_another(cds_url: st
     with server.running() as base_url:
         body = load_request("mg-pyridostigmine.order-select.noprefetch.json", base_url)
         result = assert_conformant(call(cds_url, "magnesium-order-select", body))
-    assert only_card(result)["indicator"] == "critical"
+    assert only_card(result)["indicator"] == "warning"
     assert len(server.paths) == 5
 
 

@@ -90,6 +90,9 @@ class Dose:
     once: bool = False
     # No timing at all: a one-off order for a supervised (parenteral) dose, else unknown.
     untimed: bool = False
+    # How long the course lasts (Timing.repeat.boundsDuration, or count / frequency), in days;
+    # None when open-ended or not stated. A short course is what "supervised" laxative use is.
+    course_days: float | None = None
 
 
 @dataclass(frozen=True)

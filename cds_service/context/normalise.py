@@ -295,6 +295,23 @@ def _single_administration(timing: Any) -> bool:
     repeat = timing.get("repeat") if isinstance(timing, dict) else None
     count = repeat.get("count") if isinstance(repeat, dict) else None
     return count == 1 and not isinstance(count, bool)
+def _course_days(timing: Any) -> float | None:
+    """Days the course lasts: boundsDuration in a period unit, else count / frequency."""
+    repeat = timing.get("repeat") if isinstance(timing, dict) else None
+    if not isinstance(repeat, dict):
+        return None
+    bounds = repeat.get("boundsDuration")
+    if isinstance(bounds, dict):
+        value, unit = bounds.get("value"), bounds.get("code") or bounds.get("unit")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            per_day = _PERIOD_PER_DAY.get(unit) if isinstance(unit, str) else None
+            days = float(value) / per_day if per_day else None
+            return days if days is not None and math.isfinite(days) else None
+    count = repeat.get("count")
+    per_day = _frequency_per_day(timing)
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0 and per_day:
+        return count / per_day
+    return None
 
 
 def _doses(resource: dict[str, Any]) -> tuple[Dose, ...]:
@@ -317,6 +334,7 @@ def _doses(resource: dict[str, Any]) -> tuple[Dose, ...]:
                 patient_instruction=_text(instruction.get("patientInstruction")),
                 once=once,
                 untimed=timing is None,
+                course_days=_course_days(instruction.get("timing")),
             )
         )
     return tuple(doses)

@@ -101,11 +101,12 @@ def prefetch_keys(observation_loinc_codes: Iterable[str]) -> tuple[PrefetchKey, 
         ),
         PrefetchKey(
             "conditions",
-            f"Condition?patient={patient}&clinical-status=active,recurrence,relapse"
+            f"Condition?patient={patient}"
+            "&clinical-status=active,recurrence,relapse,remission,inactive"
             f"&_count={PAGE_SIZE}",
             "Condition",
             True,
-            "active conditions (myasthenia gravis, kidney disease, autoimmune disease)",
+            "current, remission and inactive conditions (myasthenia gravis stays known)",
             # clinical-status arrived in STU3; a DSTU2 server may reject it as unknown.
             dstu2_template=f"Condition?patient={patient}&_count={PAGE_SIZE}",
         ),

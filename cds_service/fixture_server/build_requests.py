@@ -181,6 +181,62 @@ PRODUCTS: dict[str, Product] = {
         (500, "mg", "mg"), {"frequency": 4, "period": 1, "periodUnit": "d"},
         "500 mg by mouth every 6 hours as needed",
     ),
+    # Issue 20: a balanced IV fluid (its RxNorm ingredients include magnesium chloride) is not
+    # magnesium therapy; a neuromuscular blocker; a multivitamin's small magnesium; drugs whose
+    # labels give their own spacing from magnesium.
+    "plasma-lyte": Product(
+        "draft-plasma-lyte", (("6579", "magnesium chloride"),),
+        "Plasma-Lyte A injection pH 7.4 (multiple electrolytes), 1000 mL", "iv",
+        (1000, "mL", "mL"), {"frequency": 1, "period": 1, "periodUnit": "d"},
+        "1000 mL intravenously over 8 hours", category="inpatient",
+    ),
+    "rocuronium": Product(
+        "draft-rocuronium", (("68139", "rocuronium"),), "rocuronium 10 MG/ML Injectable Solution",
+        "iv", (50, "mg", "mg"), {"count": 1, "frequency": 1, "period": 1, "periodUnit": "d"},
+        "50 mg intravenously once, at induction", category="inpatient",
+    ),
+    "multivitamin": Product(
+        "draft-multivitamin", (("6585", "magnesium sulfate"),),
+        "Multivitamin with minerals tablet (magnesium sulfate 70 mg)", "oral", (70, "mg", "mg"),
+        {"frequency": 1, "period": 1, "periodUnit": "d"},
+        "1 tablet (magnesium sulfate 70 mg) by mouth once daily",
+    ),
+    "delafloxacin": Product(
+        "draft-delafloxacin", (("1927663", "delafloxacin"),), "delafloxacin 450 MG Oral Tablet",
+        "oral", (450, "mg", "mg"),
+        {"boundsDuration": {"value": 5, "unit": "days", "system": UCUM, "code": "d"},
+         "frequency": 2, "period": 1, "periodUnit": "d"},
+        "450 mg by mouth twice daily for 5 days",
+    ),
+    "omadacycline": Product(
+        "draft-omadacycline", (("2059269", "omadacycline"),), "omadacycline 150 MG Oral Tablet",
+        "oral", (300, "mg", "mg"),
+        {"boundsDuration": {"value": 7, "unit": "days", "system": UCUM, "code": "d"},
+         "frequency": 1, "period": 1, "periodUnit": "d"},
+        "300 mg by mouth once daily for 7 days",
+    ),
+    "gabapentin": Product(
+        "draft-gabapentin", (("25480", "gabapentin"),), "gabapentin 300 MG Oral Capsule", "oral",
+        (300, "mg", "mg"), {"frequency": 3, "period": 1, "periodUnit": "d"},
+        "300 mg by mouth three times daily",
+    ),
+    # A bowel-preparation style course: one 300 mL bottle, once (supervised laxative use).
+    "mg-citrate-laxative": Product(
+        "draft-mg-citrate-laxative", (("1052760", "magnesium citrate 58.2 MG/ML Oral Solution"),),
+        "magnesium citrate 58.2 MG/ML Oral Solution", "oral", (300, "mL", "mL"),
+        {"count": 1, "frequency": 1, "period": 1, "periodUnit": "d"},
+        "300 mL by mouth once, the evening before the procedure",
+    ),
+    "digoxin": Product(
+        "draft-digoxin", (("3407", "digoxin"),), "digoxin 0.125 MG Oral Tablet", "oral",
+        (0.125, "mg", "mg"), {"frequency": 1, "period": 1, "periodUnit": "d"},
+        "0.125 mg by mouth once daily",
+    ),
+    "mg-citrate-infant": Product(
+        "draft-mg-citrate-infant", (("1052760", "magnesium citrate 58.2 MG/ML Oral Solution"),),
+        "magnesium citrate 58.2 MG/ML Oral Solution", "oral", (2, "mL", "mL"),
+        {"frequency": 1, "period": 1, "periodUnit": "d"}, "2 mL by mouth once daily",
+    ),
     # Eye drops share the ingredient code with the tablets: local, not systemic.
     "ciprofloxacin-eye": Product(
         "draft-ciprofloxacin-eye",
@@ -286,6 +342,28 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(MG, "order-select", ("acetaminophen-stearate",), "stearate"),
     Scenario("levothyroxine-code-only", "order-select", ("mg-oxide",)),
     Scenario("hashimoto-levothyroxine", "order-select", ("rolaids",), "rolaids"),
+    # Issue 20 (clinical precision): missed criticals, false criticals, autoimmune co-medication.
+    Scenario("mg-remission", "order-sign", ("mg-sulfate",)),
+    Scenario("mg-remission", "order-sign", ("mg-sulfate",), "noprefetch", prefetch=False),
+    Scenario("lambert-eaton", "order-sign", ("mg-sulfate",)),
+    Scenario("lambert-eaton", "order-select", ("mg-oxide",)),
+    Scenario("no-relevant", "order-sign", ("mg-sulfate", "rocuronium"), "rocuronium"),
+    Scenario(MG, "order-sign", ("plasma-lyte",), "plasma-lyte"),
+    Scenario("esrd-dialysis", "order-sign", ("plasma-lyte",), "plasma-lyte"),
+    Scenario("no-relevant", "order-select", ("plasma-lyte",), "plasma-lyte"),
+    Scenario("preeclampsia", "order-sign", ("mg-sulfate",)),
+    Scenario("preeclampsia", "patient-view"),
+    Scenario("preeclampsia-no-magnesium", "order-select", ("mg-oxide",)),
+    Scenario(MG, "order-select", ("multivitamin",), "multivitamin"),
+    Scenario("mg-supplement", "order-select", ("delafloxacin",), "delafloxacin"),
+    Scenario("mg-supplement", "order-select", ("omadacycline",), "omadacycline"),
+    Scenario("mg-supplement", "order-select", ("gabapentin",), "gabapentin"),
+    Scenario("mg-supplement", "order-select", ("digoxin",), "digoxin"),
+    Scenario("sle", "order-sign", ("mg-sulfate",), "iv-magnesium"),
+    Scenario("infant", "order-select", ("mg-citrate-infant",)),
+    Scenario("no-relevant", "order-select", ("mg-citrate-laxative",), "laxative-course"),
+    # An EHR that fires only order-sign calls magnesium-order-sign-only (same request shape).
+    Scenario("multiple-sclerosis", "order-sign", ("mg-citrate",), "sign-only"),
 )
 
 

@@ -365,6 +365,7 @@ class Knowledge:
         if product is not None:
             salt = self._salts[product.salt]
             elemental = product.strength_basis == "elemental"
+            form = product.form or form  # a product made of a named form (Maginex) says so
             fraction = 1.0 if elemental else self._fraction(salt, product.route, form)
             return MagnesiumMatch(
                 salt=salt.id,

@@ -298,8 +298,14 @@ def _check_medications(name: str, doc: Json) -> Iterator[str]:
                 yield from claim(
                     rxnorm, ing["code"], f"{base}.rxnorm_ingredients[{ii}].code", "RxNorm"
                 )
+        forms = {f["form"] for f in salt["elemental_fractions"]}
         for pi, product in enumerate(salt["products"]):
             yield from claim(rxnorm, product["code"], f"{base}.products[{pi}].code", "RxNorm")
+            if "form" in product and product["form"] not in forms:
+                yield (
+                    f"{name}: {base}.products[{pi}].form: {product['form']!r} is not one of "
+                    "the salt's elemental_fractions forms"
+                )
         for ai, entry in enumerate(salt["atc"]):
             yield from claim(atc, entry["code"], f"{base}.atc[{ai}].code", "ATC")
         for yi, phrase in enumerate(salt["synonyms"]):
@@ -681,6 +687,7 @@ def _condition_group(g: Json) -> ConditionGroup:
         source_ids=tuple(g["sources"]),
         guidance=tuple(_guidance(x) for x in g.get("guidance", [])),
         note=g.get("note", ""),
+        counts_while_inactive=g.get("counts_while_inactive", False),
     )
 
 
@@ -713,6 +720,7 @@ def _salt(s: Json) -> MagnesiumSalt:
                 strength_basis=p.get("strength_basis", "salt"),
                 status=p["status"],
                 note=p.get("note", ""),
+                form=p.get("form"),
             )
             for p in s["products"]
         ),

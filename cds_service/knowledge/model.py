@@ -107,6 +107,8 @@ class ConditionGroup(_Cited):
     source_ids: tuple[str, ...]
     guidance: tuple[Guidance, ...] = ()
     note: str = ""
+    # Still counts while inactive or in remission (a contraindication for a known diagnosis).
+    counts_while_inactive: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,7 @@ class MagnesiumProduct:
     strength_basis: str  # "salt" | "elemental"
     status: str
     note: str = ""
+    form: str | None = None  # the salt form it is made of, when not the salt's default
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ class ServiceDefinition:
     description: str
     # The context field holding this hook's draft orders (a Bundle); None for hooks without.
     draft_orders_context_key: str | None
+    # order-sign only: False for EHRs that fire no order-select, so the advice (info cards)
+    # order-select would have shown is shown at signing instead of being dropped.
+    advice_shown_before: bool = True
 
     def discovery_json(self, keys: tuple[PrefetchKey, ...]) -> dict[str, Any]:
         return {
@@ -71,6 +74,17 @@ SERVICES: tuple[ServiceDefinition, ...] = (
             "only what is still unresolved."
         ),
         draft_orders_context_key="draftOrders",
+    ),
+    ServiceDefinition(
+        id="magnesium-order-sign-only",
+        hook="order-sign",
+        title="Magnesium safety: order signing, for EHRs without order-select",
+        description=(
+            "For EHRs that fire only order-sign: the signing checks plus the advice that "
+            "order-select would have shown (autoimmune guidance, small-dose notes)."
+        ),
+        draft_orders_context_key="draftOrders",
+        advice_shown_before=False,
     ),
     ServiceDefinition(
         id="magnesium-patient-view",

@@ -203,7 +203,7 @@ class SerumMagnesium:
         if self.mmol is not None and self.high is not None and self.mmol > self.high:
             return f"above the {self.range_text}"
         if self.is_toxic:
-            return "above the level at which reflexes weaken"
+            return "above the level at which reflexes begin to diminish"
         return "flagged high by the laboratory"
 
     @property
@@ -231,8 +231,10 @@ class SerumMagnesium:
         value = lab_value_text(self.lab, "serum-magnesium")
         text = f"Serum magnesium {value} {lab_when(self.lab)}"
         if self.is_toxic:
-            text += " (above the toxic level)"
-        elif self.is_high:
+            assert self.toxic_above is not None  # is_toxic compares with it
+            # mEq/L = 2 x mmol/L for a divalent ion: the label's unit.
+            text += f", above {2 * self.toxic_above:g} mEq/L, where reflexes begin to diminish"
+        elif self.is_high:  # the range itself is on the explanation page and in provenance
             text += " (high)"
         elif self.is_low:
             text += " (low)"

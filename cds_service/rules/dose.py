@@ -2,7 +2,9 @@
 elemental magnesium from supplements and medicines from age 9, lower for children; the age
 bands are the ``supplemental-magnesium-ul`` threshold).
 
-- The order alone above the limit: warning.
+- The order alone above the limit: warning; a magnesium laxative ordered for a short stated
+  course (at most ``supervised-laxative-course-max-days``, local policy) is the supervised
+  use the source says may exceed the limit: info.
 - The order within the limit, but above it together with magnesium already taken (every
   other active magnesium with a known dose): info.
 
@@ -30,6 +32,8 @@ from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
 RULE_ID = "magnesium-dose-limit"
 LIMIT = "supplemental-magnesium-ul"
+LAXATIVE_COURSE = "supervised-laxative-course-max-days"  # local policy
+LAXATIVE_ATC = "A06AD"  # osmotically acting laxatives (magnesium salts)
 
 
 def _counted(fact: MedicationFact) -> bool:
@@ -45,6 +49,9 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     age = picture.age
     band = _limit_band(knowledge, age, _band_sex(knowledge, picture.context.patient.sex))
     if band is None or band.value is None:
+        if age is not None and age < _youngest_band_age(knowledge):
+            # The source sets no limit this young: say so rather than check nothing silently.
+            yield from (_no_limit(fact, age, knowledge) for fact in drafts)
         return
     others = [f for f in (*picture.medications, *picture.drafts) if _counted(f)]
     for fact in drafts:
@@ -53,7 +60,10 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
         if daily is None:
             continue
         if daily > band.value:
-            yield _finding(fact, daily, (), band, age, "warning", knowledge)
+            if _supervised_laxative_course(fact, knowledge):
+                yield _laxative_course(fact, daily, band, knowledge)
+            else:
+                yield _finding(fact, daily, (), band, age, "warning", knowledge)
             continue
         with_others = [
             (other, dose)
@@ -96,6 +106,74 @@ def _limit_band(knowledge: Knowledge, age: int | None, sex: str | None) -> Thres
         # Unknown age: the open-ended (adult) band rather than a guess.
         return next((b for b in threshold.bands if b.age_max is None), None)
     return threshold.band_for(age, sex)
+
+
+def _supervised_laxative_course(fact: MedicationFact, knowledge: Knowledge) -> bool:
+    """An order (not a self-reported statement) of a magnesium laxative salt for a short,
+    stated course: the supervised use the source says may exceed the supplement limit."""
+    match = fact.magnesium
+    if match is None or match.salt is None or fact.medication.kind == "MedicationStatement":
+        return False
+    salt = knowledge.magnesium_salt(match.salt)
+    if not any(a.code.startswith(LAXATIVE_ATC) for a in salt.atc):
+        return False
+    longest = knowledge.threshold(LAXATIVE_COURSE).value
+    courses = [d.course_days for d in fact.medication.doses]
+    return (
+        longest is not None
+        and bool(courses)
+        and all(c is not None and c <= longest for c in courses)
+    )
+
+
+def _laxative_course(
+    fact: MedicationFact, daily: float, band: ThresholdBand, knowledge: Knowledge
+) -> Finding:
+    name = lower_first(magnesium_name(fact))
+    threshold = knowledge.threshold(LAXATIVE_COURSE)
+    course = max(d.course_days or 0.0 for d in fact.medication.doses)
+    return Finding(
+        rule_id=RULE_ID,
+        indicator="info",
+        summary=f"Watch for diarrhoea and, with weak kidneys, high magnesium: {name} laxative "
+        f"course above the {band.value:g} mg/day supplement limit",
+        detail="\n\n".join(
+            [
+                f"A {course:g}-day course giving {daily:.0f} mg elemental magnesium a day.",
+                knowledge.rule(RULE_ID).statement("supervised-laxative").text,
+            ]
+        ),
+        evidence=(order_evidence(fact),),
+        source_ids=threshold.source_ids,
+        key=f"{RULE_ID}:{fact.ref}",
+        order=fact.medication,
+        action=f"A {course:g}-day supervised laxative course may exceed the supplement limit.",
+        watch="Diarrhoea; with reduced kidney function, high serum magnesium.",
+        unverified=(f"a course of at most {threshold.value:g} days counts as short-term",)
+        if threshold.status == "unverified"
+        else (),
+    )
+
+
+@lru_cache(maxsize=8)
+def _youngest_band_age(knowledge: Knowledge) -> float:
+    ages = [b.age_min for b in knowledge.threshold(LIMIT).bands if b.age_min is not None]
+    return min(ages, default=0.0)
+
+
+def _no_limit(fact: MedicationFact, age: int, knowledge: Knowledge) -> Finding:
+    name = lower_first(magnesium_name(fact))
+    return Finding(
+        rule_id=RULE_ID,
+        indicator="info",
+        summary=f"Dose {name} by weight: no supplement upper limit is set for infants under "
+        "1 year",
+        detail=knowledge.rule(RULE_ID).statement("infant").text,
+        evidence=(order_evidence(fact),),
+        source_ids=knowledge.threshold(LIMIT).source_ids,
+        key=f"{RULE_ID}:{fact.ref}",
+        order=fact.medication,
+    )
 
 
 def _finding(

@@ -15,9 +15,12 @@ Hook policy (after the HL7 PDDI-CDS guidance: advise early, do not nag at signin
   medication-prescribe fires while the prescription is being written, so it is advised like
   order-select (its discovery entry says "the order-select checks").
 - order-sign repeats only what is still unresolved: info-level advice was shown while the
-  order was being built and is not repeated; a chelation warning whose draft already states
-  the spacing is resolved (``interactions``); a serum magnesium test already among the drafts
-  is not suggested again (``renal``). Warnings and critical findings stay: the risk has not gone.
+  order was being built and is not repeated (the ``magnesium-order-sign-only`` service, for
+  EHRs that fire no order-select, shows it at signing); a chelation warning whose draft
+  already states the spacing is resolved (``interactions``); a serum magnesium test already
+  among the drafts is not suggested again (``renal``). Warnings and critical findings stay:
+  the risk has not gone. A finding critical at signing but capped while ordering says why, in
+  one clause, on both cards.
 - Cards come most serious first (critical, warning, info); the order of ``RULES`` breaks ties.
 """
 
@@ -31,6 +34,7 @@ from cds_service.context.model import PatientContext
 from cds_service.knowledge import Knowledge
 from cds_service.rules import (
     autoimmune,
+    blockade,
     data_checks,
     dose,
     interactions,
@@ -47,6 +51,7 @@ Rule = Callable[[ClinicalPicture, Knowledge, str], Iterable[Finding]]
 RULES: tuple[Rule, ...] = (
     myasthenia.evaluate,
     mg_drugs.evaluate,
+    blockade.evaluate,
     renal.evaluate,
     serum_magnesium.evaluate,
     interactions.evaluate,
@@ -56,8 +61,6 @@ RULES: tuple[Rule, ...] = (
 )
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
-# The card's one clause on why its indicator differs between selection and signing.
-CAPPED_NOTE = "A warning while the order is chosen; critical at signing."
 # Rules whose critical cards are shown as critical at order-select too.
 ALWAYS_SEVERE = frozenset({myasthenia.RULE_ID, mg_drugs.RULE_ID})
 SIGNING_HOOKS = frozenset({"order-sign"})
@@ -66,17 +69,25 @@ ADVISING_HOOKS = frozenset({"order-select", "medication-prescribe"})
 
 
 def evaluate(
-    context: PatientContext, knowledge: Knowledge, hook: str, today: date
+    context: PatientContext,
+    knowledge: Knowledge,
+    hook: str,
+    today: date,
+    *,
+    advice_shown_before: bool = True,
 ) -> list[Finding]:
-    """All findings for this hook call, most serious first, each finding once."""
+    """All findings for this hook call, most serious first, each finding once.
+    ``advice_shown_before=False``: an EHR that fires no order-select (its own service), so
+    order-sign shows the info advice too."""
     picture = build_picture(context, knowledge, today)
     if context.patient.deceased:
         # On purpose: no clinical card for a patient recorded as deceased, one to say so.
-        return apply_hook_policy([data_checks.deceased(picture, knowledge, hook)], hook)
+        deceased = [data_checks.deceased(picture, knowledge, hook)]
+        return apply_hook_policy(deceased, hook, advice_shown_before=advice_shown_before)
     found = prioritise(_run_rules(picture, knowledge, hook))
     if picture.stale_labs and any(f.indicator == "critical" for f in found):
         found = cap_stale(found, picture, knowledge, hook)
-    return apply_hook_policy(found, hook)
+    return apply_hook_policy(found, hook, advice_shown_before=advice_shown_before)
 
 
 def _run_rules(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterable[Finding]:
@@ -139,16 +150,36 @@ def _old_results(finding: Finding, picture: ClinicalPicture, knowledge: Knowledg
     return f"{'; '.join(parts)}; recheck {'them' if len(parts) > 1 else 'it'}"
 
 
-def apply_hook_policy(findings: list[Finding], hook: str) -> list[Finding]:
-    """Cap order-select at warning (but myasthenia), drop info at signing; keep the order."""
+def apply_hook_policy(
+    findings: list[Finding], hook: str, *, advice_shown_before: bool = True
+) -> list[Finding]:
+    """Cap order-select at warning (but myasthenia), drop info at signing (unless no
+    order-select showed it); keep the order. Where the indicator differs between the two,
+    the card says why in one clause."""
     if hook in ADVISING_HOOKS:
         capped = [
-            dataclasses.replace(f, indicator="warning", severity_note=CAPPED_NOTE)
+            _with_clause(
+                dataclasses.replace(f, indicator="warning"),
+                "A warning while ordering; critical at signing",
+            )
             if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE
             else f
             for f in findings
         ]
         return sorted(capped, key=lambda f: SEVERITY[f.indicator])
     if hook in SIGNING_HOOKS:
-        return [f for f in findings if f.indicator != "info"]
+        return [
+            _with_clause(f, "Critical at signing (a warning while ordering)")
+            if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE
+            else f
+            for f in findings
+            if f.indicator != "info" or not advice_shown_before
+        ]
     return findings
+
+
+def _with_clause(finding: Finding, lead: str) -> Finding:
+    """The card's one clause on its severity change and why: 'Critical at signing (a warning
+    while ordering): IV magnesium with severe kidney impairment.'"""
+    because = finding.critical_because or "harm is likely once the order is signed"
+    return dataclasses.replace(finding, severity_note=f"{lead}: {because}.")

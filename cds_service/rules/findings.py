@@ -66,3 +66,6 @@ class Finding:
     topics: tuple[str, ...] = ()
     # One clause when the indicator differs between selection and signing.
     severity_note: str = ""
+    # Why a critical finding is critical, as a clause ("IV magnesium with severe kidney
+    # impairment"): said on the card when order-select shows it as a warning, and at signing.
+    critical_because: str = ""

@@ -1,7 +1,8 @@
-"""Chelation: oral magnesium binds fluoroquinolones, tetracyclines, thyroid hormone, oral
-bisphosphonates, integrase inhibitors, eltrombopag and penicillamine in the gut (clinical
-source: "Medication Interactions"; separation times from interactions.json, per drug where
-the label gives one, else the group's).
+"""Chelation and absorption: oral magnesium binds fluoroquinolones, tetracyclines, thyroid
+hormone, oral bisphosphonates, integrase inhibitors, eltrombopag and penicillamine in the gut,
+and lowers the absorption of hydroxychloroquine, mycophenolate and gabapentin (clinical
+source: "Medication Interactions"; the labels; separation times from interactions.json, per
+drug where the label gives one, else the group's).
 
 Both directions, on draft orders only:
 
@@ -112,7 +113,9 @@ def spacing_phrase(drug: str, interaction: Interaction | None) -> str:
         return f"take {drug} at least {hours(before)} before or {later} after magnesium"
     if before is not None:
         return f"take {drug} at least {hours(before)} before magnesium"
-    return f"magnesium lowers {drug} absorption; see the label"
+    if after is not None:
+        return f"take {drug} at least {hours(after)} after magnesium"
+    return f"do not take {drug} at the same time as magnesium"
 
 
 def _spacing_stated(order: Medication, drug: _Chelator, other_name: str) -> bool:

@@ -1,6 +1,6 @@
 """Drugs that can worsen myasthenia gravis (fluoroquinolone boxed warning; aminoglycosides and
-polymyxins listed by the reference; neuromuscular blockers potentiated by parenteral
-magnesium, magnesium sulfate injection label §7).
+polymyxins, gentamicin label). Neuromuscular blockers with parenteral magnesium concern every
+patient: ``blockade``.
 
 Fires on draft orders only, for a patient whose myasthenia is coded or implied by an
 MG-specific drug (``myasthenia.myasthenia_evidence``). The indicator is what the knowledge file
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import DrugEffect, DrugGroup
-from cds_service.rules.derived import ingredient_in, is_systemic_magnesium, order_evidence
+from cds_service.rules.derived import ingredient_in, order_evidence
 from cds_service.rules.findings import Evidence, Finding, Proposal, as_indicator
 from cds_service.rules.myasthenia import (
     MG_CONDITIONS,
@@ -29,7 +29,6 @@ from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
 RULE_ID = "myasthenia-aggravating-drug"
 AGGRAVATES = "aggravates-myasthenia"
-POTENTIATED_BY_IV_MG = "potentiated-by-iv-magnesium"
 
 
 def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
@@ -54,23 +53,11 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
             if effect is not None:
                 yield _aggravating(fact, group, effect, mg_evidence, knowledge)
                 break
-            effect = group.effect(POTENTIATED_BY_IV_MG)
-            parenteral_mg = _parenteral_magnesium(picture, fact)
-            if effect is not None and parenteral_mg:
-                yield _potentiated(fact, group, effect, mg_evidence, parenteral_mg, knowledge)
-                break
 
 
 def _drug_name(fact: MedicationFact, knowledge: Knowledge, group: DrugGroup) -> str:
     ingredient = ingredient_in(fact, knowledge, group.id)
     return ingredient.name if ingredient is not None else fact.medication.display
-
-
-def _parenteral_magnesium(
-    picture: ClinicalPicture, order: MedicationFact
-) -> tuple[MedicationFact, ...]:
-    others = (*picture.medications, *(d for d in picture.drafts if d is not order))
-    return tuple(f for f in others if is_systemic_magnesium(f) and f.route == "parenteral")
 
 
 def _aggravating(
@@ -105,33 +92,6 @@ def _aggravating(
         action = "Confirm the diagnosis; until then choose another drug where one is suitable."
     return _finding(
         fact, group, indicator, summary, detail, mg_evidence, effect, (), name, rule.id, action
-    )
-
-
-def _potentiated(
-    fact: MedicationFact,
-    group: DrugGroup,
-    effect: DrugEffect,
-    mg_evidence: MyastheniaEvidence,
-    parenteral_mg: tuple[MedicationFact, ...],
-    knowledge: Knowledge,
-) -> Finding:
-    name = _drug_name(fact, knowledge, group)
-    summary = (
-        f"Use {name} with care alongside IV/IM magnesium: myasthenia gravis; magnesium "
-        "potentiates neuromuscular blockade"
-    )
-    detail = [f"**{name}** ({group.display.lower()}): {effect.text}"]
-    if not mg_evidence.coded:
-        summary = f"Confirm {mg_evidence.possible}: IV/IM magnesium potentiates {name}"
-        detail.insert(0, knowledge.rule(MG_RULE_ID).statement(POSSIBLE).text)
-    extra = tuple(order_evidence(m, with_dose=False) for m in parenteral_mg)
-    action = (
-        "Give the lowest effective dose of the blocker, titrated to effect, and avoid "
-        "parenteral magnesium where possible."
-    )
-    return _finding(
-        fact, group, "warning", summary, detail, mg_evidence, effect, extra, name, RULE_ID, action
     )
 
 

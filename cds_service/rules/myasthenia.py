@@ -19,7 +19,12 @@ from functools import lru_cache
 
 from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import DrugEffect
-from cds_service.rules.derived import is_systemic_magnesium, lower_first, order_evidence
+from cds_service.rules.derived import (
+    daily_elemental_mg_value,
+    is_systemic_magnesium,
+    lower_first,
+    order_evidence,
+)
 from cds_service.rules.describe import (
     condition_evidence,
     fact_name,
@@ -32,7 +37,11 @@ from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
 RULE_ID = "myasthenia-magnesium"
 PATIENT_VIEW_RULE_ID = "patient-view-contraindication"
+NMJ_RULE_ID = "neuromuscular-junction-magnesium"
 MG_CONDITIONS = ("myasthenia-gravis",)
+# Neuromuscular junction disorders besides myasthenia gravis (label: neuromuscular disease).
+NMJ_CONDITIONS = ("lambert-eaton", "other-neuromuscular-junction")
+ORAL_LOW_DOSE = "myasthenia-oral-low-dose"  # threshold: advice, not a warning, at or below
 ANTAGONISED = "antagonised-by-magnesium"
 POSSIBLE = "possible-diagnosis"  # guidance id in rules.json
 
@@ -93,6 +102,8 @@ def myasthenia_evidence(picture: ClinicalPicture, knowledge: Knowledge) -> Myast
 def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
     mg = myasthenia_evidence(picture, knowledge)
     if not mg:
+        if hook != "patient-view":
+            yield from _neuromuscular_junction(picture, knowledge)
         return
     statements, antagonism = _catalogue(knowledge)
     paragraphs = list(statements)
@@ -119,11 +130,11 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     if hook == "patient-view":
         for fact in picture.medications:
             if is_systemic_magnesium(fact):
-                yield _finding(fact, mg, paragraphs, extra, PATIENT_VIEW_RULE_ID, hook)
+                yield _finding(fact, mg, paragraphs, extra, PATIENT_VIEW_RULE_ID, hook, knowledge)
         return
     for fact in picture.actionable_drafts:
         if is_systemic_magnesium(fact):
-            yield _finding(fact, mg, paragraphs, extra, RULE_ID, hook)
+            yield _finding(fact, mg, paragraphs, extra, RULE_ID, hook, knowledge)
 
 
 @lru_cache(maxsize=8)  # keyed by the (immutable) knowledge: one entry per loaded knowledge
@@ -135,6 +146,16 @@ def _catalogue(knowledge: Knowledge) -> tuple[tuple[str, ...], DrugEffect | None
     return statements, knowledge.drug_group("cholinesterase-inhibitor").effect(ANTAGONISED)
 
 
+def _oral_grade(fact: MedicationFact, knowledge: Knowledge) -> Indicator:
+    """Oral magnesium in myasthenia gravis: the label contraindication is parenteral, so a
+    warning; a small known daily amount (a multivitamin) is advice (rules.json oral-grading)."""
+    low = knowledge.threshold(ORAL_LOW_DOSE).value
+    daily = daily_elemental_mg_value(fact)
+    if low is not None and daily is not None and daily <= low:
+        return "info"
+    return "warning"
+
+
 def _finding(
     fact: MedicationFact,
     mg: MyastheniaEvidence,
@@ -142,6 +163,7 @@ def _finding(
     extra: tuple[str, ...],
     rule_id: str,
     hook: str,
+    knowledge: Knowledge,
 ) -> Finding:
     medication = fact.medication
     parenteral = fact.route == "parenteral"
@@ -151,6 +173,9 @@ def _finding(
         else "magnesium"
     )
     name = lower_first(name)  # it sits mid-sentence in every summary and label
+    indicator: Indicator = mg.indicator
+    rule = knowledge.rule(RULE_ID)
+    severity_note = ""
     # What to do first, then why, so that the summary alone says both.
     route = "IV/IM " if parenteral else ""
     watch = "Muscle strength, swallowing and breathing" + (
@@ -163,36 +188,39 @@ def _finding(
             "confirmed, avoid systemic magnesium."
         )
     elif parenteral:
-        summary = (
-            f"Avoid IV/IM {name}: myasthenia gravis; risk of myasthenic crisis and "
-            "respiratory failure"
-        )
+        summary = f"Avoid IV/IM {name}: myasthenia gravis; it can trigger a myasthenic crisis"
         action = _UNAVOIDABLE
-    elif hook == "patient-view":
-        summary = f"Review {name} on file: myasthenia gravis; magnesium can worsen weakness"
-        action = "Review whether magnesium is still needed; stop it unless neurology advises it."
     else:
-        summary = (
-            f"Avoid {name}: myasthenia gravis; magnesium can worsen weakness or cause a crisis"
-        )
-        action = _UNAVOIDABLE
+        indicator = _oral_grade(fact, knowledge)
+        if mg.coded:
+            severity_note = "Not critical: the label contraindication is for parenteral magnesium."
+        paragraphs = [rule.statement("oral-grading").text, rule.statement("oral-watch").text]
+        if hook == "patient-view":
+            summary = f"Review {name} on file: myasthenia gravis; high doses can worsen weakness"
+            action = "Review whether magnesium is still needed; stop it unless neurology agrees."
+        elif indicator == "info":
+            summary = f"Small dose of {name} in myasthenia gravis: watch for new weakness"
+            action = "A small oral amount can stay; stop it if weakness appears."
+        else:
+            summary = f"Use {name} with caution: myasthenia gravis; high doses can worsen weakness"
+            action = "Use it only if needed, at the lowest dose; ask neurology if in doubt."
     proposals: tuple[Proposal, ...] = ()
-    if medication.is_draft and medication.source.resource_id:
+    if medication.is_draft and medication.source.resource_id and indicator != "info":
         proposals = (
             Proposal(
                 kind="remove-order",
                 label=f"Remove the {name} order",
                 order=medication,
-                # Only a coded diagnosis makes removal the recommended choice.
-                recommended=mg.coded,
+                # Only a coded diagnosis and a critical risk make removal the recommended choice.
+                recommended=mg.coded and indicator == "critical",
             ),
         )
     return Finding(
         rule_id=rule_id,
-        indicator=mg.indicator,
+        indicator=indicator,
         summary=summary,
         detail="\n\n".join(paragraphs),
-        evidence=(*mg.evidence, order_evidence(fact, with_dose=False)),
+        evidence=(*mg.evidence, order_evidence(fact, with_dose=not parenteral)),
         source_ids=(),  # the rule catalogue lists this rule's sources
         key=f"{rule_id}:{fact.ref}",
         proposals=proposals,
@@ -201,6 +229,7 @@ def _finding(
         action=action,
         watch=watch,
         topics=MG_CONDITIONS,
+        severity_note=severity_note,
     )
 
 
@@ -208,3 +237,42 @@ _UNAVOIDABLE = (
     "Remove the order. If magnesium is unavoidable (documented severe hypomagnesemia), give it "
     "only with neurology advice, at the lowest effective dose."
 )
+
+
+def _neuromuscular_junction(picture: ClinicalPicture, knowledge: Knowledge) -> Iterator[Finding]:
+    """Parenteral magnesium with Lambert-Eaton or another junction disorder: a warning (the
+    label warns about neuromuscular disease; its contraindication names only MG)."""
+    disorders = picture.conditions_in(*NMJ_CONDITIONS)
+    if not disorders:
+        return
+    rule = knowledge.rule(NMJ_RULE_ID)
+    evidence = tuple(condition_evidence(f.condition) for f in disorders)
+    shown = sorted({g for f in disorders for g in f.groups if g in NMJ_CONDITIONS})
+    disorder = knowledge.condition_group(shown[0]).display
+    if not disorder.startswith("Lambert"):  # a proper name keeps its capital
+        disorder = lower_first(disorder)
+    for fact in picture.actionable_drafts:
+        if not (is_systemic_magnesium(fact) and fact.route == "parenteral"):
+            continue
+        name = lower_first(fact.magnesium.salt_display if fact.magnesium else "magnesium")
+        proposals: tuple[Proposal, ...] = ()
+        if fact.medication.source.resource_id:
+            proposals = (
+                Proposal("remove-order", f"Remove the {name} order", order=fact.medication),
+            )
+        yield Finding(
+            rule_id=NMJ_RULE_ID,
+            indicator="warning",
+            summary=f"Use IV {name} with caution: {disorder}; it can cause severe "
+            "weakness",
+            detail="\n\n".join(rule.statement(s).text for s in ("label", "watch")),
+            evidence=(*evidence, order_evidence(fact)),
+            source_ids=(),
+            key=f"{NMJ_RULE_ID}:{fact.ref}",
+            proposals=proposals,
+            order=fact.medication,
+            action="Give it only if needed, at the lowest dose.",
+            watch="Muscle strength, swallowing and breathing during the infusion.",
+            about=(disorder,),
+            topics=tuple(shown),
+        )

@@ -147,6 +147,27 @@ def condition_counts(condition: Condition) -> bool:
     return condition.verification_status not in INVALID_VERIFICATION
 
 
+# Clinical statuses after which a "known" diagnosis still counts for the groups that say so
+# (``ConditionGroup.counts_while_inactive``: myasthenia gravis in remission is still known).
+PERSISTENT_CLINICAL = frozenset({"inactive", "remission"})
+CARRIER_FLUID = "magnesium-carrier-fluid"  # drug group: carries magnesium, is not therapy
+
+
+def counting_groups(
+    condition: Condition, groups: frozenset[str], knowledge: Knowledge
+) -> frozenset[str]:
+    """The groups a condition counts for: all of them while it is current; while inactive or
+    in remission (not resolved, not refuted) only the groups known for life."""
+    if condition_counts(condition):
+        return groups
+    if (
+        condition.clinical_status not in PERSISTENT_CLINICAL
+        or condition.verification_status in INVALID_VERIFICATION
+    ):
+        return frozenset()
+    return frozenset(g for g in groups if knowledge.condition_group(g).counts_while_inactive)
+
+
 def medication_is_active(medication: Medication) -> bool:
     return medication.status not in INACTIVE_MEDICATION and not medication.not_taken
 
@@ -257,6 +278,11 @@ def _medication_fact(
 ) -> MedicationFact:
     groups, matched_by, magnesium = _drug_lookup(knowledge, medication.all_codings, medication.text)
     route = route_of(medication, magnesium, knowledge)
+    if CARRIER_FLUID in groups and not (magnesium and magnesium.matched_by == "rxnorm-product"):
+        # A balanced fluid, dialysate or parenteral nutrition holds magnesium at about plasma
+        # level (medications.json): not magnesium therapy, so no magnesium rule reads it. A
+        # magnesium product's own code (a vial added to the bag) still counts as magnesium.
+        magnesium = None
     return MedicationFact(medication, groups, matched_by, magnesium, route, position)
 
 
@@ -264,8 +290,11 @@ def build_picture(context: PatientContext, knowledge: Knowledge, today: date) ->
     conditions = tuple(
         ConditionFact(condition, groups)
         for condition in context.conditions
-        if condition_counts(condition)
-        and (groups := _condition_lookup(knowledge, condition.codings))
+        if (
+            groups := counting_groups(
+                condition, _condition_lookup(knowledge, condition.codings), knowledge
+            )
+        )
     )
     medications = tuple(
         _medication_fact(medication, knowledge, position)

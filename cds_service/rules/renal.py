@@ -136,7 +136,7 @@ def _order(
             summary = f"Use {mg} with caution: {kidney.label}; magnesium can accumulate"
         if parenteral:
             actions.append(_parenteral_limits(knowledge, short=True))
-        else:
+        elif not high:
             actions.append("If it is needed, use the lowest dose; check serum magnesium during it.")
         paragraphs.append(rule.statement("dose-advice").text)
         watch = "Reflexes, blood pressure, breathing and heart rhythm (magnesium toxicity)."
@@ -150,10 +150,25 @@ def _order(
         picture, knowledge, serum, f"{name} ordered with reduced kidney function"
     )
     paragraphs += lab_notes
+    # Every other magnesium source counts: an over-the-counter supplement on file adds up.
+    others = [
+        other
+        for other in (*picture.medications, *picture.drafts)
+        if other is not fact and is_systemic_magnesium(other)
+    ]
+    if others:
+        names = ", ".join(dict.fromkeys(lower_first(magnesium_name(o)) for o in others))
+        paragraphs.insert(0, f"Also taking or ordered: {names}; count it in the total.")
+        actions.append(f"Count the {names} too.")
     evidence = [*kidney.evidence]
     if serum is not None:
         evidence.append(serum.evidence)
     evidence.append(order_evidence(fact))
+    evidence += [order_evidence(o) for o in others]
+    because = ""
+    if indicator == "critical":
+        why = "serum magnesium already high" if high else "IV magnesium"
+        because = f"{why} with severe kidney impairment"
     return Finding(
         rule_id=RULE_ID,
         indicator=indicator,
@@ -167,6 +182,7 @@ def _order(
         unverified=unverified,
         action=" ".join([*actions, *lab_notes]),
         watch=watch,
+        critical_because=because,
     )
 
 

@@ -6,10 +6,15 @@ The value is read once in ``derived.serum_magnesium`` (mg/dL, mmol/L or mEq/L; t
 Observation's own reference range when present).
 
 - high-serum-magnesium: a systemic magnesium order while the latest value is high (above its
-  range, a missing bound taken from the default range; or above the toxic level whatever the
-  range; or, when no number decides, flagged H/HH/HU by the laboratory) gives a warning
-  whatever the kidney codes say; critical above the level where reflexes weaken. With reduced
-  kidney function the renal rule says the same: the two share a key.
+  range, a missing bound taken from the default range; or above 4 mEq/L whatever the range;
+  or, when no number decides, flagged H/HH/HU by the laboratory) gives a warning whatever the
+  kidney codes say. Graded by the label's levels with the context (``_grade``): critical above
+  5 mEq/L (beyond the usual anticonvulsant level), or above 4 mEq/L (reflexes begin to
+  diminish) with severe kidney impairment or a neuromuscular disease. With reduced kidney
+  function the renal rule says the same: the two share a key.
+- obstetric-magnesium-monitoring: parenteral magnesium for pre-eclampsia or eclampsia, where a
+  high level is the aim: monitoring (reflexes, breathing, urine output, level against
+  2.5-5 mEq/L), critical only above that range.
 - The same rule, from a coded active hypermagnesemia when the value does not say "high" (none
   on file, or not high): a warning, suggesting a serum magnesium when none is recent.
 - patient-view-contraindication: magnesium on file with a high value or coded hypermagnesemia.
@@ -41,7 +46,33 @@ from cds_service.rules.renal import PATIENT_VIEW_RULE_ID, excretion_key, serum_t
 
 RULE_ID = "high-serum-magnesium"
 LOW_RULE_ID = "patient-view-low-magnesium"
+OBSTETRIC_RULE_ID = "obstetric-magnesium-monitoring"
 HYPERMAGNESEMIA = "hypermagnesemia"  # condition group in conditions.json
+OBSTETRIC = "pre-eclampsia-eclampsia"  # condition group: magnesium is the therapy there
+# Conditions that lower the level at which magnesium harms (label: MG, neuromuscular disease).
+NEUROMUSCULAR = ("myasthenia-gravis", "lambert-eaton", "other-neuromuscular-junction")
+ANTICONVULSANT_RANGE = "serum-magnesium-anticonvulsant-range"
+RESPIRATORY_RATE_MIN = "obstetric-respiratory-rate-min"
+
+
+def _above_anticonvulsant_range(serum: SerumMagnesium, knowledge: Knowledge) -> bool:
+    """Above the usual anticonvulsant level (5 mEq/L): no indication aims that high."""
+    band = knowledge.threshold(ANTICONVULSANT_RANGE)
+    limit = knowledge.to_mmol_per_l(band.high, band.unit) if band.high is not None else None
+    return serum.mmol is not None and limit is not None and serum.mmol > limit
+
+
+def _grade(
+    serum: SerumMagnesium, kidney: KidneyFunction, picture: ClinicalPicture, knowledge: Knowledge
+) -> Indicator:
+    """Label levels with the patient's context (rules.json high-serum-magnesium grading):
+    critical above 5 mEq/L, or above 4 mEq/L with severe kidney impairment or a neuromuscular
+    disease; otherwise a warning."""
+    if _above_anticonvulsant_range(serum, knowledge):
+        return "critical"
+    if serum.is_toxic and (kidney.severity == "severe" or picture.conditions_in(*NEUROMUSCULAR)):
+        return "critical"
+    return "warning"
 
 
 def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Iterator[Finding]:
@@ -65,7 +96,14 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
             continue
         if high:
             assert serum is not None
-            yield _high(fact, serum, kidney, knowledge, coded, patient_view=patient_view)
+            obstetric = picture.conditions_in(OBSTETRIC)
+            if obstetric and fact.route == "parenteral":
+                yield _obstetric(fact, serum, obstetric, knowledge, patient_view=patient_view)
+                continue
+            indicator = _grade(serum, kidney, picture, knowledge)
+            yield _high(
+                fact, serum, kidney, knowledge, coded, indicator, patient_view=patient_view
+            )
         else:
             yield _coded(picture, fact, coded, serum, knowledge, patient_view=patient_view)
 
@@ -75,23 +113,25 @@ def _high(
     kidney: KidneyFunction,
     knowledge: Knowledge,
     coded: tuple[ConditionFact, ...],
+    indicator: Indicator,
     *,
     patient_view: bool,
 ) -> Finding:
-    name = magnesium_name(fact)
-    indicator: Indicator = "critical" if serum.is_toxic else "warning"
+    name = lower_first(magnesium_name(fact))
     when = serum.lab.effective.date().isoformat() if serum.lab.effective else "date unknown"
-    # The hazard first, so that a cut-off summary still says it.
-    level = "at a toxic level" if serum.is_toxic else "high"
-    mg = lower_first(name)
-    if patient_view:
-        summary = f"Review {mg} on file: serum magnesium {level} ({serum.value_text} on {when})"
+    verb = "Review" if patient_view else "Hold"
+    where = " on file" if patient_view else ""
+    if indicator == "critical":
+        why = "reflexes and breathing are at risk"
+    elif serum.is_toxic:
+        why = "reflexes begin to diminish above 4 mEq/L"
     else:
-        summary = f"Hold {mg}: serum magnesium {level} ({serum.value_text} on {when})"
+        why = "more raises it further"
+    summary = f"{verb} {name}{where}: serum magnesium {serum.value_text} on {when} is high; {why}"
     paragraphs = [
         f"The latest serum magnesium, {serum.value_text} on {when}, is {serum.high_reason}; "
         "more magnesium raises it further.",
-        knowledge.rule(RULE_ID).statement("toxicity").text,
+        knowledge.rule(RULE_ID).statement("grading").text,
         "Confirm that magnesium is needed and recheck the level before giving more.",
     ]
     evidence = [*_condition_evidence(coded), serum.evidence]
@@ -109,6 +149,68 @@ def _high(
         order=fact.medication,
         action="Confirm that magnesium is needed and recheck the level before giving more.",
         watch=_TOXICITY_SIGNS,
+        critical_because=f"serum magnesium {serum.value_text} with the risk to reflexes and "
+        "breathing"
+        if indicator == "critical"
+        else "",
+    )
+
+
+def _obstetric(
+    fact: MedicationFact,
+    serum: SerumMagnesium,
+    obstetric: tuple[ConditionFact, ...],
+    knowledge: Knowledge,
+    *,
+    patient_view: bool,
+) -> Finding:
+    """Magnesium therapy for pre-eclampsia or eclampsia: a high level is the aim, so the card
+    is about monitoring; above the usual anticonvulsant level it is critical."""
+    rule = knowledge.rule(OBSTETRIC_RULE_ID)
+    when = serum.lab.effective.date().isoformat() if serum.lab.effective else "date unknown"
+    above = _above_anticonvulsant_range(serum, knowledge)
+    paragraphs = [rule.statement("monitoring").text]
+    breathing = knowledge.threshold(RESPIRATORY_RATE_MIN)
+    policy = " (local protocol)" if breathing.status == "unverified" else ""
+    rate = f"breathing rate below {breathing.value:g}/min{policy}"
+    paragraphs.append(f"Hold the next dose and reassess at a {rate}.")
+    if above:
+        summary = (
+            f"Hold magnesium: serum magnesium {serum.value_text} on {when} is above the "
+            "anticonvulsant range; check reflexes, breathing"
+        )
+        paragraphs.append(rule.statement("above-range").text)
+    else:
+        summary = (
+            f"Check reflexes, breathing and urine output: serum magnesium {serum.value_text} "
+            "on magnesium for pre-eclampsia"
+        )
+    return Finding(
+        rule_id=PATIENT_VIEW_RULE_ID if patient_view else OBSTETRIC_RULE_ID,
+        indicator="critical" if above else "warning",
+        summary=summary,
+        detail="\n\n".join(paragraphs),
+        evidence=(
+            *_condition_evidence(obstetric),
+            Evidence(serum.describe, serum.lab.source),
+            order_evidence(fact),
+        ),
+        source_ids=("local-policy",) if breathing.status == "unverified" else (),
+        key=excretion_key(fact, patient_view=patient_view),
+        order=fact.medication,
+        unverified=(rate,) if breathing.status == "unverified" else (),
+        action=(
+            "Hold the next dose until reflexes, breathing and a new level allow it."
+            if above
+            else "Before each dose: patellar reflexes present, breathing not depressed, urine "
+            "output at least 100 mL in 4 hours."
+        ),
+        watch="Serum magnesium against the usual 2.5-5 mEq/L (3-6 mg/dL); calcium gluconate "
+        "reverses toxicity.",
+        topics=(OBSTETRIC,),
+        critical_because=f"serum magnesium {serum.value_text}, above the anticonvulsant range"
+        if above
+        else "",
     )
 
 
