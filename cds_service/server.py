@@ -13,7 +13,14 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from cds_service.app import create_app
+from cds_service.http_worker import BodyErrorsAs400, JsonErrorThreadWorker
+from cds_service.protocol.auth import MAX_TOKEN_CHARS
 from cds_service.settings import Settings
+
+# A header line may hold "Authorization: Bearer " and a token of the longest length the
+# service reads, so that a longer token gets the service's own 401 (gunicorn's default, 8,190
+# bytes, answered first); past this, gunicorn refuses the header (431, in JSON).
+LIMIT_REQUEST_FIELD_SIZE = MAX_TOKEN_CHARS + 1024
 
 
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
@@ -21,7 +28,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "bind": f"{settings.host}:{settings.port}",
         "workers": settings.workers,
         "threads": settings.threads,
-        "worker_class": "gthread",
+        "worker_class": JsonErrorThreadWorker,
         "timeout": settings.worker_timeout,
         "graceful_timeout": 10,
         "keepalive": 5,
@@ -34,6 +41,11 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # Bounds on what a client can make a worker hold before Flask sees the request.
         "limit_request_line": 8190,
         "limit_request_fields": 100,
+        "limit_request_field_size": LIMIT_REQUEST_FIELD_SIZE,
+        # gunicorn >= 24 opens a control socket at one path per user ($XDG_RUNTIME_DIR or
+        # ~/.gunicorn/gunicorn.ctl): every instance on a host would share it, the last started
+        # taking it over. Nothing here uses it; signals manage the master.
+        "control_socket_disable": True,
     }
 
 
@@ -75,6 +87,7 @@ def run_wsgi_app(app: Flask, settings: Settings) -> None:
     """Serve any Flask app with the production gunicorn configuration (the benchmark's floor
     uses it too, so both are measured under identical settings)."""
     tune_gc()  # preload_app: the workers fork from this process
+    app.wsgi_app = BodyErrorsAs400(app.wsgi_app)  # type: ignore[method-assign]
     GunicornApp(app, gunicorn_options(settings)).run()
 
 
