@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from cds_service.metrics import CARD_WRITER_QUEUE
+
 if TYPE_CHECKING:  # store.py imports this module
     from cds_service.store.store import CardRecord
 
@@ -107,6 +109,7 @@ class CardWriter:
                 was_empty = not self._queue
                 self._queue.append((self._enqueued, batch))
                 self._queued_cards += len(batch.cards)
+                CARD_WRITER_QUEUE.set(self._queued_cards)
                 # Wake the thread only when it waits for a first batch or when the batch is
                 # big enough to write; within the window it wakes on its own.
                 if was_empty or self._queued_cards >= GROUP_COMMIT_MAX_CARDS:
@@ -170,6 +173,7 @@ class CardWriter:
                     self._has_work.wait(remaining)
                 self._hurry = False
                 taken, self._queue, self._queued_cards = self._queue, [], 0
+                CARD_WRITER_QUEUE.set(0)
             if taken:  # drain_here (exit) may have taken the queue during the window
                 self._write(taken)
 
