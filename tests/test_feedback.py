@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,6 +224,20 @@ def test_database_down_feedback_503_but_cards_still_answered(tmp_path: Path) -> 
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert ready.get_json()["checks"]["store"].startswith("unavailable")
+    # The database is back: the card held meanwhile is written, and feedback is stored.
+    working = FeedbackStore.open(f"sqlite:///{tmp_path / 'back.sqlite3'}")
+    broken.engine = working.engine
+    deadline = time.monotonic() + 10
+    while broken.card_writer.failing or broken.card_writer.pending_cards():
+        assert time.monotonic() < deadline, "the held card was not written"
+        time.sleep(0.05)
+    card = answer.get_json()["cards"][0]["uuid"]
+    response = client.post(f"/cds-services/{SELECT}/feedback", json={"feedback": [
+        {"card": card, "outcome": "overridden", "outcomeTimestamp": STAMP}
+    ]})
+    assert response.status_code == 200
+    assert response.get_json()["extension"]["org.magnesium-cds"] == {"stored": 1}
+    working.close()
 
 
 def test_feedback_needs_a_jwt_when_auth_is_on(auth_app_factory: Any, jwt_issuer: Any) -> None:

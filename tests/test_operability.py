@@ -84,7 +84,8 @@ def test_metrics_add_up_every_worker(served: Served) -> None:
     assert requests.post(f"{served.url}/cds-services/{SELECT}", json=broken,
                          timeout=30).status_code == 412
 
-    for text in [scrape(served.url) for _ in range(6)]:  # whichever worker answers, the totals are the instance's
+    # Whichever worker answers, the totals are the instance's.
+    for text in [scrape(served.url) for _ in range(6)]:
         calls_seen = samples(text, "cds_service_calls_total")
         assert calls_seen[f'{{service="{SELECT}",status="200"}}'] == calls
         assert calls_seen['{service="unknown",status="404"}'] == 1
