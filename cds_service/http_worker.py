@@ -1,23 +1,142 @@
-"""The gunicorn worker ``cds-service serve`` runs: gunicorn's threaded worker, answering what
-gunicorn refuses before the application sees it (oversized headers, broken framing) in JSON
-like every other error of the service, never gunicorn's HTML page; and ``BodyErrorsAs400``, the
-WSGI wrapper for body framing gunicorn finds broken while the application reads it.
+"""The gunicorn worker ``cds-service serve`` runs, and ``BodyErrorsAs400``, the WSGI wrapper for
+body framing gunicorn finds broken while the application reads it.
+
+``BufferingThreadWorker`` is gunicorn's threaded worker (gthread) with one change: a request is
+read whole (head and body) by the worker's event loop, without blocking, before a thread takes
+it. gthread hands a connection to a thread as soon as it has sent a byte, and that thread then
+blocks reading the rest: eight clients dripping a header line every few seconds held every
+thread of two workers, and every normal call timed out. Here a slow client holds a file
+descriptor in the poller and nothing else, for at most ``CDS_REQUEST_READ_TIMEOUT_SECONDS``;
+threads only ever run requests that have fully arrived. This is the buffering gunicorn's
+documentation asks a proxy in front to provide, done in the worker itself. (TLS and HTTP/2
+connections, which ``serve`` does not configure, are left to gthread as they are.)
+
+It also answers what gunicorn refuses before the application sees it (oversized headers,
+broken framing) in JSON like every other error of the service, never gunicorn's HTML page.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
+import selectors
 import socket
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 from gunicorn import util
 from gunicorn.http import errors as http_errors
+from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
 from werkzeug.exceptions import BadRequest
 
 log = logging.getLogger(__name__)
+
+# How long a client may take to send a whole request once it has begun (or, on a kept-alive
+# connection, once the next one has begun). It then gets 408 and the connection is closed.
+# ``serve`` sets BufferingThreadWorker.request_read_timeout from CDS_REQUEST_READ_TIMEOUT_SECONDS.
+REQUEST_READ_TIMEOUT_S = 30.0
+# A request head longer than this is handed over as it is: gunicorn's parser refuses it (431).
+MAX_HEAD_BYTES = 64 * 1024
+# The request body size limit when the application does not say (Flask's MAX_CONTENT_LENGTH).
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+RECV_BYTES = 256 * 1024
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+class RequestBuffer:
+    """The bytes of one HTTP/1.1 request as they arrive, and whether they are all there.
+
+    "All there" is judged leniently: whatever cannot be judged (a malformed head, a body over
+    the limit, ``Expect: 100-continue``) counts as complete, so that gunicorn's parser and the
+    application answer it exactly as before. Only a request that is well-formed so far and
+    still incomplete is kept waiting.
+    """
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self.data = bytearray()
+        self.max_body_bytes = max_body_bytes
+        self._head_end: int | None = None  # index just past the blank line ending the head
+        self._body_length: int | None = None  # Content-Length
+        self._chunk_at: int | None = None  # chunked: where the next chunk-size line starts
+        self.complete = False
+
+    def feed(self, data: bytes) -> bool:
+        self.data += data
+        if not self.complete:
+            self.complete = self._judge()
+        return self.complete
+
+    def _judge(self) -> bool:
+        if self._head_end is None:
+            # Blank lines before a request line are allowed (RFC 9112 2.2): skip them.
+            start = 0
+            while self.data.startswith(b"\r\n", start):
+                start += 2
+            end = self.data.find(b"\r\n\r\n", start)
+            if end < 0:
+                return len(self.data) > MAX_HEAD_BYTES
+            self._head_end = end + 4
+            framing = self._framing(bytes(self.data[start:end]))
+            if framing is None:
+                return True
+            if isinstance(framing, str):  # chunked
+                self._chunk_at = self._head_end
+            else:
+                self._body_length = framing
+                if framing > self.max_body_bytes:
+                    return True  # the application answers 413 without reading it
+        if self._chunk_at is not None:
+            return self._chunks_complete()
+        return len(self.data) - self._head_end >= (self._body_length or 0)
+
+    @staticmethod
+    def _framing(head: bytes) -> int | str | None:
+        """The body's Content-Length, "chunked", or None: no judging (hand it over now)."""
+        lengths: list[bytes] = []
+        codings: list[bytes] = []
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                lengths.append(value.strip())
+            elif name == b"transfer-encoding":
+                codings.extend(c.strip().lower() for c in value.split(b","))
+            elif name == b"expect":
+                return None  # the client waits for "100 Continue" before it sends the body
+        if codings:
+            return "chunked" if codings[-1] == b"chunked" and not lengths else None
+        if not lengths:
+            return 0
+        if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+            return None
+        return int(lengths[0])
+
+    def _chunks_complete(self) -> bool:
+        assert self._chunk_at is not None and self._head_end is not None
+        while True:
+            at = self._chunk_at
+            if at - self._head_end > self.max_body_bytes:
+                return True  # over the limit: the application answers 413
+            line_end = self.data.find(b"\r\n", at)
+            if line_end < 0:
+                return len(self.data) - at > 4096  # no chunk-size line is that long
+            size = bytes(self.data[at:line_end]).split(b";", 1)[0].strip(b" \t")
+            if not _HEX.fullmatch(size):
+                return True  # malformed: gunicorn's parser refuses it (400)
+            length = int(size, 16)
+            if length == 0:  # the last chunk, then trailer fields, then a blank line
+                if self.data.startswith(b"\r\n", line_end + 2):
+                    return True
+                return self.data.find(b"\r\n\r\n", line_end) >= 0
+            self._chunk_at = line_end + 2 + length + 2
+            if self._chunk_at > len(self.data):
+                return False
 
 # Exception class -> (status, reason phrase, error code, message for the client). Only
 # gunicorn's own words about the request's shape: never a header value (a token) echoed.
@@ -111,3 +230,93 @@ class BodyErrorsAs400:
         if "wsgi.input" in environ:
             environ["wsgi.input"] = _CheckedInput(environ["wsgi.input"])
         return self.app(environ, start_response)
+
+
+class BufferingThreadWorker(JsonErrorThreadWorker):
+    """gthread whose event loop reads each request whole before a thread runs it."""
+
+    request_read_timeout: float = REQUEST_READ_TIMEOUT_S
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (deadline, connection, its buffer), in deadline order: every entry gets the same
+        # timeout, so appending keeps the order.
+        self.reading: deque[tuple[float, Any, RequestBuffer]] = deque()
+        self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        limit = getattr(self.wsgi, "config", {}).get("MAX_CONTENT_LENGTH")
+        if isinstance(limit, int):
+            self.max_body_bytes = limit
+
+    def enqueue_req(self, conn: Any) -> None:
+        """gthread calls this whenever a connection has (or may have) request bytes: a new
+        connection, a kept-alive one turning readable, bytes left over from the last request."""
+        if self.cfg.is_ssl or conn.is_http2 or negotiation.prior_knowledge_allowed(
+            self.cfg, conn.client
+        ):
+            super().enqueue_req(conn)
+            return
+        buffer = RequestBuffer(self.max_body_bytes)
+        conn.request_buffer = buffer
+        if conn.parser is not None:  # pipelined bytes the last request's parser read ahead
+            buffer.feed(conn.parser.unreader.take_buffered())
+        conn.sock.setblocking(False)
+        if self._read_available(conn, buffer):
+            return
+        self.reading.append((time.monotonic() + self.request_read_timeout, conn, buffer))
+        self.poller.register(
+            conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn, buffer)
+        )
+
+    def _on_readable(self, conn: Any, buffer: RequestBuffer, _sock: Any) -> None:
+        if self._read_available(conn, buffer):
+            self.poller.unregister(conn.sock)
+
+    def _read_available(self, conn: Any, buffer: RequestBuffer) -> bool:
+        """Read what has arrived; True once the connection is handed over or closed."""
+        while not buffer.complete:
+            try:
+                data = conn.sock.recv(RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                data = b""
+            if not data:  # the client went away before its request was whole
+                self._discard(conn)
+                return True
+            buffer.feed(data)
+        self._hand_over(conn, buffer)
+        return True
+
+    def _hand_over(self, conn: Any, buffer: RequestBuffer) -> None:
+        conn.request_buffer = None
+        conn.init()  # the parser (a no-op on a kept-alive connection)
+        conn.sock.setblocking(True)
+        conn.parser.unreader.unread(bytes(buffer.data))
+        conn.data_ready = True  # gthread's handle() must not wait for the socket again
+        super().enqueue_req(conn)
+
+    def _discard(self, conn: Any) -> None:
+        conn.request_buffer = None
+        self.nr_conns -= 1
+        conn.close()
+
+    def murder_pending(self) -> None:
+        super().murder_pending()
+        now = time.monotonic()
+        while self.reading and self.reading[0][0] <= now:
+            _, conn, buffer = self.reading.popleft()
+            if conn.request_buffer is not buffer:
+                continue  # handed over or closed meanwhile
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(conn.sock)
+            if buffer.data:
+                with contextlib.suppress(OSError):
+                    write_json_error(conn.sock, 408, "Request Timeout", {
+                        "error": "request-timeout",
+                        "message": "the request did not arrive whole within "
+                        f"{self.request_read_timeout:g} s",
+                    })
+            self._discard(conn)

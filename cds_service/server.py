@@ -21,7 +21,7 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
-from cds_service.http_worker import BodyErrorsAs400, JsonErrorThreadWorker
+from cds_service.http_worker import BodyErrorsAs400, BufferingThreadWorker
 from cds_service.settings import Settings
 
 # A header line may hold "Authorization: Bearer " and a token of the longest length the
@@ -37,7 +37,9 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "bind": f"{settings.host}:{settings.port}",
         "workers": settings.workers,
         "threads": settings.threads,
-        "worker_class": JsonErrorThreadWorker,
+        # gthread, reading each request whole in its event loop before a thread runs it: slow
+        # clients hold a socket, not a thread (http_worker.py).
+        "worker_class": BufferingThreadWorker,
         "timeout": settings.worker_timeout,
         "graceful_timeout": 10,
         "keepalive": 5,
@@ -125,6 +127,8 @@ def run_wsgi_app(app: Flask, settings: Settings) -> None:
     """Serve any Flask app with the production gunicorn configuration (the benchmark's floor
     uses it too, so both are measured under identical settings)."""
     tune_gc()  # preload_app: the workers fork from this process
+    # Inherited by the workers gunicorn forks from here.
+    BufferingThreadWorker.request_read_timeout = settings.request_read_timeout_seconds
     app.wsgi_app = BodyErrorsAs400(app.wsgi_app)  # type: ignore[method-assign]
     GunicornApp(app, gunicorn_options(settings)).run()
 

@@ -61,6 +61,9 @@ class Settings:
     fixture_server_port: int = 8090
     fixture_server_delay_ms: int = 0
     cors_allow_origin: str = "*"
+    # `serve`: how long a client may take to send one whole request (head and body); a slow
+    # client meanwhile holds a socket in the worker's event loop, never a thread.
+    request_read_timeout_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         # Reject values that would silently weaken or break authentication.
@@ -193,6 +196,8 @@ SETTINGS_DOC: dict[str, str] = {
     "fixture_server_port": "Port of `cds-service fixture-server`.",
     "fixture_server_delay_ms": "Artificial delay per fixture-server request (benchmarks).",
     "cors_allow_origin": "`Access-Control-Allow-Origin` for browser clients.",
+    "request_read_timeout_seconds": "Seconds a client may take to send one whole request "
+    "to `serve` (head and body); then 408 and the connection is closed.",
 }
 
 
