@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 from typing import Any, Protocol
 
 from flask import Flask, Response, g, request
@@ -77,6 +78,13 @@ CARD_WRITER_DROPPED = Counter(
 )
 
 
+# The labelled children, looked up once per label set (labels() costs more than inc()); every
+# label set is bounded: known service ids, HTTP statuses, the knowledge's rules.
+call_counter = lru_cache(maxsize=512)(SERVICE_CALLS.labels)
+call_timer = lru_cache(maxsize=64)(SERVICE_CALL_SECONDS.labels)
+card_counter = lru_cache(maxsize=512)(CARDS_ISSUED.labels)
+
+
 def metrics_text() -> bytes:
     if MULTIPROCESS:
         registry = CollectorRegistry()
@@ -100,10 +108,10 @@ def install_metrics(app: Flask, service_ids: Iterable[str]) -> None:
         if endpoint == "cds_hooks.call_service":
             service = (request.view_args or {}).get("service_id")
             label = service if service in known else "unknown"
-            SERVICE_CALLS.labels(label, str(response.status_code)).inc()
+            call_counter(label, str(response.status_code)).inc()
             started = g.get("metrics_started")
             if started is not None:
-                SERVICE_CALL_SECONDS.labels(label).observe(time.perf_counter() - started)
+                call_timer(label).observe(time.perf_counter() - started)
         elif endpoint == "cds_feedback.post_feedback":
             FEEDBACK_REQUESTS.labels(str(response.status_code)).inc()
         return response

@@ -14,7 +14,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from cds_service.context.model import DataUnavailable
-from cds_service.metrics import CARDS_ISSUED
+from cds_service.metrics import card_counter
 from cds_service.pipeline import HookPipeline
 from cds_service.protocol.errors import ApiError
 from cds_service.protocol.hook_request import HookRequest
@@ -69,7 +69,7 @@ def call_service(service_id: str) -> ResponseReturnValue:
         ) from None
     values.rule_ids = result.rule_ids
     for card in result.cards:
-        CARDS_ISSUED.labels(card.rule_id, card.indicator).inc()
+        card_counter(card.rule_id, card.indicator).inc()
     recorded = time.perf_counter()
     recorder = extensions.get(CARD_RECORDER_EXTENSION)
     if recorder is not None:
