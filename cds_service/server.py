@@ -4,7 +4,7 @@
 configuration, whether started by hand, by a test or by a container.
 
 Nothing imported at module level here may import prometheus_client (``cds_service.metrics``):
-``run_wsgi_app`` first gives the instance its metrics directory, and prometheus_client reads
+``run_gunicorn`` first gives the instance its metrics directory, and prometheus_client reads
 it when it is imported.
 """
 
