@@ -305,8 +305,9 @@ class BufferingThreadWorker(JsonErrorThreadWorker):
 
     def murder_pending(self) -> None:
         super().murder_pending()
-        now = time.monotonic()
-        while self.reading and self.reading[0][0] <= now:
+        # A stopping worker does not wait for requests still arriving: none has begun to run.
+        now = time.monotonic() if self.alive else 0.0
+        while self.reading and (not self.alive or self.reading[0][0] <= now):
             _, conn, buffer = self.reading.popleft()
             if conn.request_buffer is not buffer:
                 continue  # handed over or closed meanwhile

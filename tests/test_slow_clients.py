@@ -176,3 +176,22 @@ def test_pipelined_and_kept_alive_requests_are_all_answered(served: Served) -> N
         while answer.count(b"HTTP/1.1 200") < 4 and time.monotonic() < deadline:
             answer += client.recv(65536)
     assert answer.count(b"HTTP/1.1 200") == 4
+
+
+def test_a_graceful_stop_does_not_wait_for_dripping_clients(tmp_path: Path) -> None:
+    port = free_port()
+    env = {"CDS_AUTH": "off", "CDS_WORKERS": "2",
+           "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}"}
+    command = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    with run_cds(command, env, tmp_path / "serve.log", port=port, workers=2) as served:
+        drippers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+        for client in drippers:
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: h\r\n")
+        time.sleep(0.5)
+        started = time.monotonic()
+        served.process.terminate()
+        served.process.wait(timeout=15)
+        # gunicorn's graceful timeout is 10 s: the unfinished requests do not hold it that long.
+        assert time.monotonic() - started < 5
+        for client in drippers:
+            client.close()
