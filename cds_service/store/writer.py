@@ -103,6 +103,7 @@ class CardWriter:
         self._hurry = False  # a flush is waiting: write now, do not wait out the window
         self._failing_since: float | None = None  # the database refused the last write
         self._retry_delay = RETRY_FIRST_S
+        self._drops_logged = False
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
         self.batches_written = 0  # transactions committed by the thread (tests, diagnostics)
@@ -129,10 +130,13 @@ class CardWriter:
         if failing:
             # The database is down and the queue is full: holding more would grow without bound.
             CARD_WRITER_DROPPED.inc(len(batch.cards))
-            log.error(
-                "issued cards not recorded (%d): the queue is full (%d cards) and the database "
-                "unavailable", len(batch.cards), self.max_cards,
-            )
+            if not self._drops_logged:  # once per outage; the metric counts every card
+                self._drops_logged = True
+                log.error(
+                    "issued cards not recorded: the queue is full (%d cards) and the database "
+                    "unavailable; cards issued from now on until it is back are not recorded",
+                    self.max_cards,
+                )
             return
         # Queue full (the database is slower than the calls): this request pays for its own
         # write rather than dropping the cards. Raises like record_cards; the caller logs.
@@ -245,6 +249,7 @@ class CardWriter:
                 )
                 self._failing_since = None
                 self._retry_delay = RETRY_FIRST_S
+                self._drops_logged = False
             # Failed batches count as done too: flush() waits for the attempt, not for success
             # (the feedback endpoint then flags those cards unknown, as before).
             self._done = max(self._done, taken[-1][0])
