@@ -18,6 +18,7 @@ broken framing) in JSON like every other error of the service, never gunicorn's 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import re
@@ -32,7 +33,7 @@ from typing import Any
 from gunicorn import util
 from gunicorn.http import errors as http_errors
 from gunicorn.http2 import negotiation
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
 from werkzeug.exceptions import BadRequest
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ MAX_HEAD_BYTES = 64 * 1024
 # The request body size limit when the application does not say (Flask's MAX_CONTENT_LENGTH).
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 RECV_BYTES = 256 * 1024
+# Closing a connection, the worker reads (and discards) what the client still sends for this
+# long, at most this much, so that the kernel does not reset the connection under the last
+# answer (RFC 9112 9.6). gunicorn does it blocking, in the event loop: a client that never
+# closes its side held every connection of the worker for 2 s each.
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 64 * 1024
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
@@ -65,6 +72,9 @@ class RequestBuffer:
         self._body_length: int | None = None  # Content-Length
         self._chunk_at: int | None = None  # chunked: where the next chunk-size line starts
         self.complete = False
+        # The body is over the limit: answered 413 at once, never read on (a thread would
+        # otherwise drain what the client keeps sending).
+        self.too_large = False
 
     def feed(self, data: bytes) -> bool:
         self.data += data
@@ -90,7 +100,8 @@ class RequestBuffer:
             else:
                 self._body_length = framing
                 if framing > self.max_body_bytes:
-                    return True  # the application answers 413 without reading it
+                    self.too_large = True
+                    return True
         if self._chunk_at is not None:
             return self._chunks_complete()
         return len(self.data) - self._head_end >= (self._body_length or 0)
@@ -122,7 +133,8 @@ class RequestBuffer:
         while True:
             at = self._chunk_at
             if at - self._head_end > self.max_body_bytes:
-                return True  # over the limit: the application answers 413
+                self.too_large = True
+                return True
             line_end = self.data.find(b"\r\n", at)
             if line_end < 0:
                 return len(self.data) - at > 4096  # no chunk-size line is that long
@@ -232,6 +244,21 @@ class BodyErrorsAs400:
         return self.app(environ, start_response)
 
 
+class _Connection(TConn):  # type: ignore[misc]  # gunicorn is untyped
+    """gthread's connection, closed gracefully by the event loop without blocking it."""
+
+    def __init__(self, worker: BufferingThreadWorker, *args: Any) -> None:
+        super().__init__(*args)
+        self.worker = worker
+        self.request_buffer: RequestBuffer | None = None
+
+    def close(self, graceful: bool = False) -> None:
+        if graceful:
+            self.worker.linger(self)
+        else:
+            super().close()
+
+
 class BufferingThreadWorker(JsonErrorThreadWorker):
     """gthread whose event loop reads each request whole before a thread runs it."""
 
@@ -242,6 +269,7 @@ class BufferingThreadWorker(JsonErrorThreadWorker):
         # (deadline, connection, its buffer), in deadline order: every entry gets the same
         # timeout, so appending keeps the order.
         self.reading: deque[tuple[float, Any, RequestBuffer]] = deque()
+        self.lingering: deque[tuple[float, socket.socket]] = deque()  # closing, in time order
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
 
     def load_wsgi(self) -> None:
@@ -249,6 +277,46 @@ class BufferingThreadWorker(JsonErrorThreadWorker):
         limit = getattr(self.wsgi, "config", {}).get("MAX_CONTENT_LENGTH")
         if isinstance(limit, int):
             self.max_body_bytes = limit
+
+    def accept(self, listener: socket.socket) -> None:
+        # gthread's accept, with the connection class above.
+        try:
+            client, address = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        self.enqueue_req(
+            _Connection(self, self.cfg, client, address, listener.getsockname())
+        )
+
+    def linger(self, conn: Any) -> None:
+        """Close ``conn`` after its answer: FIN now, discard what still arrives, close on the
+        client's FIN, after LINGER_MAX_BYTES, or after LINGER_S, whichever comes first."""
+        sock = conn.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return
+        self.lingering.append((time.monotonic() + LINGER_S, sock))
+        self.poller.register(sock, selectors.EVENT_READ, partial(self._drain, [0]))
+
+    def _drain(self, drained: list[int], sock: socket.socket) -> None:
+        try:
+            while drained[0] < LINGER_MAX_BYTES:
+                data = sock.recv(65536)
+                if not data:  # the client closed its side too
+                    break
+                drained[0] += len(data)
+        except (BlockingIOError, InterruptedError):
+            return  # nothing more for now
+        except OSError:
+            pass
+        self.poller.unregister(sock)
+        sock.close()
 
     def enqueue_req(self, conn: Any) -> None:
         """gthread calls this whenever a connection has (or may have) request bytes: a new
@@ -263,32 +331,57 @@ class BufferingThreadWorker(JsonErrorThreadWorker):
         if conn.parser is not None:  # pipelined bytes the last request's parser read ahead
             buffer.feed(conn.parser.unreader.take_buffered())
         conn.sock.setblocking(False)
-        if self._read_available(conn, buffer):
-            return
-        self.reading.append((time.monotonic() + self.request_read_timeout, conn, buffer))
-        self.poller.register(
-            conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn, buffer)
-        )
+        self._advance(conn, buffer, registered=False)
 
     def _on_readable(self, conn: Any, buffer: RequestBuffer, _sock: Any) -> None:
-        if self._read_available(conn, buffer):
-            self.poller.unregister(conn.sock)
+        self._advance(conn, buffer, registered=True)
 
-    def _read_available(self, conn: Any, buffer: RequestBuffer) -> bool:
-        """Read what has arrived; True once the connection is handed over or closed."""
+    def _advance(self, conn: Any, buffer: RequestBuffer, *, registered: bool) -> None:
+        """Read what has arrived; then keep waiting, or hand the whole request to a thread,
+        or close. Runs in the event loop: nothing here may raise (it would end the worker)."""
+        try:
+            outcome = self._receive(conn, buffer)
+            if outcome == "wait":
+                if not registered:
+                    self.reading.append(
+                        (time.monotonic() + self.request_read_timeout, conn, buffer)
+                    )
+                    self.poller.register(
+                        conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn, buffer)
+                    )
+                return
+            if registered:  # before the socket is closed, handed over or registered anew
+                self.poller.unregister(conn.sock)
+            if outcome == "gone":
+                self._discard(conn)
+            elif buffer.too_large:
+                self._refuse(conn, 413, "Content Too Large", {
+                    "error": "request-too-large",
+                    "message": "the request body is larger than this service accepts",
+                })
+            else:
+                self._hand_over(conn, buffer)
+        except Exception:
+            log.exception("error reading a request in the event loop; connection closed")
+            with contextlib.suppress(Exception):
+                self.poller.unregister(conn.sock)
+            self._discard(conn)
+
+    @staticmethod
+    def _receive(conn: Any, buffer: RequestBuffer) -> str:
+        """"complete", "wait" (nothing more has arrived yet) or "gone" (the client closed
+        before its request was whole)."""
         while not buffer.complete:
             try:
                 data = conn.sock.recv(RECV_BYTES)
             except (BlockingIOError, InterruptedError):
-                return False
+                return "wait"
             except OSError:
-                data = b""
-            if not data:  # the client went away before its request was whole
-                self._discard(conn)
-                return True
+                return "gone"
+            if not data:
+                return "gone"
             buffer.feed(data)
-        self._hand_over(conn, buffer)
-        return True
+        return "complete"
 
     def _hand_over(self, conn: Any, buffer: RequestBuffer) -> None:
         conn.request_buffer = None
@@ -298,6 +391,13 @@ class BufferingThreadWorker(JsonErrorThreadWorker):
         conn.data_ready = True  # gthread's handle() must not wait for the socket again
         super().enqueue_req(conn)
 
+    def _refuse(self, conn: Any, status: int, reason: str, body: dict[str, str]) -> None:
+        with contextlib.suppress(OSError):
+            write_json_error(conn.sock, status, reason, body)
+        conn.request_buffer = None
+        self.nr_conns -= 1
+        self.linger(conn)
+
     def _discard(self, conn: Any) -> None:
         conn.request_buffer = None
         self.nr_conns -= 1
@@ -305,19 +405,25 @@ class BufferingThreadWorker(JsonErrorThreadWorker):
 
     def murder_pending(self) -> None:
         super().murder_pending()
+        now = time.monotonic()
+        while self.lingering and (not self.alive or self.lingering[0][0] <= now):
+            _, sock = self.lingering.popleft()
+            if sock.fileno() >= 0:  # not closed by _drain meanwhile
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.poller.unregister(sock)
+                sock.close()
         # A stopping worker does not wait for requests still arriving: none has begun to run.
-        now = time.monotonic() if self.alive else 0.0
         while self.reading and (not self.alive or self.reading[0][0] <= now):
             _, conn, buffer = self.reading.popleft()
             if conn.request_buffer is not buffer:
                 continue  # handed over or closed meanwhile
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self.poller.unregister(conn.sock)
-            if buffer.data:
-                with contextlib.suppress(OSError):
-                    write_json_error(conn.sock, 408, "Request Timeout", {
-                        "error": "request-timeout",
-                        "message": "the request did not arrive whole within "
-                        f"{self.request_read_timeout:g} s",
-                    })
-            self._discard(conn)
+            if not buffer.data:
+                self._discard(conn)  # an idle connection: nothing to answer
+                continue
+            self._refuse(conn, 408, "Request Timeout", {
+                "error": "request-timeout",
+                "message": "the request did not arrive whole within "
+                f"{self.request_read_timeout:g} s",
+            })

@@ -195,3 +195,41 @@ def test_a_graceful_stop_does_not_wait_for_dripping_clients(tmp_path: Path) -> N
         assert time.monotonic() - started < 5
         for client in drippers:
             client.close()
+
+
+def test_clients_that_never_close_after_their_answer_do_not_stall_the_worker(
+    served: Served,
+) -> None:
+    # gunicorn lingers up to 2 s on each closing connection for the client's FIN, blocking its
+    # event loop: 100 such clients made one normal call wait 20 s.
+    port = int(served.url.rsplit(":", 1)[1])
+    held: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            held.append(client)
+        answers = [timed_call(port) for _ in range(10)]
+        assert {status for _, status in answers} == {200}
+        assert max(seconds for seconds, _ in answers) < 1.0
+        for client in held:  # each got its answer, then the server's FIN
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        for client in held:
+            client.close()
+
+
+def test_a_body_announced_over_the_limit_is_refused_before_it_is_read(served: Served) -> None:
+    port = int(served.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"POST " + SERVICE.encode() + b" HTTP/1.1\r\nHost: h\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n{")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(body)["error"] == "request-too-large"
