@@ -14,6 +14,7 @@ from cds_service.context.rxnav import client_from_settings
 from cds_service.fhir_models import preload_models
 from cds_service.knowledge import Knowledge, default_knowledge, load_knowledge
 from cds_service.logging_setup import configure_logging, install_request_logging
+from cds_service.metrics import counting_fetch_failures, install_metrics
 from cds_service.pipeline import HookPipeline
 from cds_service.protocol.auth import install_auth, issuer_fhir_servers, shared_replay_guard
 from cds_service.protocol.blueprint import CARD_RECORDER_EXTENSION, PIPELINE_EXTENSION, bp
@@ -21,6 +22,7 @@ from cds_service.protocol.cors import install_cors
 from cds_service.protocol.errors import register_error_handlers
 from cds_service.protocol.feedback import STORE_EXTENSION, feedback_bp, make_card_recorder
 from cds_service.protocol.guidance import guidance_bp
+from cds_service.protocol.services import SERVICES_BY_ID
 from cds_service.protocol.validation import compile_request_validators
 from cds_service.settings import Settings
 from cds_service.store import FeedbackStore
@@ -62,7 +64,10 @@ def create_app(
     app.extensions["cds_settings"] = settings
     app.extensions["cds_knowledge"] = knowledge
     pipeline = HookPipeline(
-        knowledge, client_factory or default_client_factory(settings, issuer_fhir_servers(settings))
+        knowledge,
+        counting_fetch_failures(
+            client_factory or default_client_factory(settings, issuer_fhir_servers(settings))
+        ),
     )
     pipeline.rxnav = client_from_settings(settings)
     app.extensions[PIPELINE_EXTENSION] = pipeline
@@ -78,6 +83,7 @@ def create_app(
 
     register_error_handlers(app)
     install_request_logging(app)
+    install_metrics(app, SERVICES_BY_ID)
     # CORS first: preflight is answered before authentication, which it cannot carry.
     install_cors(app, settings)
     # The store is shared by every worker and instance: so is the jti replay cache.

@@ -75,6 +75,9 @@ class Settings:
     rxnav_budget_ms: int = 150
     rxnav_cache_size: int = 10_000
     rxnav_cache_seconds: int = 86_400
+    # `serve`: how long a client may take to send one whole request (head and body); a slow
+    # client meanwhile holds a socket in the worker's event loop, never a thread.
+    request_read_timeout_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         # Reject values that would silently weaken or break authentication.
@@ -240,6 +243,8 @@ SETTINGS_DOC: dict[str, str] = {
     "reported as a data issue.",
     "rxnav_cache_size": "Most RxNav answers cached per process.",
     "rxnav_cache_seconds": "How long (s) an RxNav answer is cached (failures: at most 60 s).",
+    "request_read_timeout_seconds": "Seconds a client may take to send one whole request "
+    "to `serve` (head and body); then 408 and the connection is closed.",
 }
 
 

@@ -113,18 +113,64 @@ def test_a_blocked_database_does_not_hold_the_answer(database_url: str) -> None:
     assert card in card_uuids(store)
 
 
-def test_a_broken_database_still_answers_and_the_writer_logs_the_loss(
-    caplog: pytest.LogCaptureFixture,
+def test_a_broken_database_still_answers_and_the_cards_wait_for_it(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     broken = FeedbackStore(make_engine("sqlite:////nonexistent-dir/for/sure/cds.sqlite3"))
     app = create_app(Settings(auth="off"), store=broken)
     caplog.set_level(logging.ERROR)
     started = time.perf_counter()
-    service_call(app)
+    cards = [service_call(app) for _ in range(3)]
     assert time.perf_counter() - started < 5
-    assert broken.flush_recorder()  # flushed = attempted; the failure is the writer's to log
-    failures = [r for r in caplog.records if r.getMessage().startswith("issued cards not recorded")]
-    assert [r.threadName for r in failures] == ["issued-card-writer"]
+    deadline = time.monotonic() + 5
+    while not broken.card_writer.failing:
+        assert time.monotonic() < deadline, "the writer never tried the database"
+        time.sleep(0.01)
+    started = time.perf_counter()
+    assert not broken.flush_recorder()  # the database is down: a flush does not wait for it
+    assert time.perf_counter() - started < 0.5
+    assert broken.card_writer.pending_cards() == 3  # held, not dropped
+    failures = [r for r in caplog.records if r.getMessage().startswith("issued cards not")]
+    assert [r.threadName for r in failures] == ["issued-card-writer"]  # once per outage
+    # The database is back: the writer's next try writes every held card.
+    working = FeedbackStore.open(f"sqlite:///{tmp_path / 'back.sqlite3'}")
+    broken.engine = working.engine
+    deadline = time.monotonic() + 10
+    while broken.card_writer.failing or broken.card_writer.pending_cards():
+        assert time.monotonic() < deadline, "held cards not written after the database came back"
+        time.sleep(0.05)
+    assert set(cards) <= card_uuids(working)
+    assert broken.flush_recorder()
+    working.close()
+
+
+def test_beyond_the_bound_cards_are_dropped_while_the_database_is_down(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    broken = FeedbackStore(make_engine("sqlite:////nonexistent-dir/for/sure/cds.sqlite3"))
+    writer = broken.card_writer
+    writer.max_cards = 2
+    held = [new_uuid(), new_uuid()]
+    writer.submit(SELECT, "hook-1", [CardRecord(held[0], "rule-a", "info")])
+    deadline = time.monotonic() + 5
+    while not writer.failing:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    writer.submit(SELECT, "hook-2", [CardRecord(held[1], "rule-a", "info")])
+    dropped = new_uuid()
+    started = time.perf_counter()
+    writer.submit(SELECT, "hook-3", [CardRecord(dropped, "rule-a", "info")])  # over the bound
+    assert time.perf_counter() - started < 0.5  # not written in the request: the database is down
+    assert any("the queue is full" in r.getMessage() for r in caplog.records)
+    working = FeedbackStore.open(f"sqlite:///{tmp_path / 'back.sqlite3'}")
+    broken.engine = working.engine
+    deadline = time.monotonic() + 10
+    while writer.failing or writer.pending_cards():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    recorded = card_uuids(working)
+    assert recorded == set(held)  # the two within the bound, not the one beyond
+    working.close()
 
 
 def test_cards_queued_while_a_batch_is_written_go_in_one_transaction(database_url: str) -> None:

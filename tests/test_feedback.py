@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,6 +224,20 @@ def test_database_down_feedback_503_but_cards_still_answered(tmp_path: Path) -> 
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert ready.get_json()["checks"]["store"].startswith("unavailable")
+    # The database is back: the card held meanwhile is written, and feedback is stored.
+    working = FeedbackStore.open(f"sqlite:///{tmp_path / 'back.sqlite3'}")
+    broken.engine = working.engine
+    deadline = time.monotonic() + 10
+    while broken.card_writer.failing or broken.card_writer.pending_cards():
+        assert time.monotonic() < deadline, "the held card was not written"
+        time.sleep(0.05)
+    card = answer.get_json()["cards"][0]["uuid"]
+    response = client.post(f"/cds-services/{SELECT}/feedback", json={"feedback": [
+        {"card": card, "outcome": "overridden", "outcomeTimestamp": STAMP}
+    ]})
+    assert response.status_code == 200
+    assert response.get_json()["extension"]["org.magnesium-cds"] == {"stored": 1}
+    working.close()
 
 
 def test_feedback_needs_a_jwt_when_auth_is_on(auth_app_factory: Any, jwt_issuer: Any) -> None:
@@ -298,3 +313,45 @@ def test_gunicorn_workers_lose_no_card_and_no_feedback(gunicorn: tuple[str, str]
     engine.dispose()
     assert cards == set(issued)
     assert (feedback, flagged) == (len(issued), 0)
+
+
+def test_feedback_bounds_are_refused_with_the_reason(app: Flask, base_url: str) -> None:
+    card = issue(app)
+    entry = {"card": card, "outcome": "overridden", "outcomeTimestamp": STAMP}
+    too_many = post(base_url, SELECT, {"feedback": [entry] * 101})
+    assert too_many.status_code == 400
+    assert too_many.json()["problems"] == [
+        {"path": "$.feedback", "message": "101 entries; send at most 100 per request"}
+    ]
+    long_comment = {**entry, "overrideReason": {"userComment": "é" * 2001}}
+    too_long = post(base_url, SELECT, {"feedback": [long_comment]})
+    assert too_long.status_code == 400
+    assert too_long.json()["problems"][0]["path"] == "$.feedback[0].overrideReason.userComment"
+    assert stored(app, card) == []
+    # At the bounds: accepted, the comment kept whole.
+    at_bound = {**entry, "overrideReason": {"userComment": "é" * 2000}}
+    response = post(base_url, SELECT, {"feedback": [at_bound] + [
+        {**entry, "outcomeTimestamp": f"2025-03-01T10:{n // 60:02d}:{n % 60:02d}Z"}
+        for n in range(99)
+    ]})
+    assert response.status_code == 200, response.text
+    assert response.json()["extension"]["org.magnesium-cds"] == {"stored": 100}
+    assert "é" * 2000 in [row.user_comment for row in stored(app, card)]
+
+
+def test_the_same_feedback_posted_again_is_stored_once(app: Flask, base_url: str) -> None:
+    card = issue(app)
+    body = {"feedback": [{"card": card, "outcome": "overridden", "outcomeTimestamp": STAMP,
+                          "overrideReason": {"userComment": "renal function is stable"}}]}
+    first = post(base_url, SELECT, body)
+    assert first.json() == {"extension": {"org.magnesium-cds": {"stored": 1}}}
+    for _ in range(15):
+        again = post(base_url, SELECT, body)
+        assert again.status_code == 200
+        assert again.json() == {"extension": {"org.magnesium-cds": {"stored": 0, "duplicates": 1}}}
+    assert len(stored(app, card)) == 1
+    # Another outcome time is another report.
+    later = copy.deepcopy(body)
+    later["feedback"][0]["outcomeTimestamp"] = "2025-03-01T10:06:00Z"
+    assert post(base_url, SELECT, later).json()["extension"]["org.magnesium-cds"]["stored"] == 1
+    assert len(stored(app, card)) == 2

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -452,6 +453,17 @@ def _hostile_bodies() -> Iterator[tuple[str, bytes, str]]:
         b'{"feedback": ' + b"[" * 5000 + b"]" * 5000 + b"}",
         "application/json",
     )
+    item = (
+        b'{"card": "0b7f4c4e-8d1a-4e3f-9c55-1f2a3b4c5d6e", "outcome": "overridden", '
+        b'"outcomeTimestamp": "%s"%s}'
+    )
+    for timestamp in (b"9999-12-31T23:59:59-23:59", b"0001-01-01T00:00:00+23:59"):
+        body = b'{"feedback": [' + item % (timestamp, b"") + b"]}"
+        yield SERVICE_IDS[0] + "/feedback", body, "application/json"
+    surrogate = item % (b"2025-03-01T10:00:00Z", b', "overrideReason": {"userComment": "\\ud800"}')
+    yield SERVICE_IDS[0] + "/feedback", b'{"feedback": [' + surrogate + b"]}", "application/json"
+    many = b",".join([item % (b"2025-03-01T10:00:00Z", b"")] * 60_000)
+    yield SERVICE_IDS[0] + "/feedback", b'{"feedback": [' + many + b"]}", "application/json"
 
 
 def test_gunicorn_workers_survive_hostile_traffic(gunicorn_url: tuple[str, int, Path]) -> None:
@@ -494,6 +506,27 @@ def test_gunicorn_workers_survive_hostile_traffic(gunicorn_url: tuple[str, int, 
     )
     check_answer(response.status_code, response.headers.get("Content-Type", ""), response.content)
     assert response.status_code == 413
+
+    # A malformed chunk size, as a raw request (no client library sends one): gunicorn finds it
+    # while the application reads the body.
+    for size_line in (b"zz", b"-1", b"0x5", b"5;\x00"):
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), 10) as raw:
+            raw.sendall(
+                b"POST /cds-services/" + SERVICE_IDS[0].encode() + b"/feedback HTTP/1.1\r\n"
+                b"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + size_line + b"\r\n{}\r\n0\r\n\r\n"
+            )
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+        head, _, data = answer.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        content_type = next(
+            (line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+             if line.lower().startswith(b"content-type:")), "",
+        )
+        check_answer(status, content_type, data)
+        assert status == 400, answer
 
     @settings(
         max_examples=250,

@@ -500,3 +500,42 @@ def test_a_draft_nested_absurdly_deep_is_read_but_never_sent_back(
     assert answer["cards"]  # the interaction is still found
     assert not update_offered(answer)
     assert any("levels deep" in issue["problem"] for issue in data_issues(answer))
+
+
+# --- feedback ------------------------------------------------------------------------------
+
+FEEDBACK = "/cds-services/magnesium-order-select/feedback"
+A_CARD = "0b7f4c4e-8d1a-4e3f-9c55-1f2a3b4c5d6e"
+
+
+def _feedback(**changes: Any) -> dict[str, Any]:
+    item = {"card": A_CARD, "outcome": "overridden", "outcomeTimestamp": "2025-03-01T10:00:00Z"}
+    return {"feedback": [{**item, **changes}]}
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        # 9999-12-31 at -23:59 is in the year 10000 in UTC: datetime overflows.
+        (json.dumps(_feedback(outcomeTimestamp="9999-12-31T23:59:59-23:59")),
+         "$.feedback[0].outcomeTimestamp"),
+        (json.dumps(_feedback(outcomeTimestamp="0001-01-01T00:00:00+23:59")),
+         "$.feedback[0].outcomeTimestamp"),
+        # Valid JSON, but a lone surrogate is not text a database can store (UTF-8 cannot).
+        (json.dumps(_feedback(overrideReason={"userComment": "\ud800"})),
+         "$.feedback[0].overrideReason.userComment"),
+        (json.dumps(_feedback(overrideReason={"reason": {"code": "x\udfff", "system": "s"}})),
+         "$.feedback[0].overrideReason.reason.code"),
+        (json.dumps(_feedback(outcome="accepted", acceptedSuggestions=[{"id": "\udc80"}])),
+         "$.feedback[0].acceptedSuggestions[0].id"),
+        (json.dumps({"feedback": _feedback()["feedback"] * 101}), "$.feedback"),
+        (json.dumps(_feedback(overrideReason={"userComment": "x" * 2001})),
+         "$.feedback[0].overrideReason.userComment"),
+    ],
+)
+def test_hostile_feedback_gets_400_naming_the_field(
+    client: FlaskClient, data: str, path: str
+) -> None:
+    response = client.post(FEEDBACK, data=data, content_type="application/json")
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert problems(response) == [path]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -180,25 +181,46 @@ def test_any_string_jti_is_guarded(auth_app_factory: Any, jwt_issuer: JwtIssuer)
         assert (discover(client, token), discover(client, token)) == (200, 401)
 
 
-def test_an_unreachable_database_refuses_the_token_and_says_why(
-    auth_app_factory: Any, jwt_issuer: JwtIssuer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_an_unreachable_database_degrades_to_the_process_cache_and_says_so(
+    auth_app_factory: Any, jwt_issuer: JwtIssuer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from cds_service.metrics import REPLAY_SHARED_CACHE_UNAVAILABLE
+    from cds_service.protocol import auth
+
+    monkeypatch.setattr(auth, "SHARED_REPLAY_RETRY_S", 0.2)
     broken = FeedbackStore(make_engine("sqlite:////nonexistent-dir/for/sure/cds.sqlite3"))
     client = auth_app_factory(create_app_kwargs={"store": broken}).test_client()
-    token = jwt_issuer.token_for(DISCOVERY)
-    assert discover(client, token) == 401  # fail closed
-    [reason] = refusals(caplog)
-    assert reason.startswith("authentication failed: shared replay cache unavailable")
-    assert "OperationalError" in reason
+    counted = REPLAY_SHARED_CACHE_UNAVAILABLE._value.get()
+    tokens = [jwt_issuer.token_for(DISCOVERY) for _ in range(5)]
+    # Decision support goes on: each token passes once, on this process's cache alone.
+    assert [discover(client, token) for token in tokens] == [200] * 5
+    assert discover(client, tokens[0]) == 401  # a replay to the same process is still caught
+    assert refusals(caplog) == [SAME_PROCESS]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1  # once per outage, not once per call
+    assert errors[0].getMessage().startswith("shared replay cache unavailable (StoreUnavailable")
+    assert REPLAY_SHARED_CACHE_UNAVAILABLE._value.get() - counted == 5
     logged = "\n".join(r.getMessage() + json.dumps(r.__dict__, default=str) for r in caplog.records)
-    for part in token.split("."):
+    for part in tokens[1].split("."):
         assert part not in logged
-    # The refused token was never used: once the database is back it passes, once.
+    # The database is back: the shared cache is used again (tried at most every 0.2 s).
     working = FeedbackStore.open(f"sqlite:///{tmp_path / 'back.sqlite3'}")
     broken.engine = working.engine
+    time.sleep(0.25)
+    token = jwt_issuer.token_for(DISCOVERY)
     assert discover(client, token) == 200
-    assert discover(client, token) == 401
+    assert token_key_of(jwt_issuer.iss, token) in rows(working)
+    assert any(r.getMessage().startswith("shared replay cache available again") for r in
+               caplog.records)
     working.close()
+
+
+def token_key_of(iss: str, token: str) -> str:
+    import jwt as pyjwt
+
+    jti = pyjwt.decode(token, options={"verify_signature": False})["jti"]
+    return hashlib.sha256(f"{iss}\n{jti}".encode()).hexdigest()
 
 
 # --- the real thing: one gunicorn, two workers, one SQLite file ----------------------------

@@ -203,3 +203,47 @@ def test_a_report_never_creates_or_migrates_a_database(tmp_path: Path) -> None:
     empty = tmp_path / "empty.sqlite3"
     FeedbackStore(make_engine(f"sqlite:///{empty}")).ping()
     assert "start the service once" in (check_reportable(f"sqlite:///{empty}") or "")
+
+
+def test_the_same_feedback_is_stored_once(store_url: str) -> None:
+    store = FeedbackStore.open(store_url)
+    store.record_cards("magnesium-order-select", "hook-1", [CardRecord(CARD, "rule-a", "info")])
+    at = datetime(2025, 3, 1, 10, 0, tzinfo=UTC)
+    entry = FeedbackEntry(CARD, "overridden", at, reason_code="benefit", user_comment="first")
+    first = store.store_feedback("magnesium-order-select", [entry, entry])
+    assert (first.stored, first.duplicates) == (1, 1)
+    # The same instant written in another offset is the same report: stored once.
+    paris = datetime(2025, 3, 1, 11, 0, tzinfo=timezone(timedelta(hours=1)))
+    again = store.store_feedback("magnesium-order-select", [
+        FeedbackEntry(CARD, "overridden", paris, user_comment="second"),
+        FeedbackEntry(CARD, "overridden", at + timedelta(seconds=1)),  # a later override
+    ])
+    assert (again.stored, again.duplicates) == (1, 1)
+    with Session(store.engine) as session:
+        rows = session.scalars(select(Feedback).order_by(Feedback.outcome_at)).all()
+    assert [(r.outcome_at, r.user_comment) for r in rows] == [
+        (at, "first"), (at + timedelta(seconds=1), None)
+    ]
+    store.close()
+
+
+def test_the_migration_to_feedback_stored_once_keeps_the_first_of_repeated_rows(
+    store_url: str,
+) -> None:
+    engine = make_engine(store_url)
+    migrate.upgrade(engine, "0002")
+    at = datetime(2025, 3, 1, 10, 0, tzinfo=UTC)
+    rows = [
+        {"card_uuid": CARD, "service_id": "s", "outcome": "overridden", "outcome_at": at,
+         "received_at": at, "user_comment": comment, "flag": None}
+        for comment in ("kept", "repeat", "repeat again")
+    ]
+    rows.append({**rows[0], "card_uuid": OTHER_CARD, "user_comment": "other card"})
+    with engine.begin() as connection:
+        for row in rows:
+            connection.execute(Feedback.__table__.insert(), row)
+    migrate.upgrade(engine)
+    with Session(engine) as session:
+        comments = sorted(r.user_comment or "" for r in session.scalars(select(Feedback)))
+    assert comments == ["kept", "other card"]
+    engine.dispose()

@@ -9,8 +9,11 @@ Any failure answers 401 with a generic body; the reason goes to the log, never t
 
 Replays are caught at two levels: a bounded cache in process memory (no database round trip
 for a replay to the same worker), then a ``replay_guard`` shared by every worker and instance
-(``create_app`` backs it with the database). If the shared guard cannot answer, the token is
-refused: fail closed.
+(``create_app`` backs it with the database). If the shared guard cannot answer (the database is
+down), decision support goes on: the token is checked by this process's cache alone, an ERROR
+line says so (once per outage, then once a minute) and a metric counts it; the shared guard is
+tried again at most every ``SHARED_REPLAY_RETRY_S`` meanwhile, so that calls do not each wait
+for the database to time out.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Flask, Response, g, jsonify, request
 
 from cds_service.context.fhir_origin import Origin, parse_origins
+from cds_service.metrics import REPLAY_SHARED_CACHE_DEGRADED, REPLAY_SHARED_CACHE_UNAVAILABLE
 from cds_service.protocol.jwks import JwksCache, JwksError, SigningKey, parse_jwks
 from cds_service.protocol.validation import schema_problems
 from cds_service.settings import Settings, SettingsError
@@ -55,6 +59,11 @@ SANDBOX_JWKS_FILE = Path(__file__).with_name("sandbox-jwks.json")
 TRUSTED_ISSUERS_SCHEMA = "trusted-issuers.schema.json"
 
 UNAUTHORIZED_BODY = {"error": "unauthorized", "message": "authentication failed"}
+
+# While the shared replay cache is down: how often a call tries it again, and how often the
+# ERROR line is repeated.
+SHARED_REPLAY_RETRY_S = 1.0
+SHARED_REPLAY_LOG_EVERY_S = 60.0
 
 # Records ``(iss, jti)`` until ``expires_at`` (epoch seconds): True on first use, False on a
 # replay; raises when it cannot tell (the token is then refused).
@@ -253,6 +262,13 @@ class TokenVerifier:
         self.replay_guard = replay_guard
         self.leeway = leeway
         self._clock = clock
+        # Shared replay cache outage: since when (monotonic), when to try it next, when the
+        # ERROR line was last written, how many tokens were checked per process only.
+        self._shared_lock = threading.Lock()
+        self._shared_down_since: float | None = None
+        self._shared_retry_at = 0.0
+        self._shared_logged_at = 0.0
+        self._unshared_tokens = 0
 
     def verify(self, token: str, audience: str | Sequence[str]) -> dict[str, Any]:
         """The token's claims, or AuthError naming the first problem found.
@@ -320,18 +336,68 @@ class TokenVerifier:
 
     def _check_replay(self, key: tuple[str, str], expires_at: float) -> None:
         self.replay.remember(key, expires_at)  # this process first: no database round trip
-        if self.replay_guard is None:
+        if self.replay_guard is None or not self._try_shared_now():
             return
         try:
             first_use = self.replay_guard(key, expires_at)
         except Exception as exc:
-            # Fail closed; and the token was not used, so a retry may pass once the guard is back.
-            self.replay.forget(key)
-            raise AuthError(
-                f"shared replay cache unavailable ({type(exc).__name__}: {_show(str(exc))})"
-            ) from None
+            self._shared_unavailable(exc)
+            return  # accepted on this process's cache alone: decision support goes on
+        self._shared_available()
         if not first_use:
             raise AuthError("jti was already used (replay, seen by another worker or instance)")
+
+    def _try_shared_now(self) -> bool:
+        """False while the shared cache is known down and not due for another try (the token
+        then counts as checked by this process only)."""
+        with self._shared_lock:
+            if self._shared_down_since is None:
+                return True
+            now = time.monotonic()
+            if now >= self._shared_retry_at:
+                self._shared_retry_at = now + SHARED_REPLAY_RETRY_S  # one call tries; others go on
+                return True
+            self._unshared_tokens += 1
+        REPLAY_SHARED_CACHE_UNAVAILABLE.inc()
+        return False
+
+    def _shared_unavailable(self, exc: Exception) -> None:
+        now = time.monotonic()
+        with self._shared_lock:
+            first = self._shared_down_since is None
+            if first:
+                self._shared_down_since = now
+            self._shared_retry_at = now + SHARED_REPLAY_RETRY_S
+            self._unshared_tokens += 1
+            due = first or now - self._shared_logged_at >= SHARED_REPLAY_LOG_EVERY_S
+            if due:
+                self._shared_logged_at = now
+            unshared = self._unshared_tokens
+        REPLAY_SHARED_CACHE_UNAVAILABLE.inc()
+        REPLAY_SHARED_CACHE_DEGRADED.set(1)
+        if due:
+            log.error(
+                "shared replay cache unavailable (%s: %s): tokens are checked against this "
+                "process's replay cache only (%d so far); a replay to another worker or instance "
+                "is not caught until the database is back",
+                type(exc).__name__, _show(str(exc)), unshared,
+                extra={"event": "replay-cache-degraded"},
+            )
+
+    def _shared_available(self) -> None:
+        if self._shared_down_since is None:  # the usual case: no lock taken
+            return
+        with self._shared_lock:
+            if self._shared_down_since is None:
+                return
+            seconds = time.monotonic() - self._shared_down_since
+            unshared, self._unshared_tokens = self._unshared_tokens, 0
+            self._shared_down_since = None
+        REPLAY_SHARED_CACHE_DEGRADED.set(0)
+        log.warning(
+            "shared replay cache available again after %.1f s; %d tokens were checked by this "
+            "process only meanwhile", seconds, unshared, extra={"event": "replay-cache-restored"},
+        )
 
     def _key(self, issuer: TrustedIssuer, jku: Any, kid: str) -> SigningKey:
         if jku is not None and jku not in issuer.jku:

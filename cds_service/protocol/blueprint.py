@@ -14,6 +14,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from cds_service.context.model import DataUnavailable
+from cds_service.metrics import card_counter
 from cds_service.pipeline import HookPipeline
 from cds_service.protocol.errors import ApiError
 from cds_service.protocol.guidance import public_base_url
@@ -69,6 +70,8 @@ def call_service(service_id: str) -> ResponseReturnValue:
             [_missing_problem(m.to_json()) for m in exc.missing],
         ) from None
     values.rule_ids = result.rule_ids
+    for card in result.cards:
+        card_counter(card.rule_id, card.indicator).inc()
     recorded = time.perf_counter()
     recorder = extensions.get(CARD_RECORDER_EXTENSION)
     if recorder is not None:

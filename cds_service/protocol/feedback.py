@@ -42,6 +42,11 @@ UNKNOWN_CARD_POLL_S = 0.01
 # store_feedback will say so (503) or flag what is missing.
 LOCAL_FLUSH_TIMEOUT_S = 2.0
 
+# Bounds on what one request may make the store keep (a client reports what one clinician did
+# with the cards of a few calls; 60,000 entries or a 9 MB comment is not feedback).
+MAX_FEEDBACK_ENTRIES = 100
+MAX_USER_COMMENT_CHARS = 2_000
+
 _RFC3339 = re.compile(
     r"^(?P<date>\d{4}-\d{2}-\d{2})[Tt](?P<hms>\d{2}:\d{2}):(?P<sec>\d{2})(?:\.(?P<frac>\d+))?"
     r"(?P<zone>[Zz]|[+-]\d{2}:\d{2})$"
@@ -56,6 +61,7 @@ def post_feedback(service_id: str) -> ResponseReturnValue:
             404, "unknown-service", f"no CDS service with id {service_id!r}; see /cds-services"
         )
     body = read_json_body(request)
+    _check_bounds(body)
     validate_or_400(body, "feedback.schema.json", "feedback")
     entries = [_entry(item, index) for index, item in enumerate(body["feedback"])]
     store: FeedbackStore = current_app.extensions[STORE_EXTENSION]
@@ -73,6 +79,8 @@ def post_feedback(service_id: str) -> ResponseReturnValue:
             len(receipt.unknown_cards), len(receipt.other_service_cards),
         )
     summary: dict[str, Any] = {"stored": receipt.stored}
+    if receipt.duplicates:
+        summary["duplicates"] = receipt.duplicates
     # Omitted when empty: CDS Hooks JSON never carries empty arrays.
     if receipt.unknown_cards:
         summary["unknownCards"] = list(receipt.unknown_cards)
@@ -98,9 +106,52 @@ def _wait_for_issued_cards(store: FeedbackStore, card_uuids: list[str]) -> None:
         missing -= set(store.issued_by(missing))
 
 
+def _check_bounds(body: Any) -> None:
+    """400 for a body over the bounds, worded for a person and found before the schema check
+    (which would walk every one of 60,000 entries and quote them back)."""
+    entries = body.get("feedback") if isinstance(body, dict) else None
+    if not isinstance(entries, list):
+        return  # the schema check words it
+    if len(entries) > MAX_FEEDBACK_ENTRIES:
+        raise _invalid(
+            "$.feedback",
+            f"{len(entries)} entries; send at most {MAX_FEEDBACK_ENTRIES} per request",
+        )
+    for index, item in enumerate(entries):
+        reason = item.get("overrideReason") if isinstance(item, dict) else None
+        comment = reason.get("userComment") if isinstance(reason, dict) else None
+        if isinstance(comment, str) and len(comment) > MAX_USER_COMMENT_CHARS:
+            raise _invalid(
+                f"$.feedback[{index}].overrideReason.userComment",
+                f"{len(comment)} characters; at most {MAX_USER_COMMENT_CHARS} are kept",
+            )
+
+
+def _invalid(path: str, message: str) -> ApiError:
+    return ApiError(
+        400, "invalid-request", "the feedback does not conform to CDS Hooks 2.0",
+        [problem(path, message)],
+    )
+
+
 def _entry(item: dict[str, Any], index: int) -> FeedbackEntry:
     reason = item.get("overrideReason", {})
     coding = reason.get("reason", {})
+    where = f"$.feedback[{index}]"
+    # JSON can escape a lone surrogate ("\ud800"): valid JSON, but not text any database
+    # stores (UTF-8 cannot encode it).
+    for path, value in (
+        (f"{where}.overrideReason.userComment", reason.get("userComment")),
+        (f"{where}.overrideReason.reason.system", coding.get("system")),
+        (f"{where}.overrideReason.reason.code", coding.get("code")),
+        (f"{where}.overrideReason.reason.display", coding.get("display")),
+        *(
+            (f"{where}.acceptedSuggestions[{n}].id", s["id"])
+            for n, s in enumerate(item.get("acceptedSuggestions", ()))
+        ),
+    ):
+        if value is not None and not _is_text(value):
+            raise _invalid(path, "holds a lone UTF-16 surrogate (\\ud800-\\udfff), not text")
     return FeedbackEntry(
         card_uuid=item["card"].lower(),
         outcome=item["outcome"],
@@ -111,6 +162,14 @@ def _entry(item: dict[str, Any], index: int) -> FeedbackEntry:
         reason_display=coding.get("display"),
         user_comment=reason.get("userComment"),
     )
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _timestamp(value: str, path: str) -> datetime:
@@ -130,11 +189,11 @@ def _timestamp(value: str, path: str) -> datetime:
             f"{match['date']}T{match['hms']}:{second:02d}.{fraction}{zone}"
         )
     except ValueError:
-        raise ApiError(
-            400, "invalid-request", "the feedback does not conform to CDS Hooks 2.0",
-            [problem(path, f"{value!r} is not an RFC 3339 date-time")],
-        ) from None
-    return parsed.astimezone(UTC)
+        raise _invalid(path, f"{value!r} is not an RFC 3339 date-time") from None
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-23:59 is in year 10000 in UTC
+        raise _invalid(path, f"{value!r} is outside the years 1-9999 in UTC") from None
 
 
 def make_card_recorder(store: FeedbackStore) -> Callable[[str, str, PipelineResult], None]:

@@ -95,7 +95,11 @@ class Feedback(Base):
     user_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
     flag: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
-    __table_args__ = (Index("ix_feedback_card_uuid", "card_uuid"),)
+    __table_args__ = (
+        Index("ix_feedback_card_uuid", "card_uuid"),
+        # The same report sent again (a client retrying) is one row, not many.
+        Index("ux_feedback_card_outcome_at", "card_uuid", "outcome", "outcome_at", unique=True),
+    )
 
 
 class SeenToken(Base):

@@ -76,9 +76,10 @@ class FeedbackEntry:
 
 @dataclass(frozen=True)
 class FeedbackReceipt:
-    stored: int
+    stored: int  # rows added
     unknown_cards: tuple[str, ...]  # never issued here
     other_service_cards: tuple[str, ...]  # issued by another service id
+    duplicates: int = 0  # entries already on record (same card, outcome and outcome time)
 
 
 class FeedbackStore:
@@ -200,8 +201,13 @@ class FeedbackStore:
             unknown: list[str] = []
             other: list[str] = []
             rows: list[dict[str, Any]] = []
+            seen: set[tuple[str, str, datetime]] = set()
             for entry in entries:
                 card = entry.card_uuid.lower()
+                key = (card, entry.outcome, entry.outcome_at)
+                if key in seen:  # repeated within the body: stored once, like a retry
+                    continue
+                seen.add(key)
                 flag = None
                 if card not in issued_by:
                     flag = FLAG_UNKNOWN_CARD
@@ -222,10 +228,12 @@ class FeedbackStore:
                     "user_comment": entry.user_comment,
                     "flag": flag,
                 })
-            if rows:
-                connection.execute(insert(Feedback), rows)
+            added = _insert_feedback_once(connection, rows) if rows else 0
         return FeedbackReceipt(
-            len(rows), tuple(dict.fromkeys(unknown)), tuple(dict.fromkeys(other))
+            added,
+            tuple(dict.fromkeys(unknown)),
+            tuple(dict.fromkeys(other)),
+            duplicates=len(entries) - added,
         )
 
 
@@ -324,6 +332,32 @@ def _insert_cards_once(connection: Connection, rows: list[dict[str, Any]]) -> in
         try:
             with connection.begin_nested():
                 connection.execute(insert(IssuedCard), row)
+            added += 1
+        except IntegrityError:
+            pass
+    return added
+
+
+_FEEDBACK_KEY = ["card_uuid", "outcome", "outcome_at"]
+
+
+def _insert_feedback_once(connection: Connection, rows: list[dict[str, Any]]) -> int:
+    """Insert the rows not yet on record (by card, outcome and outcome time); how many were
+    new. A concurrent identical report loses the race on the unique index and adds nothing."""
+    dialect = connection.dialect.name
+    if dialect in _UPSERT_DIALECTS:
+        insert_fn = sqlite_insert if dialect == "sqlite" else postgresql_insert
+        statement = (
+            insert_fn(Feedback)
+            .on_conflict_do_nothing(index_elements=_FEEDBACK_KEY)
+            .returning(Feedback.id)
+        )
+        return len(connection.execute(statement, rows).all())
+    added = 0
+    for row in rows:
+        try:
+            with connection.begin_nested():
+                connection.execute(insert(Feedback), row)
             added += 1
         except IntegrityError:
             pass

@@ -15,6 +15,11 @@ The cost: cards reach the database up to a window (plus a commit) after the answ
 of the process (not a normal exit: ``atexit`` flushes) can lose the cards not yet written.
 Feedback for a card that is still queued is handled by the feedback endpoint (flush, which
 skips the window, then a short grace period that is longer than the window).
+
+A database outage does not lose cards: a batch that could not be written goes back to the head
+of the queue and the thread tries again, waiting longer each time (up to ``RETRY_MAX_S``). The
+queue holds at most ``max_cards``; what arrives beyond that while the database is down is
+dropped, with an ERROR line and a metric (a process's memory is the bound).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
+
+from cds_service.metrics import CARD_WRITER_DROPPED, CARD_WRITER_QUEUE
 
 if TYPE_CHECKING:  # store.py imports this module
     from cds_service.store.store import CardRecord
@@ -45,6 +52,9 @@ EXIT_FLUSH_TIMEOUT_S = 5.0
 GROUP_COMMIT_WINDOW_S = 0.025
 # A batch this large is written without waiting for the window to end.
 GROUP_COMMIT_MAX_CARDS = 500
+# After a failed write: wait this long before the next try, doubling up to RETRY_MAX_S.
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,9 @@ class CardWriter:
         self._enqueued = 0  # sequence number of the last batch queued
         self._done = 0  # every batch up to this sequence number is written (or failed)
         self._hurry = False  # a flush is waiting: write now, do not wait out the window
+        self._failing_since: float | None = None  # the database refused the last write
+        self._retry_delay = RETRY_FIRST_S
+        self._drops_logged = False
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
         self.batches_written = 0  # transactions committed by the thread (tests, diagnostics)
@@ -107,11 +120,24 @@ class CardWriter:
                 was_empty = not self._queue
                 self._queue.append((self._enqueued, batch))
                 self._queued_cards += len(batch.cards)
+                CARD_WRITER_QUEUE.set(self._queued_cards)
                 # Wake the thread only when it waits for a first batch or when the batch is
                 # big enough to write; within the window it wakes on its own.
                 if was_empty or self._queued_cards >= GROUP_COMMIT_MAX_CARDS:
                     self._has_work.notify()
                 return
+            failing = self._failing_since is not None
+        if failing:
+            # The database is down and the queue is full: holding more would grow without bound.
+            CARD_WRITER_DROPPED.inc(len(batch.cards))
+            if not self._drops_logged:  # once per outage; the metric counts every card
+                self._drops_logged = True
+                log.error(
+                    "issued cards not recorded: the queue is full (%d cards) and the database "
+                    "unavailable; cards issued from now on until it is back are not recorded",
+                    self.max_cards,
+                )
+            return
         # Queue full (the database is slower than the calls): this request pays for its own
         # write rather than dropping the cards. Raises like record_cards; the caller logs.
         log.warning("issued-card queue full (%d cards): writing in the request", self.max_cards)
@@ -131,8 +157,15 @@ class CardWriter:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._thread is None or not self._thread.is_alive():
                     return False
+                if self._failing_since is not None:
+                    return False  # the database is down: waiting would not help
                 self._progress.wait(remaining)
             return True
+
+    @property
+    def failing(self) -> bool:
+        """True while the database refuses the writes (the cards are held and retried)."""
+        return self._failing_since is not None
 
     def pending_cards(self) -> int:
         with self._lock:
@@ -144,7 +177,8 @@ class CardWriter:
             if self._pid != os.getpid() or not self._queue:
                 return
             taken, self._queue, self._queued_cards = self._queue, [], 0
-        self._write(taken)
+        if not self._write(taken):
+            log.error("issued cards not recorded at exit: the database is unavailable")
 
     def _ensure_thread(self) -> None:
         # Started lazily, in the process that records: gunicorn forks its workers from a master
@@ -170,25 +204,57 @@ class CardWriter:
                     self._has_work.wait(remaining)
                 self._hurry = False
                 taken, self._queue, self._queued_cards = self._queue, [], 0
-            if taken:  # drain_here (exit) may have taken the queue during the window
-                self._write(taken)
+                CARD_WRITER_QUEUE.set(0)
+            # drain_here (exit) may have taken the queue during the window
+            if taken and not self._write(taken):
+                time.sleep(self._retry_delay)  # the database is down: the cards wait, queued
+                self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_S)
 
-    def _write(self, taken: list[tuple[int, CardBatch]]) -> None:
+    def _write(self, taken: list[tuple[int, CardBatch]]) -> bool:
+        """Write ``taken``; False when the database was unavailable (they are queued again)."""
+        from cds_service.store.store import StoreUnavailable  # store.py imports this module
+
         batches = [batch for _, batch in taken]
+        cards = sum(len(batch.cards) for batch in batches)
         try:
             self._write_batches(batches)
-            written = True
-        except Exception as exc:  # bookkeeping must never kill the writer
-            written = False
-            cards = sum(len(batch.cards) for batch in batches)
+        except StoreUnavailable as exc:
+            with self._lock:
+                # Back at the head of the queue, in order; the bound applies to new calls only.
+                self._queue = taken + self._queue
+                self._queued_cards += cards
+                CARD_WRITER_QUEUE.set(self._queued_cards)
+                first = self._failing_since is None
+                if first:
+                    self._failing_since = time.monotonic()
+                self._progress.notify_all()  # a waiting flush gives up: the database is down
+            if first:
+                log.error(
+                    "issued cards not written yet (%d): database unavailable (%s); they are "
+                    "held and written when it is back", cards, exc,
+                )
+            return False
+        except Exception as exc:  # a bug, not an outage: never kill the writer, never loop
             log.error("issued cards not recorded (%d): %s", cards, type(exc).__name__)
+            written = False
+        else:
+            written = True
         with self._lock:
             if written:
                 self.batches_written += 1
+            if self._failing_since is not None and written:
+                log.warning(
+                    "issued cards written again after %.1f s of database outage",
+                    time.monotonic() - self._failing_since,
+                )
+                self._failing_since = None
+                self._retry_delay = RETRY_FIRST_S
+                self._drops_logged = False
             # Failed batches count as done too: flush() waits for the attempt, not for success
             # (the feedback endpoint then flags those cards unknown, as before).
             self._done = max(self._done, taken[-1][0])
             self._progress.notify_all()
+        return True
 
 
 _WRITERS: weakref.WeakSet[CardWriter] = weakref.WeakSet()
