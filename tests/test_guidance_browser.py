@@ -57,6 +57,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     directory = tmp_path_factory.mktemp("guidance-serve")
     env = {
         "CDS_AUTH": "off",
+        "CDS_FHIR_SERVER_ALLOWLIST": "*",  # scenarios without prefetch read the fixture server
         "CDS_WORKERS": "1",
         "CDS_DATABASE_URL": f"sqlite:///{directory / 'cds.sqlite3'}",
     }

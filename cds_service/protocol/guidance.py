@@ -429,7 +429,7 @@ def _section(anchor: str, heading: str, body: str) -> str:
 # Dark text on white (contrast above 12:1), links underlined, tables scroll on a phone.
 _CSS = """
 :root{color:#1a1a1a;background:#fff;font:16px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif}
-body{margin:0}main{max-width:48rem;margin:0 auto;padding:1rem}
+body{margin:0;overflow-wrap:anywhere}main{max-width:48rem;margin:0 auto;padding:1rem}
 h1{font-size:1.6rem;line-height:1.25;margin:.25rem 0 .75rem}h2{font-size:1.25rem;
 margin:1.75rem 0 .5rem;border-bottom:2px solid #d0d7de}h3{font-size:1.05rem;margin:1rem 0 .25rem}
 a{color:#0b4f9c;text-decoration:underline}a:focus{outline:3px solid #f0b400}
