@@ -14,6 +14,17 @@ active ingredient. Brand names come from the same records; a brand stands for an
 when most of its records contain it (Rolaids: calcium carbonate with magnesium hydroxide in
 all but one). Strength is kept only for magnesium, only from records naming a single RxCUI,
 and only where all such records agree (a label may state elemental magnesium instead).
+
+Published value sets (VSAC expansions and US Core's allergy-substance set, extracted into
+``vsac-valueset-extract.json``) add ingredient (IN), multiple-ingredient (MIN), clinical drug
+(SCD) and pack (GPCK) concepts with their RxNorm names. The sets do not state term types, so
+each concept's TTY is derived from RxNorm's naming conventions: ``{...} Pack`` is a pack (BPCK
+when a ``[Brand]`` follows, else GPCK); a ``[Brand]`` suffix makes a branded drug (SBD, or SBDC
+without a dose form); a name with a strength is a clinical drug (SCD with a dose form, SCDC
+without); a name without one is an ingredient (IN), several joined by `` / `` a MIN. Each
+component of a name ("doxycycline hyclate 100 MG") counts for the knowledge's ingredient when
+it names it, alone or with a salt word (hyclate, hydrochloride...): "pitavastatin magnesium"
+or "gabapentin enacarbil" name other ingredients and count for none.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ DATA = ROOT / "cds_service" / "knowledge" / "data"
 OUT = DATA / "terminology"
 NDC_EXTRACT = INPUTS / "openfda-ndc-extract.json"
 SNOMED_EXTRACT = INPUTS / "snomed-isa-extract.json"
+VSAC_EXTRACT = INPUTS / "vsac-valueset-extract.json"
 RXNORM_FILE = "rxnorm-products.json"
 SNOMED_FILE = "snomed-descendants.json"
 SCRIPT = "scripts/build_terminology.py"
@@ -75,6 +87,28 @@ _STRENGTH = re.compile(
 _MG_PER = {"mg": 1.0, "g": 1000.0, "ug": 0.001, "mcg": 0.001}
 
 Json = dict[str, Any]
+
+# Salt and hydrate words an RxNorm precise-ingredient name adds to its ingredient
+# ("doxycycline hyclate", "ciprofloxacin hydrochloride", "levothyroxine sodium").
+SALT_WORDS = frozenset(
+    [
+        "anhydrous",
+        "bromide",
+        "calcium",
+        "chloride",
+        "hyclate",
+        "hydrochloride",
+        "methylsulfate",
+        "monohydrate",
+        "sodium",
+        "sulfate",
+    ]
+)
+# Dose forms that give a clinical drug its route (the rest, eye drops or inhalers, say none).
+_FORM_ROUTES = (("inject", "parenteral"), ("oral", "oral"), ("chewable", "oral"))
+_PACK = re.compile(r"^\{(.*)\}\s*Pack(?:\s*\[(.+)\])?$")
+_BRAND = re.compile(r"^(.*?)\s*\[([^\]]+)\]$")
+_NUMBER = re.compile(r"(?<![A-Za-z])[0-9]*\.?[0-9]+\b")
 
 
 def _load(path: Path) -> Json:
@@ -158,7 +192,105 @@ def _brand_phrase(record: Json, vocabulary: _Vocabulary) -> str | None:
     return phrase
 
 
-def build_rxnorm(extract: Json, medications: Json) -> Json:
+def rxnorm_tty(name: str) -> str:
+    """The RxNorm term type a concept name has by RxNorm's naming conventions."""
+    pack = _PACK.match(name)
+    if pack:
+        return "BPCK" if pack.group(2) else "GPCK"
+    branded = _BRAND.match(name)
+    body = branded.group(1) if branded else name
+    if not _NUMBER.search(body):
+        return "BN" if branded else ("MIN" if " / " in body else "IN")
+    has_form = not re.search(r"\b(MG|MCG|UNT|MEQ|ML)(/[A-Z]+)?$", body.strip(), re.I)
+    if branded:
+        return "SBD" if has_form else "SBDC"
+    return "SCD" if has_form else "SCDC"
+
+
+def _components(name: str) -> list[str]:
+    """Ingredient names in a concept name: 'ciprofloxacin hydrochloride', 'magnesium salicylate'."""
+    pack = _PACK.match(name)
+    parts = re.findall(r"\(([^()]*(?:\([^()]*\)[^()]*)*)\)", pack.group(1)) if pack else [name]
+    found = []
+    for part in parts:
+        branded = _BRAND.match(part)
+        part = branded.group(1) if branded else part
+        # "24 HR ...", "100 ML ...", "Once-Daily ...": what precedes the ingredient.
+        part = re.sub(r"^(?:[0-9.]+ (?:HR|ML|MG) |Once-Daily )+", "", part.strip())
+        for component in part.split(" / "):
+            words = []
+            for word in component.replace("(USP)", "").split():
+                if _NUMBER.fullmatch(word):
+                    break
+                words.append(word)
+            if words:
+                found.append(" ".join(words).lower())
+    return found
+
+
+def _route_of_form(name: str) -> str | None:
+    lowered = name.lower()
+    routes = {route for word, route in _FORM_ROUTES if word in lowered}
+    return routes.pop() if len(routes) == 1 else None
+
+
+def _vsac_concepts(extract: Json, vocabulary: _Vocabulary) -> list[Json]:
+    """Each concept of the value sets that contains a knowledge ingredient or magnesium salt."""
+    drug_names = {name: name for name in vocabulary.names}
+    drug_names.update({phrase.strip(): name for phrase, name in vocabulary.drugs})
+    rows: dict[str, Json] = {}
+    for value_set in extract["value_sets"]:
+        source = f"{value_set['url']}|{value_set['version']}"
+        for concept in value_set["concepts"]:
+            name = concept["name"]
+            drugs, salts, others = set(), {}, 0
+            for component in _components(name):
+                words = component.split()
+                base = next(
+                    (
+                        drug_names[" ".join(words[:n])]
+                        for n in range(len(words), 0, -1)
+                        if " ".join(words[:n]) in drug_names and set(words[n:]) <= SALT_WORDS
+                    ),
+                    None,
+                )
+                salt = vocabulary.salt(component) if words[0] == "magnesium" else None
+                if base:
+                    drugs.add(base)
+                elif salt:
+                    salts[salt] = component
+                else:
+                    others += 1
+            if not drugs and not salts:
+                continue
+            row = rows.setdefault(
+                concept["rxcui"],
+                {
+                    "name": name,
+                    "tty": rxnorm_tty(name),
+                    "drugs": drugs,
+                    "salts": salts,
+                    "multi": len(drugs) + len(salts) + others > 1,
+                    "sources": set(),
+                },
+            )
+            row["sources"].add(source)
+    return [{"rxcui": code, **row} for code, row in rows.items()]
+
+
+def _strength_in_name(name: str, salt_component: str) -> Json | None:
+    """'... magnesium salicylate 580 MG Oral Tablet' -> 580 mg per unit (SCD names only)."""
+    found = re.search(re.escape(salt_component) + r" ([0-9]*\.?[0-9]+) (MG|MG/ML)\b", name, re.I)
+    if not found or _PACK.match(name):
+        return None
+    return {
+        "value": float(found.group(1)),
+        "unit": "mg",
+        "per": "mL" if found.group(2).upper() == "MG/ML" else "unit",
+    }
+
+
+def build_rxnorm(extract: Json, medications: Json, value_sets: Json | None = None) -> Json:
     vocabulary = _Vocabulary(medications)
     products: dict[str, dict[str, Any]] = {}
     strengths: dict[tuple[str, str], set[tuple[float, str | None]]] = defaultdict(set)
@@ -203,6 +335,30 @@ def build_rxnorm(extract: Json, medications: Json) -> Json:
                 }
             )
 
+    named: dict[str, Json] = {}
+    for row in _vsac_concepts(value_sets or {"value_sets": []}, vocabulary):
+        named[row["rxcui"]] = row
+        entry = products.setdefault(
+            row["rxcui"],
+            {
+                "ingredients": set(),
+                "salts": set(),
+                "multi": False,
+                "routes": set(),
+                "sources": set(),
+            },
+        )
+        entry["ingredients"].update(row["drugs"])
+        entry["salts"].update(row["salts"])
+        entry["multi"] |= row["multi"]
+        if row["tty"] in ("SCD", "SBD") and (route := _route_of_form(row["name"])):
+            entry["routes"].add(route)
+        entry["sources"].update(row["sources"])
+        for salt, component in row["salts"].items():
+            stated = _strength_in_name(row["name"], component) if row["tty"] == "SCD" else None
+            if stated and (row["rxcui"], salt) not in strengths:
+                strengths[(row["rxcui"], salt)].add((stated["value"], stated["per"]))
+
     product_rows = []
     for rxcui in sorted(products, key=int):
         entry = products[rxcui]
@@ -221,6 +377,9 @@ def build_rxnorm(extract: Json, medications: Json) -> Json:
         product_rows.append(
             {
                 "rxcui": rxcui,
+                # RxNorm's name and term type where a value set names the concept.
+                "name": named[rxcui]["name"] if rxcui in named else None,
+                "tty": named[rxcui]["tty"] if rxcui in named else None,
                 "ingredients": sorted(entry["ingredients"]),
                 "magnesium": magnesium,
                 "multi_ingredient": entry["multi"],
@@ -242,14 +401,14 @@ def build_rxnorm(extract: Json, medications: Json) -> Json:
                     counts[item] += 1
             return sorted(item for item, n in counts.items() if n > half)
 
-        drugs, salts = most("drugs"), most("salts")
-        if not drugs and not salts:
+        brand_drugs, brand_salts = most("drugs"), most("salts")
+        if not brand_drugs and not brand_salts:
             continue
         brand_rows.append(
             {
                 "phrase": phrase,
-                "ingredients": drugs,
-                "magnesium": salts,
+                "ingredients": brand_drugs,
+                "magnesium": brand_salts,
                 "multi_ingredient": sum(row["multi"] for row in records) > half,
                 "products_seen": len(records),
                 "sources": sorted({row["url"] for row in records}),
@@ -264,8 +423,15 @@ def build_rxnorm(extract: Json, medications: Json) -> Json:
         ),
         "generated": {
             "by": SCRIPT,
-            "from": [_rel(NDC_EXTRACT), _rel(DATA / "medications.json")],
-            "source": extract["source"],
+            "from": [_rel(NDC_EXTRACT), _rel(VSAC_EXTRACT), _rel(DATA / "medications.json")],
+            "source": extract["source"]
+            + "; "
+            + (value_sets or {}).get("source", "")
+            + (
+                f" (commit {value_sets['commit']}, {value_sets['commit_date']})"
+                if value_sets
+                else ""
+            ),
             "date": extract["retrieved"],
         },
         "products": product_rows,
@@ -335,7 +501,9 @@ def outputs() -> dict[Path, str]:
     medications = _load(DATA / "medications.json")
     conditions = _load(DATA / "conditions.json")
     return {
-        OUT / RXNORM_FILE: render(build_rxnorm(_load(NDC_EXTRACT), medications)),
+        OUT / RXNORM_FILE: render(
+            build_rxnorm(_load(NDC_EXTRACT), medications, _load(VSAC_EXTRACT))
+        ),
         OUT / SNOMED_FILE: render(build_snomed(_load(SNOMED_EXTRACT), conditions)),
     }
 

@@ -4,6 +4,7 @@ server, and the generator reproducing the committed terminology files."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -241,6 +242,132 @@ def test_a_code_only_product_carries_its_route(tmp_path: Path, code: str, warned
         for c in post(make_app(tmp_path), body)["cards"]
     }
     assert ("chelation-interaction" in rules) is warned, rules
+
+
+# ------------------------------------------------------------------ term types, code only
+
+
+def generated_row(rxcui: str) -> dict[str, Any]:
+    rows = json.loads((DATA_DIR / "terminology" / "rxnorm-products.json").read_text("utf-8"))
+    row: dict[str, Any] = next(p for p in rows["products"] if p["rxcui"] == rxcui)
+    return row
+
+
+def chelation_facts_with_on_file(code: str, tmp_path: Path) -> list[str]:
+    """Magnesium oxide drafted; one drug on file, sent as a bare RxNorm code."""
+    body = request("no-relevant.order-select.json")
+    on_file = body["prefetch"]["medicationRequests"]["entry"][0]["resource"]
+    on_file["medicationCodeableConcept"] = {"coding": [{"system": RXNORM, "code": code}]}
+    on_file["dosageInstruction"] = [{"text": "as directed"}]
+    return [
+        evidence["fact"]
+        for card in post(make_app(tmp_path), body)["cards"]
+        if card["extension"]["org.magnesium-cds"]["ruleId"] == "chelation-interaction"
+        for evidence in card["extension"]["org.magnesium-cds"]["evidence"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tty", "code", "group"),
+    [
+        ("IN", "46041", "bisphosphonate"),  # alendronate: no curated code, only the value set's
+        ("SCD", "199884", "fluoroquinolone"),  # levofloxacin 250 MG Oral Tablet
+        ("SCD", "1649425", "tetracycline"),  # doxycycline hyclate 75 MG Oral Tablet
+        ("SCD", "245273", "cardiac-glycoside"),  # digoxin 0.0625 MG Oral Tablet
+        ("SCD", "200060", "mycophenolate"),  # mycophenolate mofetil 500 MG Oral Tablet
+        ("SCD", "198277", "thyroid-hormone"),  # thyroid (USP) 130 MG Oral Tablet
+        ("GPCK", "835700", "tetracycline"),  # {30 (doxycycline monohydrate 150 MG ...) } Pack
+        ("GPCK", "2398511", "gabapentinoid"),  # gabapentin starter pack
+    ],
+)
+def test_each_term_type_is_recognised_from_its_code_alone(
+    tmp_path: Path, tty: str, code: str, group: str
+) -> None:
+    assert generated_row(code)["tty"] == tty
+    facts = chelation_facts_with_on_file(code, tmp_path)
+    assert f"On file: {group.replace('-', ' ')} (sent by code only)" in facts, facts
+
+
+def test_a_branded_drug_code_alone_warns(tmp_path: Path) -> None:
+    # SBD 205770, ciprofloxacin 500 MG Oral Tablet [Cipro], from the openFDA NDC records.
+    facts = chelation_facts_with_on_file("205770", tmp_path)
+    assert "On file: fluoroquinolone (sent by code only)" in facts, facts
+
+
+@pytest.mark.parametrize(
+    ("code", "named"),
+    [
+        ("466541", "neomycin"),  # MIN neomycin / polymyxin B
+        ("689467", "polymyxin b"),  # MIN oxytetracycline / polymyxin B: polymyxin, not a
+        # tetracycline (oxytetracycline is no ingredient the knowledge names)
+    ],
+)
+def test_a_multiple_ingredient_code_alone_warns_in_myasthenia(
+    tmp_path: Path, code: str, named: str
+) -> None:
+    assert generated_row(code)["tty"] == "MIN"
+    body = request("mg-pyridostigmine.order-select.gentamicin.json")
+    with_draft_drug(body, {"system": RXNORM, "code": code}, "")
+    found = cards(post(make_app(tmp_path), body))
+    assert [summary for _, summary in found if summary.startswith(f"Use {named} ")], found
+    assert load_knowledge().drug_groups([Coding(RXNORM, code)])[0] == frozenset(
+        {"aminoglycoside-polymyxin"}
+    )
+
+
+def test_a_clinical_drug_naming_magnesium_gives_salt_and_strength() -> None:
+    # SCD 1297517: diphenhydramine hydrochloride 25 MG / magnesium salicylate 580 MG Oral Tablet
+    match = load_knowledge().match_magnesium([Coding(RXNORM, "1297517")])
+    assert match is not None and match.salt == "salicylate" and match.multi_ingredient
+    assert (match.strength_mg, match.strength_unit, match.route) == (580.0, "unit", "oral")
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        ("2001254", ""),  # pitavastatin magnesium 1 MG Oral Tablet, code only
+        ("2001254", "pitavastatin magnesium 1 MG Oral Tablet"),
+        ("", "esomeprazole magnesium 40 MG Delayed Release Oral Capsule"),
+        ("", "omeprazole magnesium 20 MG delayed release tablet"),
+    ],
+)
+def test_a_drug_salted_with_magnesium_is_no_magnesium_order(
+    tmp_path: Path, code: str, text: str
+) -> None:
+    body = request("mg-pyridostigmine.order-select.json")
+    with_draft_drug(body, {"system": RXNORM, "code": code} if code else None, text)
+    assert cards(post(make_app(tmp_path), body)) == []
+    codings = [Coding(RXNORM, code, text)] if code else []
+    assert load_knowledge().match_magnesium(codings, text) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "tty"),
+    [
+        ("Ciprofloxacin", "IN"),
+        ("Neomycin / Polymyxin B", "MIN"),
+        ("ciprofloxacin 500 MG Oral Tablet", "SCD"),
+        ("24 HR ciprofloxacin 1000 MG Extended Release Oral Tablet", "SCD"),
+        ("ciprofloxacin 500 MG", "SCDC"),
+        ("levothyroxine sodium 0.05 MG/ML", "SCDC"),
+        ("ciprofloxacin 500 MG Oral Tablet [Cipro]", "SBD"),
+        ("ciprofloxacin 500 MG [Cipro]", "SBDC"),
+        ("{30 (doxycycline monohydrate 150 MG Oral Tablet) } Pack", "GPCK"),
+        (
+            "{4 (amoxicillin 500 MG Oral Capsule [Trimox]) / 2 (clarithromycin 500 MG Oral Tablet "
+            "[Biaxin]) } Pack [Prevpac]",
+            "BPCK",
+        ),
+    ],
+)
+def test_term_type_follows_rxnorm_naming(name: str, tty: str) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "build_terminology", ROOT / "scripts" / "build_terminology.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.rxnorm_tty(name) == tty
 
 
 def test_generator_reproduces_the_committed_files() -> None:
