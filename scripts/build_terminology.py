@@ -239,7 +239,8 @@ def _vsac_concepts(extract: Json, vocabulary: _Vocabulary) -> list[Json]:
     drug_names = {name: name for name in vocabulary.names}
     drug_names.update({phrase.strip(): name for phrase, name in vocabulary.drugs})
     rows: dict[str, Json] = {}
-    for value_set in extract["value_sets"]:
+    value_sets = [v for repository in extract["repositories"] for v in repository["value_sets"]]
+    for value_set in value_sets:
         source = f"{value_set['url']}|{value_set['version']}"
         for concept in value_set["concepts"]:
             name = concept["name"]
@@ -336,7 +337,7 @@ def build_rxnorm(extract: Json, medications: Json, value_sets: Json | None = Non
             )
 
     named: dict[str, Json] = {}
-    for row in _vsac_concepts(value_sets or {"value_sets": []}, vocabulary):
+    for row in _vsac_concepts(value_sets or {"repositories": []}, vocabulary):
         named[row["rxcui"]] = row
         entry = products.setdefault(
             row["rxcui"],
@@ -424,13 +425,12 @@ def build_rxnorm(extract: Json, medications: Json, value_sets: Json | None = Non
         "generated": {
             "by": SCRIPT,
             "from": [_rel(NDC_EXTRACT), _rel(VSAC_EXTRACT), _rel(DATA / "medications.json")],
-            "source": extract["source"]
-            + "; "
-            + (value_sets or {}).get("source", "")
-            + (
-                f" (commit {value_sets['commit']}, {value_sets['commit_date']})"
-                if value_sets
-                else ""
+            "source": "; ".join(
+                [extract["source"]]
+                + [
+                    f"{r['repository']} at commit {r['commit']} ({r['commit_date']})"
+                    for r in (value_sets or {}).get("repositories", [])
+                ]
             ),
             "date": extract["retrieved"],
         },

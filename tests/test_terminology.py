@@ -315,11 +315,21 @@ def test_a_multiple_ingredient_code_alone_warns_in_myasthenia(
     )
 
 
-def test_a_clinical_drug_naming_magnesium_gives_salt_and_strength() -> None:
-    # SCD 1297517: diphenhydramine hydrochloride 25 MG / magnesium salicylate 580 MG Oral Tablet
-    match = load_knowledge().match_magnesium([Coding(RXNORM, "1297517")])
-    assert match is not None and match.salt == "salicylate" and match.multi_ingredient
-    assert (match.strength_mg, match.strength_unit, match.route) == (580.0, "unit", "oral")
+@pytest.mark.parametrize(
+    ("code", "salt", "strength"),
+    [
+        # diphenhydramine hydrochloride 25 MG / magnesium salicylate 580 MG Oral Tablet
+        ("1297517", "salicylate", 580.0),
+        # Cyclobenzaprine hydrochloride 10 MG / Magnesium Oxide 200 MG Oral Capsule (RxNorm 2020)
+        ("999731", "oxide", 200.0),
+    ],
+)
+def test_a_clinical_drug_naming_magnesium_gives_salt_and_strength(
+    code: str, salt: str, strength: float
+) -> None:
+    match = load_knowledge().match_magnesium([Coding(RXNORM, code)])
+    assert match is not None and match.salt == salt and match.multi_ingredient
+    assert (match.strength_mg, match.strength_unit, match.route) == (strength, "unit", "oral")
 
 
 @pytest.mark.parametrize(
