@@ -21,10 +21,13 @@ Published value sets (VSAC expansions and US Core's allergy-substance set, extra
 each concept's TTY is derived from RxNorm's naming conventions: ``{...} Pack`` is a pack (BPCK
 when a ``[Brand]`` follows, else GPCK); a ``[Brand]`` suffix makes a branded drug (SBD, or SBDC
 without a dose form); a name with a strength is a clinical drug (SCD with a dose form, SCDC
-without); a name without one is an ingredient (IN), several joined by `` / `` a MIN. Each
-component of a name ("doxycycline hyclate 100 MG") counts for the knowledge's ingredient when
-it names it, alone or with a salt word (hyclate, hydrochloride...): "pitavastatin magnesium"
-or "gabapentin enacarbil" name other ingredients and count for none.
+without), one with a dose form only a drug form (SCDF, SBDF); a bare name is an ingredient (IN),
+several joined by `` / `` a MIN. A bare brand name (BN) or salt name (PIN) cannot be told from an
+IN by its name: none of the concepts kept from the value sets is one (each bare name kept is an
+ingredient name the knowledge lists). Each component of a name ("doxycycline hyclate 100 MG")
+counts for the knowledge's ingredient when it names it, alone or with a salt word (hyclate,
+hydrochloride...): "pitavastatin magnesium" or "gabapentin enacarbil" name other ingredients and
+count for none.
 """
 
 from __future__ import annotations
@@ -108,6 +111,11 @@ SALT_WORDS = frozenset(
 _FORM_ROUTES = (("inject", "parenteral"), ("oral", "oral"), ("chewable", "oral"))
 _PACK = re.compile(r"^\{(.*)\}\s*Pack(?:\s*\[(.+)\])?$")
 _BRAND = re.compile(r"^(.*?)\s*\[([^\]]+)\]$")
+_DOSE_FORM = re.compile(
+    r"\b(Tablet|Capsule|Solution|Suspension|Injection|Injectable|Oral|Topical|Ophthalmic|Otic"
+    r"|Pill|Product|Powder|Cream|Ointment|Inhal\w*)\b",
+    re.I,
+)
 _NUMBER = re.compile(r"(?<![A-Za-z])[0-9]*\.?[0-9]+\b")
 
 
@@ -200,7 +208,10 @@ def rxnorm_tty(name: str) -> str:
     branded = _BRAND.match(name)
     body = branded.group(1) if branded else name
     if not _NUMBER.search(body):
-        return "BN" if branded else ("MIN" if " / " in body else "IN")
+        # "ciprofloxacin Oral Tablet [Cipro]" names a dose form without a strength.
+        if _DOSE_FORM.search(body):
+            return "SBDF" if branded else "SCDF"
+        return "MIN" if " / " in body else "IN"
     has_form = not re.search(r"\b(MG|MCG|UNT|MEQ|ML)(/[A-Z]+)?$", body.strip(), re.I)
     if branded:
         return "SBD" if has_form else "SBDC"

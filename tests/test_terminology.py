@@ -362,6 +362,8 @@ def test_a_drug_salted_with_magnesium_is_no_magnesium_order(
         ("levothyroxine sodium 0.05 MG/ML", "SCDC"),
         ("ciprofloxacin 500 MG Oral Tablet [Cipro]", "SBD"),
         ("ciprofloxacin 500 MG [Cipro]", "SBDC"),
+        ("ciprofloxacin Oral Tablet", "SCDF"),
+        ("ciprofloxacin Oral Tablet [Cipro]", "SBDF"),
         ("{30 (doxycycline monohydrate 150 MG Oral Tablet) } Pack", "GPCK"),
         (
             "{4 (amoxicillin 500 MG Oral Capsule [Trimox]) / 2 (clarithromycin 500 MG Oral Tablet "
