@@ -22,8 +22,9 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,46 +46,25 @@ ROUND_TRIPS = (0.5, 1.5)  # latency added by a missing prefetch, in server round
 FIRST_CALL_LIMIT_MS = 20.0  # a fresh worker's first call over the median of later calls
 
 
+IN_PROCESS_CALLS = {"typical": 3000, "large": 150, "no-prefetch-0ms": 400, "no-prefetch-50ms": 150}
+
+
 @dataclass(frozen=True)
 class Plan:
-    """How much to measure. HTTP: floor and service alternate in ``rounds`` per level (order
-    reversed every other round), so a slow stretch of the machine hits both alike."""
+    """How much to measure. HTTP: the servers alternate in ``rounds`` per level (the order
+    reversed every other round), so a slow stretch of the machine hits them alike."""
 
-    iterations: dict[str, tuple[int, int]]  # in process: workload -> (calls, warm-up calls)
+    scale: int  # in process: IN_PROCESS_CALLS // scale calls (at least 3) after 1/20 as many
     fresh_starts: int  # fresh `serve` starts per workload, each 1 + later_calls calls
     later_calls: int
     levels: dict[str, tuple[int, ...]]  # HTTP concurrency levels per workload
     rounds: int
-    round_seconds: float  # measured, per server and round, after warmup_seconds
-    warmup_seconds: float
+    round_seconds: tuple[float, float]  # per server and round: warm-up, then measured
     corpus_calls: int | None  # None: every call
 
 
-FULL = Plan(
-    {
-        "typical": (3000, 200),
-        "large": (150, 5),
-        "no-prefetch-0ms": (400, 20),
-        "no-prefetch-50ms": (150, 5),
-    },
-    3,
-    30,
-    {"typical": (1, 4, 16), "large": (1,)},
-    4,
-    2.0,
-    0.5,
-    None,
-)
-QUICK = Plan(
-    {"typical": (30, 3), "large": (3, 1), "no-prefetch-0ms": (5, 1), "no-prefetch-50ms": (3, 1)},
-    1,
-    5,
-    {"typical": (1, 4), "large": (1,)},
-    2,
-    0.5,
-    0.2,
-    30,
-)
+FULL = Plan(1, 3, 30, {"typical": (1, 4, 16), "large": (1,)}, 4, (0.5, 2.0), None)
+QUICK = Plan(100, 1, 5, {"typical": (1, 4), "large": (1,)}, 2, (0.2, 0.5), 30)
 
 
 # ------------------------------------------------------------------------ figures and targets
@@ -104,13 +84,14 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Markdown, columns padded for the terminal."""
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
-    lines = [headers, ["-" * w for w in widths], *rows]
+def table(headers: str, rows: Sequence[str]) -> str:
+    """Markdown from "a|b|c" lines, columns padded for the terminal."""
+    cells = [line.split("|") for line in (headers, *rows)]
+    widths = [max(len(c) for c in column) for column in zip(*cells, strict=True)]
+    cells.insert(1, ["-" * w for w in widths])
     return "\n".join(
-        "| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
-        for line in lines
+        "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
+        for line in cells
     )
 
 
@@ -182,9 +163,8 @@ def corpus(statuses: Counter[int], latencies_ms: list[float]) -> Target:
     name, goal = "real-world corpus (fixtures/corpus), in process", "every call answered, no 5xx"
     if not latencies_ms:
         return Target(name, goal, "no corpus", None)
-    answered = ", ".join(f"{status}×{n}" for status, n in sorted(statuses.items()))
     measured = (
-        f"{len(latencies_ms)} calls: {answered}; {fmt(sum(latencies_ms) / 1000)} s in "
+        f"{len(latencies_ms)} calls: {_counts(statuses)}; {fmt(sum(latencies_ms) / 1000)} s in "
         f"all, median {fmt(percentile(latencies_ms, 50))} ms"
     )
     return Target(name, goal, measured, max(statuses) < 500)
@@ -242,73 +222,6 @@ def post_each(
     return wall, cpu, statuses, cards
 
 
-def run_inprocess(
-    plan: Plan, workloads: dict[str, Workload], workdir: Path, found: list[Target]
-) -> dict[str, Any]:
-    print("\n## In process (Flask test client)\n", flush=True)
-    app, rows = make_app(workdir, "inprocess"), []
-    figures: dict[str, dict[str, Any]] = {}
-    fetched = [w for w in workloads.values() if w.fhir_server_delay_ms is not None]
-    delays = [w.fhir_server_delay_ms or 0 for w in fetched]
-    with servers.fixture_servers(fetched, workdir, delays) as urls:
-        for name, (iterations, warmup) in plan.iterations.items():
-            workload = workloads[name]
-            _progress(f"{name}: {iterations} calls")
-            delay = workload.fhir_server_delay_ms
-            url = None if delay is None else urls[delay]
-            template = BodyTemplate(workload.request, url)
-            post_each(app, [(SERVICE_ID, template.render(i)) for i in range(warmup)])
-            indexes = range(warmup, warmup + iterations)
-            wall, cpu, statuses, cards = post_each(
-                app, [(SERVICE_ID, template.render(i + 10**7 * len(figures))) for i in indexes]
-            )
-            figures[name] = {
-                "body_bytes": template.size,
-                "latency_ms": summary(wall),
-                "thread_cpu_ms": summary(cpu),
-                "statuses": dict(statuses),
-                "rule_ids": cards,
-            }
-            latency = summary(wall)
-            rows.append(
-                [
-                    name,
-                    f"{template.size / 1024:,.0f}",
-                    str(len(wall)),
-                    *(fmt(latency[k]) for k in ("p50", "p95", "p99", "p100")),
-                    f"{fmt(percentile(cpu, 50))} / {fmt(percentile(cpu, 99))}",
-                    ", ".join(f"{s}×{n}" for s, n in sorted(statuses.items())),
-                    ", ".join(sorted(set(cards))) or "(no card)",
-                ]
-            )
-            if name in ("typical", "large"):
-                found.append(tail(name, cpu, wall))
-    print(
-        table(
-            [
-                "workload",
-                "body KiB",
-                "n",
-                "median ms",
-                "p95 ms",
-                "p99 ms",
-                "max ms",
-                "thread CPU median / p99 ms",
-                "statuses",
-                "cards",
-            ],
-            rows,
-        ),
-        flush=True,
-    )
-    added_ms = (
-        figures["no-prefetch-50ms"]["latency_ms"]["p50"]
-        - figures["no-prefetch-0ms"]["latency_ms"]["p50"]
-    )
-    found.append(missing_prefetch(len(NO_PREFETCH_MISSING), 50, added_ms))
-    return figures
-
-
 def cpu_target(workload: str, results: list[LoadResult]) -> Target:
     """Judged at the level where the service's CPU per call is furthest above the floor's."""
     cpu = {(r.concurrency, r.server): r.cpu_ms_per_call for r in results if r.workload == workload}
@@ -318,162 +231,125 @@ def cpu_target(workload: str, results: list[LoadResult]) -> Target:
     return cpu_per_call(workload, *max(pairs, key=lambda p: (p[0] or 0) / (p[1] or 1)))
 
 
-def run_corpus(plan: Plan, workdir: Path, found: list[Target]) -> dict[str, Any]:
-    """Every hook call of fixtures/corpus (Synthea patients, docs/corpus.md), read by the
-    corpus's own ``corpus_requests`` (scripts/build_corpus.py owns the format), posted once."""
-    print("\n## Real-world corpus (fixtures/corpus), in process\n", flush=True)
-    calls: list[Any] = []
-    if CORPUS_DIR.is_dir():
-        builder = runpy.run_path(str(servers.ROOT / "scripts" / "build_corpus.py"))
-        calls = builder["corpus_requests"](CORPUS_DIR)[: plan.corpus_calls]
-    _progress(f"corpus: {len(calls)} calls")
-    wall, _, statuses, _ = post_each(
-        make_app(workdir, "corpus"), [(c.service_id, orjson.dumps(c.request)) for c in calls]
-    )
-    found.append(corpus(statuses, wall))
-    print(found[-1].measured)
-    return {
-        "calls": len(calls),
-        "statuses": dict(statuses),
-        "total_ms": sum(wall),
-        "latency_ms": summary(wall),
-    }
+@dataclass
+class Run:
+    """One benchmark run: each part prints its tables, adds its targets to ``found`` and
+    returns its figures for the JSON report."""
 
+    plan: Plan
+    workdir: Path
+    workloads: dict[str, Workload] = field(default_factory=all_workloads)
+    found: list[Target] = field(default_factory=list)
 
-def run_first_calls(
-    plan: Plan, workloads: dict[str, Workload], workdir: Path, found: list[Target]
-) -> list[dict[str, Any]]:
-    print("\n## First call of a fresh worker (`cds-service serve`, 1 worker, over HTTP)\n")
-    rows, figures = [], []
-    for name in ("typical", "suggestion"):
-        cpu, wall = [], []
-        for start in range(1, plan.fresh_starts + 1):
-            _progress(f"fresh worker: {name}, start {start}, 1 + {plan.later_calls} calls")
-            calls_cpu, calls_wall, statuses = servers.first_calls(
-                workloads[name], workdir, start, plan.later_calls
-            )
-            cpu.append(calls_cpu)
-            wall.append(calls_wall)
-            figure = {
-                "workload": name,
-                "cpu_ms": calls_cpu,
-                "wall_ms": calls_wall,
-                "statuses": sorted(statuses),
-            }
-            figures.append(figure)
+    def inprocess(self) -> dict[str, Any]:
+        print("\n## In process (Flask test client)\n", flush=True)
+        app, rows = make_app(self.workdir, "inprocess"), []
+        figures: dict[str, dict[str, Any]] = {}
+        fetched = [w for w in self.workloads.values() if w.fhir_server_delay_ms is not None]
+        delays = [w.fhir_server_delay_ms or 0 for w in fetched]
+        with servers.fixture_servers(fetched, self.workdir, delays) as urls:
+            for name, calls in IN_PROCESS_CALLS.items():
+                iterations = max(3, calls // self.plan.scale)
+                workload, warmup = self.workloads[name], max(1, iterations // 20)
+                _progress(f"{name}: {iterations} calls")
+                delay = workload.fhir_server_delay_ms
+                template = BodyTemplate(workload.request, None if delay is None else urls[delay])
+                indexes = range(len(figures) * 10**7, len(figures) * 10**7 + warmup + iterations)
+                bodies = [(SERVICE_ID, template.render(i)) for i in indexes]
+                post_each(app, bodies[:warmup])
+                wall, cpu, statuses, cards = post_each(app, bodies[warmup:])
+                figures[name] = {"body_bytes": template.size, "latency_ms": summary(wall)}
+                figures[name] |= {"thread_cpu_ms": summary(cpu), "rule_ids": cards}
+                figures[name] |= {"statuses": dict(statuses)}
+                rows.append(
+                    f"{name}|{template.size / 1024:,.0f}|{len(wall)}|"
+                    + "|".join(fmt(percentile(wall, q)) for q in (50, 95, 99, 100))
+                    + f"|{fmt(percentile(cpu, 50))} / {fmt(percentile(cpu, 99))}|"
+                    + f"{_counts(statuses)}|{', '.join(sorted(set(cards))) or '(no card)'}"
+                )
+                if name in ("typical", "large"):
+                    self.found.append(tail(name, cpu, wall))
+        headers = "workload|body KiB|n|median ms|p95 ms|p99 ms|max ms|thread CPU median / p99 ms"
+        print(table(f"{headers}|statuses|cards", rows), flush=True)
+        fast, slow = (figures[f"no-prefetch-{d}ms"]["latency_ms"]["p50"] for d in (0, 50))
+        self.found.append(missing_prefetch(len(NO_PREFETCH_MISSING), 50, slow - fast))
+        return figures
+
+    def corpus(self) -> dict[str, Any]:
+        """Every hook call of fixtures/corpus (Synthea patients, docs/corpus.md), read by the
+        corpus's own ``corpus_requests`` (scripts/build_corpus.py owns the format)."""
+        print("\n## Real-world corpus (fixtures/corpus), in process\n", flush=True)
+        calls: list[Any] = []
+        if CORPUS_DIR.is_dir():
+            builder = runpy.run_path(str(servers.ROOT / "scripts" / "build_corpus.py"))
+            calls = builder["corpus_requests"](CORPUS_DIR)[: self.plan.corpus_calls]
+        _progress(f"corpus: {len(calls)} calls")
+        bodies = [(call.service_id, orjson.dumps(call.request)) for call in calls]
+        wall, _, statuses, _ = post_each(make_app(self.workdir, "corpus"), bodies)
+        self.found.append(corpus(statuses, wall))
+        print(self.found[-1].measured)
+        figures = {"calls": len(calls), "statuses": dict(statuses), "total_ms": sum(wall)}
+        return figures | {"latency_ms": summary(wall)}
+
+    def first_calls(self) -> list[dict[str, Any]]:
+        print("\n## First call of a fresh worker (`cds-service serve`, 1 worker, over HTTP)\n")
+        rows, figures = [], []
+        for name in ("typical", "suggestion"):
+            cpu, wall = [], []
+            for start in range(1, self.plan.fresh_starts + 1):
+                _progress(f"fresh worker: {name}, start {start}")
+                calls = servers.first_calls(
+                    self.workloads[name], self.workdir, start, self.plan.later_calls
+                )
+                cpu.append(calls[0])
+                wall.append(calls[1])
+                figures.append({"workload": name, "cpu_ms": calls[0], "wall_ms": calls[1]})
+                rows.append(
+                    f"{name}|{start}|{fmt(cpu[-1][0])}|{fmt(wall[-1][0])}|"
+                    f"{fmt(percentile(cpu[-1][1:], 50))}|{fmt(percentile(wall[-1][1:], 50))}|"
+                    + ", ".join(map(str, sorted(calls[2])))
+                )
+            self.found.append(first_call(name, cpu, wall))
+        headers = "workload|start|first CPU ms|first ms|later CPU median ms|later median ms"
+        print(table(f"{headers}|statuses", rows), flush=True)
+        return figures
+
+    def http(self, baseline: Path | None = None) -> list[dict[str, Any]]:
+        """``serve`` and the floor (and ``baseline``'s ``serve``, typical only) in alternating
+        rounds; the CPU target takes the level where ours is furthest above the floor."""
+        print("\n## Over HTTP: `cds-service serve` against the floor (same gunicorn setup)\n")
+        results: list[LoadResult] = []
+        with contextlib.ExitStack() as stack:
+            start = partial(servers.started_server, workdir=self.workdir)
+            started = [stack.enter_context(start("ours")), stack.enter_context(start("floor"))]
+            if baseline is not None:
+                started.append(stack.enter_context(start("baseline", code=baseline)))
+            for name, levels in self.plan.levels.items():
+                template = BodyTemplate(self.workloads[name].request)
+                here = [s for s in started if name == "typical" or s.name != "baseline"]
+                for concurrency in levels:
+                    runs = {s.name: LoadResult(s.name, name, concurrency) for s in here}
+                    for number in range(self.plan.rounds):
+                        for server in here if number % 2 == 0 else here[::-1]:
+                            _progress(f"{server.name} {name} c={concurrency} round {number + 1}")
+                            run = runs[server.name]
+                            servers.run_round(run, server, template, *self.plan.round_seconds)
+                    results.extend(runs.values())
+                self.found.append(cpu_target(name, results))
+        rows, figures = [], []
+        by_server = {(r.workload, r.concurrency, r.server): r for r in results}
+        for r in results:
+            ours = by_server[r.workload, r.concurrency, "ours"]
+            share = f"{fmt(ours.calls_per_s / r.calls_per_s * 100, 0)} %" if r.calls_per_s else "–"
+            latency = summary(r.latencies_ms)
             rows.append(
-                [
-                    name,
-                    str(start),
-                    *(fmt(v[0]) for v in (calls_cpu, calls_wall)),
-                    *(fmt(percentile(v[1:], 50)) for v in (calls_cpu, calls_wall)),
-                    ", ".join(map(str, sorted(statuses))),
-                ]
+                f"{r.workload}|{r.concurrency}|{r.server}|{fmt(r.calls_per_s, 0)}|{share}|"
+                f"{fmt(latency['p50'])}|{fmt(latency['p99'])}|{fmt(r.cpu_ms_per_call)}|{r.errors}"
             )
-        found.append(first_call(name, cpu, wall))
-    print(
-        table(
-            [
-                "workload",
-                "start",
-                "first CPU ms",
-                "first ms",
-                "later CPU median ms",
-                "later median ms",
-                "statuses",
-            ],
-            rows,
-        ),
-        flush=True,
-    )
-    return figures
-
-
-def run_http(
-    plan: Plan,
-    workloads: dict[str, Workload],
-    workdir: Path,
-    found: list[Target],
-    baseline: Path | None = None,
-) -> list[dict[str, Any]]:
-    """``serve`` and the floor (and ``baseline``'s ``serve``, typical only) in alternating
-    rounds; the CPU target takes the level where ours is furthest above the floor."""
-    print("\n## Over HTTP: `cds-service serve` against the floor (same gunicorn setup)\n")
-    results: list[LoadResult] = []
-    with contextlib.ExitStack() as stack:
-        started = [
-            stack.enter_context(servers.started_server("ours", workdir)),
-            stack.enter_context(servers.started_server("floor", workdir, floor=True)),
-        ]
-        if baseline is not None:
-            started.append(
-                stack.enter_context(servers.started_server("baseline", workdir, code=baseline))
-            )
-        for name, levels in plan.levels.items():
-            template = BodyTemplate(workloads[name].request)
-            here = [s for s in started if name == "typical" or s.name != "baseline"]
-            for concurrency in levels:
-                runs = {s.name: LoadResult(s.name, name, concurrency) for s in here}
-                for number in range(plan.rounds):
-                    for server in here if number % 2 == 0 else here[::-1]:
-                        _progress(f"{server.name} {name} c={concurrency} round {number + 1}")
-                        servers.run_round(
-                            runs[server.name],
-                            server,
-                            template,
-                            plan.round_seconds,
-                            plan.warmup_seconds,
-                        )
-                results.extend(runs.values())
-            found.append(cpu_target(name, results))
-    rows = []
-    for r in results:
-        ours = next(
-            o
-            for o in results
-            if (o.workload, o.concurrency, o.server) == (r.workload, r.concurrency, "ours")
-        )
-        latency = summary(r.latencies_ms)
-        share = f"{fmt(ours.calls_per_s / r.calls_per_s * 100, 0)} %" if r.calls_per_s else "–"
-        rows.append(
-            [
-                r.workload,
-                str(r.concurrency),
-                r.server,
-                fmt(r.calls_per_s, 0),
-                share,
-                fmt(latency["p50"]),
-                fmt(latency["p99"]),
-                fmt(r.cpu_ms_per_call),
-                str(r.errors),
-            ]
-        )
-    print(
-        table(
-            [
-                "workload",
-                "concurrency",
-                "server",
-                "calls/s",
-                "ours as % of it",
-                "median ms",
-                "p99 ms",
-                "server CPU ms/call",
-                "non-200",
-            ],
-            rows,
-        ),
-        flush=True,
-    )
-    return [
-        {
-            **{k: v for k, v in asdict(r).items() if k != "latencies_ms"},
-            "calls_per_s": r.calls_per_s,
-            "cpu_ms_per_call": r.cpu_ms_per_call,
-            "latency_ms": summary(r.latencies_ms),
-        }
-        for r in results
-    ]
+            figures.append({**asdict(r), "latencies_ms": "omitted", "latency_ms": latency})
+        headers = "workload|concurrency|server|calls/s|ours as % of it|median ms|p99 ms"
+        print(table(f"{headers}|server CPU ms/call|non-200", rows), flush=True)
+        return figures
 
 
 def _progress(message: str) -> None:
@@ -505,48 +381,34 @@ def machine() -> dict[str, str]:
     }
 
 
+def _counts(statuses: Counter[int]) -> str:
+    return ", ".join(f"{status}×{n}" for status, n in sorted(statuses.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="few iterations: a smoke run")
-    parser.add_argument(
-        "--only",
-        choices=("inprocess", "servers"),
-        help="inprocess: in process and the corpus; servers: a fresh worker's "
-        "first call and HTTP against the floor (default: both)",
-    )
+    parser.add_argument("--only", choices=("inprocess", "servers"), help="one half of the run")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
-    parser.add_argument(
-        "--baseline",
-        type=Path,
-        help="a checkout of another revision (git "
-        "worktree add DIR REV): its `serve` joins the typical HTTP rounds",
-    )
+    parser.add_argument("--baseline", type=Path, help="another checkout: its serve joins typical")
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
     report: dict[str, Any] = {"machine": machine(), "plan": "quick" if args.quick else "full"}
-    print("## Machine\n\n" + table(["", ""], [list(i) for i in report["machine"].items()]))
-    workloads, found = all_workloads(), list[Target]()
+    print("## Machine\n\n" + table("|", [f"{k}|{v}" for k, v in report["machine"].items()]))
     with tempfile.TemporaryDirectory(prefix="cds-bench-") as tmp:
+        run = Run(QUICK if args.quick else FULL, Path(tmp))
         try:
             if args.only in (None, "inprocess"):
-                report["inprocess"] = run_inprocess(plan, workloads, Path(tmp), found)
-                report["corpus"] = run_corpus(plan, Path(tmp), found)
+                report |= {"inprocess": run.inprocess(), "corpus": run.corpus()}
             if args.only in (None, "servers"):
-                report["first_call"] = run_first_calls(plan, workloads, Path(tmp), found)
-                report["http"] = run_http(plan, workloads, Path(tmp), found, args.baseline)
+                report |= {"first_call": run.first_calls(), "http": run.http(args.baseline)}
         finally:
             # Queued cards written before their database's directory goes, even after a failure.
             flush_writers_at_exit()
     report["machine"]["loadavg_end"] = _loadavg()
-    report["targets"] = [{**asdict(t), "verdict": t.verdict} for t in found]
-    print(
-        f"\nload average at the end: {report['machine']['loadavg_end']}\n\n## Targets\n\n"
-        + table(
-            ["target", "goal", "measured", ""],
-            [[t.name, t.goal, t.measured, t.verdict] for t in found],
-        ),
-        flush=True,
-    )
+    report["targets"] = [{**asdict(t), "verdict": t.verdict} for t in run.found]
+    print(f"\nload average at the end: {report['machine']['loadavg_end']}\n\n## Targets\n")
+    rows = [f"{t.name}|{t.goal}|{t.measured}|{t.verdict}" for t in run.found]
+    print(table("target|goal|measured|", rows), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
         print(f"\nfigures written to {args.json}")

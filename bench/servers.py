@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.workloads import FHIR_BASE, SERVICE_ID, BodyTemplate, Workload
+from bench.workloads import SERVICE_ID, BodyTemplate, Workload, bundle
 from cds_service.fixture_server import create_fixture_app, serve_in_background
 from cds_service.settings import Settings
 
@@ -78,24 +78,14 @@ def fixture_servers(
     patients = workdir / "patients"
     patients.mkdir(parents=True, exist_ok=True)
     for workload in workloads:
-        entries = [
-            {"fullUrl": f"{FHIR_BASE}/{r['resourceType']}/{r['id']}", "resource": r}
-            for r in workload.patient
-        ]
-        bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
-        (patients / f"{workload.name}.json").write_text(json.dumps(bundle), encoding="utf-8")
+        content = json.dumps(bundle("collection", workload.patient))
+        (patients / f"{workload.name}.json").write_text(content, encoding="utf-8")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     with ExitStack() as stack:
-        yield {
-            delay: stack.enter_context(
-                serve_in_background(
-                    create_fixture_app(
-                        Settings(fixture_server_delay_ms=delay), fixtures_dir=patients
-                    )
-                )
-            )
-            for delay in delays
+        apps = {
+            d: create_fixture_app(Settings(fixture_server_delay_ms=d), patients) for d in delays
         }
+        yield {d: stack.enter_context(serve_in_background(app)) for d, app in apps.items()}
 
 
 @dataclass
@@ -103,7 +93,6 @@ class Server:
     name: str
     port: int
     process: subprocess.Popen[bytes]
-    log_path: Path
 
     def pids(self) -> list[int]:
         """The process started and every process under it (gunicorn's master and workers)."""
@@ -117,17 +106,15 @@ class Server:
             found.extend(children.get(pid, []))
         return found
 
-    def log_tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
-
 
 @contextmanager
 def started_server(
-    name: str, workdir: Path, *, floor: bool = False, code: Path = ROOT, workers: int | None = None
+    name: str, workdir: Path, code: Path = ROOT, workers: int | None = None
 ) -> Iterator[Server]:
-    """``cds-service serve`` (or the floor app) as in production but auth off (a JWT's cost is
-    not what is compared) and its own SQLite file; ``code``: the checkout whose ``cds_service``
-    it imports (first on PYTHONPATH). Ready once /healthz answers and every worker booted."""
+    """``cds-service serve`` (the floor app if ``name`` is "floor") as in production, but auth
+    off (a JWT's cost is not what is compared) and its own SQLite file; ``code``: the checkout
+    whose ``cds_service`` it imports (first on PYTHONPATH). Yields once /healthz answers and
+    every worker has booted."""
     port, workers = free_port(), workers or Settings().workers
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
     env.update(
@@ -140,16 +127,17 @@ def started_server(
     )
     script = Path(sys.executable).with_name("cds-service")
     serve = [str(script)] if script.exists() else [sys.executable, "-m", "cds_service.cli"]
-    command = [sys.executable, "-m", "bench.floor_app"] if floor else [*serve, "serve"]
+    command = [sys.executable, "-m", "bench.floor_app"] if name == "floor" else [*serve, "serve"]
     log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=ROOT)
-    server = Server(name, port, process, log_path)
+    server = Server(name, port, process)
     try:
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start:\n{server.log_tail()}")
+                tail = log_path.read_text(errors="replace").splitlines()[-30:]
+                raise RuntimeError(f"{name} did not start:\n" + "\n".join(tail))
             with (
                 suppress(OSError),
                 urllib.request.urlopen(f"http://{LOOPBACK}:{port}/healthz", timeout=2) as answer,
@@ -248,7 +236,7 @@ def _load(
 
 
 def run_round(
-    result: LoadResult, server: Server, template: BodyTemplate, seconds: float, warmup: float
+    result: LoadResult, server: Server, template: BodyTemplate, warmup: float, seconds: float
 ) -> None:
     """Warm up on new connections (not counted), then add ``seconds`` of load and the CPU the
     server's processes used meanwhile to ``result``; the CPU counts only if the same processes

@@ -69,50 +69,39 @@ def patient(patient_id: str, relevant: tuple[str, ...], noise_copies: int) -> li
     return resources
 
 
+def bundle(kind: str, resources: list[Resource]) -> Resource:
+    entries = [
+        {"fullUrl": f"{FHIR_BASE}/{r['resourceType']}/{r['id']}", "resource": r} for r in resources
+    ]
+    return {"resourceType": "Bundle", "type": kind, "entry": entries}
+
+
 def request(patient_id: str, resources: list[Resource], products: tuple[str, ...]) -> Resource:
     """An order-sign call with every prefetch key answered, inactive resources included (as
     servers that ignore the status parameter send them: the service must drop them)."""
-    prefetch: Resource = {}
-    for key in PREFETCH_KEYS:
-        matching = [r for r in resources if r["resourceType"] == key.resource_type]
-        prefetch[key.name] = (
-            matching[0]
-            if key.resource_type == "Patient"
-            else {
-                "resourceType": "Bundle",
-                "type": "searchset",
-                "total": len(matching),
-                "entry": [
-                    {"fullUrl": f"{FHIR_BASE}/{r['resourceType']}/{r['id']}", "resource": r}
-                    for r in matching
-                ],
-            }
-        )
+    prefetch = {
+        key.name: [r for r in resources if r["resourceType"] == key.resource_type]
+        for key in PREFETCH_KEYS
+    }
     orders = [r4_draft_order(PRODUCTS[name], patient_id) for name in products]
+    context = {"userId": "Practitioner/example", "patientId": patient_id}
     return {
         "hook": "order-sign",
         "hookInstance": str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench/{patient_id}")),
         "fhirServer": FHIR_BASE,
-        "context": {
-            "userId": "Practitioner/example",
-            "patientId": patient_id,
-            "draftOrders": {
-                "resourceType": "Bundle",
-                "type": "collection",
-                "entry": [
-                    {
-                        "fullUrl": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, o['id'])}",
-                        "resource": o,
-                    }
-                    for o in orders
-                ],
-            },
+        "context": {**context, "draftOrders": bundle("collection", orders)},
+        "prefetch": {
+            name: found[0] if name == "patient" else bundle("searchset", found)
+            for name, found in prefetch.items()
         },
-        "prefetch": prefetch,
     }
 
 
-MG, MG_CARD = "mg-pyridostigmine", frozenset({"myasthenia-magnesium"})
+MG, HASHIMOTO, MG_CARD = (
+    "mg-pyridostigmine",
+    "hashimoto-levothyroxine",
+    frozenset({"myasthenia-magnesium"}),
+)
 
 
 def _workload(
@@ -139,16 +128,11 @@ def all_workloads() -> dict[str, Workload]:
     no-prefetch: typical with four keys left to fetch from a fixture server, 0 or 50 ms a
     request."""
     chelation = MG_CARD | {"chelation-interaction"}
+    drafts = ("mg-sulfate", "mg-oxide", "ciprofloxacin")
     workloads = [
         _workload("typical", (MG,), 2, ("mg-oxide",)),
-        _workload(
-            "large",
-            (MG, "ckd3-egfr40", "hashimoto-levothyroxine"),
-            100,
-            ("mg-sulfate", "mg-oxide", "ciprofloxacin"),
-            chelation,
-        ),
-        _workload("suggestion", (MG, "hashimoto-levothyroxine"), 2, ("mg-oxide",), chelation),
+        _workload("suggestion", (MG, HASHIMOTO), 2, ("mg-oxide",), chelation),
+        _workload("large", (MG, "ckd3-egfr40", HASHIMOTO), 100, drafts, chelation),
         _workload("no-prefetch-0ms", (MG,), 2, ("mg-oxide",), delay_ms=0),
         _workload("no-prefetch-50ms", (MG,), 2, ("mg-oxide",), delay_ms=50),
     ]

@@ -176,8 +176,8 @@ def test_a_failed_run_still_writes_the_queued_cards_before_its_directory_goes(
     # directory is removed, not by a writer thread racing its removal.
     writers: list[CardWriter] = []
 
-    def answer_then_fail(plan: object, workloads: object, workdir: Path, found: object) -> None:
-        app = bench_main.make_app(workdir, "failing", process_wide=False)
+    def answer_then_fail(run: bench_main.Run) -> None:
+        app = bench_main.make_app(run.workdir, "failing", process_wide=False)
         writer = app.extensions[STORE_EXTENSION].card_writer
         writer.window_s = 60.0
         writers.append(writer)
@@ -186,7 +186,7 @@ def test_a_failed_run_still_writes_the_queued_cards_before_its_directory_goes(
         assert statuses == {200: 1} and writer.batches_written == 0  # still queued
         raise RuntimeError("a part of the run failed")
 
-    monkeypatch.setattr(bench_main, "run_inprocess", answer_then_fail)
+    monkeypatch.setattr(bench_main.Run, "inprocess", answer_then_fail)
     with pytest.raises(RuntimeError, match="a part of the run failed"):
         bench_main.main(["--quick", "--only", "inprocess"])
     [writer] = writers
