@@ -40,13 +40,11 @@ from cds_service.settings import Settings
 from cds_service.store.writer import flush_writers_at_exit
 
 CORPUS_DIR = servers.ROOT / "fixtures" / "corpus"
+IN_PROCESS_CALLS = {"typical": 3000, "large": 150, "no-prefetch-0ms": 400, "no-prefetch-50ms": 150}
 CPU_RATIO_LIMIT = 3.0  # the service's server CPU per call, times the floor's, same body
 TAIL_RATIO_LIMIT = 3.0  # p99 over median, in process
 ROUND_TRIPS = (0.5, 1.5)  # latency added by a missing prefetch, in server round trips
 FIRST_CALL_LIMIT_MS = 20.0  # a fresh worker's first call over the median of later calls
-
-
-IN_PROCESS_CALLS = {"typical": 3000, "large": 150, "no-prefetch-0ms": 400, "no-prefetch-50ms": 150}
 
 
 @dataclass(frozen=True)
@@ -177,11 +175,8 @@ def make_app(workdir: Path, name: str, *, process_wide: bool = True) -> Flask:
     """The service as production builds it, auth off, SQLite in ``workdir``. ``process_wide``
     (off inside a test session): also the GC settings of ``serve``, and its logs, formatted
     and written as in production, sent to /dev/null."""
-    settings = Settings(
-        auth="off",
-        database_url=f"sqlite:///{workdir / f'{name}.sqlite3'}",
-        fhir_server_allowlist="*",
-    )  # the benchmark's own fixture servers
+    url = f"sqlite:///{workdir / f'{name}.sqlite3'}"  # allowlist *: the bench's fixture servers
+    settings = Settings(auth="off", database_url=url, fhir_server_allowlist="*")
     if not process_wide:
         return create_app(settings)
     devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
@@ -208,8 +203,7 @@ def post_each(
     (the latter leaves out waiting for a CPU other processes held), the statuses, and the
     rule ids of the first answer's cards. Building a body is the client's work, untimed."""
     client, statuses, cards = app.test_client(), Counter[int](), list[str]()
-    wall: list[float] = []
-    cpu: list[float] = []
+    wall, cpu = list[float](), list[float]()
     for service_id, body in bodies:
         cpu_started, started = time.thread_time(), time.perf_counter()
         response = client.post(

@@ -198,11 +198,8 @@ class LoadResult:
 
     @property
     def cpu_ms_per_call(self) -> float | None:
-        return (
-            None
-            if self.cpu_seconds is None or not self.calls
-            else self.cpu_seconds * 1000 / self.calls
-        )
+        cpu, calls = self.cpu_seconds, self.calls
+        return None if cpu is None or not calls else cpu * 1000 / calls
 
 
 def _load(
