@@ -341,6 +341,7 @@ class Run:
                 f"{fmt(latency['p50'])}|{fmt(latency['p99'])}|{fmt(r.cpu_ms_per_call)}|{r.errors}"
             )
             figures.append({**asdict(r), "latencies_ms": "omitted", "latency_ms": latency})
+            figures[-1] |= {"calls_per_s": r.calls_per_s, "cpu_ms_per_call": r.cpu_ms_per_call}
         headers = "workload|concurrency|server|calls/s|ours as % of it|median ms|p99 ms"
         print(table(f"{headers}|server CPU ms/call|non-200", rows), flush=True)
         return figures
