@@ -1,11 +1,7 @@
-"""The floor: the least a CDS service can do per call, under our exact gunicorn configuration.
-
-It reads and parses the same request JSON, with the same parser as the service (orjson: a
-floor on the stdlib parser would flatter the ratio), and answers ``{"cards": []}``. Whatever
-the real service costs above this is ours; below it nothing can go. Run:
-``python -m bench.floor_app`` (binds ``CDS_HOST:CDS_PORT`` through ``run_wsgi_app``, the same
-gunicorn options and process settings as ``cds-service serve``).
-"""
+"""The floor: the least a CDS service can do per call, served exactly as ``cds-service serve``
+serves ours (``run_wsgi_app``: same gunicorn options and process settings, on CDS_HOST:CDS_PORT).
+It parses the request with the service's parser (orjson: the stdlib's would flatter the ratio)
+and answers ``{"cards": []}``: what the service costs above this is ours."""
 
 from __future__ import annotations
 
