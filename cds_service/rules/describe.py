@@ -76,10 +76,15 @@ def clinical_name(text: str) -> str:
 
 
 def mid_sentence(name: str) -> str:
-    """'Chronic kidney disease' -> 'chronic kidney disease' for the middle of a sentence; an
-    eponym ("Hashimoto's thyroiditis") or an acronym ("AKI", "IV") keeps its capital."""
-    first = name.split(" ", 1)[0]
-    if first.endswith(("'s", "’s", "s'")) or (len(first) > 1 and first[1:2].isupper()):
+    """'Chronic kidney disease' -> 'chronic kidney disease' for the middle of a sentence. A
+    proper name keeps its capital: an eponym ("Hashimoto's thyroiditis", "Lambert-Eaton
+    syndrome"), an acronym ("AKI", "IV"), a brand written as one ("Mag-Ox 400", "CIPRO",
+    "Rolaids Ultra Strength": a capitalised word follows)."""
+    words = name.split(" ", 2)
+    first = words[0]
+    if first.endswith(("'s", "’s", "s'")) or any(ch.isupper() for ch in first[1:]):
+        return name
+    if len(words) > 1 and words[1][:1].isupper() and words[1][1:].islower():
         return name
     return name[:1].lower() + name[1:]
 
@@ -127,7 +132,8 @@ def dose_text(medication: Medication) -> str:
 
 def order_text(fact: MedicationFact) -> str:
     """'magnesium oxide 400 mg oral tablet, 1 tablet twice a day': a draft or one on file."""
-    text = mid_sentence(fact_name(fact))
+    name = fact_name(fact)
+    text = name if fact.brand_name else mid_sentence(name)
     dose = dose_text(fact.medication)
     if dose:
         text += f", {dose}"
