@@ -334,14 +334,26 @@ def _first_sentence(text: str) -> str:
 
 
 def _cut_sentences(text: str, limit: int) -> str:
-    """Whole sentences up to ``limit`` characters (a last resort: rules keep their text short)."""
-    kept = ""
-    for piece in re.split(r"(?<=[.!?])\s+", text):
-        candidate = f"{kept} {piece}".strip() if kept else piece
-        if len(candidate) > limit:
-            break
-        kept = candidate
-    return kept or text[: limit - 1].rsplit(" ", 1)[0] + "."
+    """Whole paragraphs, then whole sentences of the one that overflows, up to ``limit``
+    characters (a last resort: rules keep their text short). Paragraphs stay paragraphs (the
+    **Do:** label starts its own line); the italic clause is kept whole or not at all."""
+    kept: list[str] = []
+    for paragraph in text.split("\n\n"):
+        room = limit - len("\n\n".join(kept)) - (2 if kept else 0)
+        if len(paragraph) <= room:
+            kept.append(paragraph)
+            continue
+        if not paragraph.startswith("_"):
+            part = ""
+            for piece in re.split(r"(?<=[.!?])\s+", paragraph):
+                candidate = f"{part} {piece}" if part else piece
+                if len(candidate) > room:
+                    break
+                part = candidate
+            if part:
+                kept.append(part)
+        break
+    return "\n\n".join(kept) or text[: limit - 1].rsplit(" ", 1)[0] + "."
 
 
 def _action(
