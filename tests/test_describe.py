@@ -7,6 +7,7 @@ from rule_builders import SERUM_MG_MASS, context, draft, egfr, lab, picture, ser
 
 from cds_service.rules.describe import (
     clinical_name,
+    frequency_text,
     lab_text,
     lab_value_text,
     mid_sentence,
@@ -63,3 +64,12 @@ def test_a_brand_name_the_knowledge_holds_keeps_its_capital() -> None:
     ]:
         fact = picture(context(drafts=[draft(text=name)])).drafts[0]
         assert order_text(fact).startswith(written)
+
+
+@pytest.mark.parametrize(
+    ("per_day", "words"),
+    [(1, "once a day"), (2, "twice a day"), (3, "3 times a day"), (4, "4 times a day"),
+     (6, "every 4 hours"), (24, "every hour"), (5, "5 times a day")],
+)
+def test_frequent_doses_read_as_an_interval(per_day: float, words: str) -> None:
+    assert frequency_text(per_day) == words

@@ -114,7 +114,14 @@ def medication_text(medication: Medication) -> str:
 
 
 def frequency_text(per_day: float) -> str:
-    return _FREQUENCY.get(per_day, f"{per_day:g} times a day")
+    """'twice a day', '3 times a day'; more often than 4 times, as an interval the way it is
+    ordered ('every hour' for a maintenance infusion, not '24 times a day')."""
+    if per_day in _FREQUENCY:
+        return _FREQUENCY[per_day]
+    hours = 24 / per_day if per_day > 4 else 0.0
+    if hours and hours.is_integer():
+        return "every hour" if hours == 1 else f"every {hours:g} hours"
+    return f"{per_day:g} times a day"
 
 
 def dose_text(medication: Medication) -> str:
