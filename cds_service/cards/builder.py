@@ -30,7 +30,6 @@ from cds_service.context.model import Coding, DataIssue
 from cds_service.fhir_models import model_problems
 from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import EvidenceSource
-from cds_service.rules.derived import lower_first
 from cds_service.rules.describe import clinical_name, mid_sentence, sentence
 from cds_service.rules.findings import Finding, Proposal
 
@@ -191,7 +190,7 @@ def build_card(
             # DSTU2 has no ServiceRequest/ProcedureRequest; its DiagnosticOrder differs enough
             # that a guessed shape could be applied wrongly. Say it in words instead.
             if proposal.code is not None:
-                label = lower_first(proposal.label)
+                label = mid_sentence(proposal.label)
                 notes.append(f"By hand (no one-click order in DSTU2): {label}.")
             continue
         action = _action(proposal, patient_id, draft_resources, fhir_version)

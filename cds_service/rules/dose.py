@@ -24,10 +24,10 @@ from cds_service.rules.derived import (
     daily_elemental_mg,
     daily_elemental_mg_value,
     kidney_function,
-    lower_first,
     magnesium_name,
     order_evidence,
 )
+from cds_service.rules.describe import mid_sentence
 from cds_service.rules.findings import Evidence, Finding, Indicator
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
@@ -137,7 +137,7 @@ def _laxative_course(
 ) -> Finding:
     """``kidneys_impaired``: high magnesium is worth watching for only then (the renal card
     says why); a patient with healthy kidneys is not told about kidneys."""
-    name = lower_first(magnesium_name(fact))
+    name = mid_sentence(magnesium_name(fact))
     threshold = knowledge.threshold(LAXATIVE_COURSE)
     course = max(d.course_days or 0.0 for d in fact.medication.doses)
     watch_for = "diarrhoea and high magnesium" if kidneys_impaired else "diarrhoea"
@@ -173,7 +173,7 @@ def _youngest_band_age(knowledge: Knowledge) -> float:
 
 
 def _no_limit(fact: MedicationFact, knowledge: Knowledge) -> Finding:
-    name = lower_first(magnesium_name(fact))
+    name = mid_sentence(magnesium_name(fact))
     return Finding(
         rule_id=RULE_ID,
         indicator="info",
@@ -201,7 +201,7 @@ def _finding(
     assert band.value is not None
     name = magnesium_name(fact)
     limit = f"{band.value:g} mg/day"
-    mg = lower_first(name)
+    mg = mid_sentence(name)
     # What to do, then why.
     if others:
         summary = (

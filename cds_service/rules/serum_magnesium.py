@@ -33,7 +33,6 @@ from cds_service.rules.derived import (
     autoimmune_related,
     is_systemic_magnesium,
     kidney_function,
-    lower_first,
     magnesium_name,
     order_evidence,
     serum_magnesium,
@@ -117,7 +116,7 @@ def _high(
     *,
     patient_view: bool,
 ) -> Finding:
-    name = lower_first(magnesium_name(fact))
+    name = mid_sentence(magnesium_name(fact))
     when = serum.lab.effective.date().isoformat() if serum.lab.effective else "date unknown"
     verb = "Review" if patient_view else "Hold"
     where = " on file" if patient_view else ""
@@ -224,7 +223,7 @@ def _coded(
     patient_view: bool,
 ) -> Finding:
     """Hypermagnesemia on the problem list, with no high value to say it: still a warning."""
-    name = lower_first(magnesium_name(fact))
+    name = mid_sentence(magnesium_name(fact))
     if patient_view:
         summary = f"Review {name} on file: hypermagnesemia is on the problem list"
     else:
