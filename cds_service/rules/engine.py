@@ -114,12 +114,7 @@ def cap_stale(
         if finding.indicator == "critical" and without.get(finding.key) != "critical":
             old = _old_results(finding, picture, knowledge)
             note = f"Not critical: it rests on {old}."
-            finding = dataclasses.replace(
-                finding,
-                indicator="warning",
-                detail=f"{finding.detail}\n\n{note}",
-                severity_note=note,
-            )
+            finding = dataclasses.replace(finding, indicator="warning", severity_note=note)
         capped.append(finding)
     return sorted(capped, key=lambda f: SEVERITY[f.indicator])
 
