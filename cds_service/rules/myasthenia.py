@@ -192,6 +192,12 @@ def _finding(
     else:
         indicator = _oral_grade(fact, knowledge)
         severity_note = "Not critical: the label contraindication is for parenteral magnesium."
+        if indicator == "info":
+            # Advice, not a warning, rests on a local-policy figure: say which, and flag it.
+            low = knowledge.threshold(ORAL_LOW_DOSE)
+            severity_note = f"Advice only: at most {low.value:g} mg elemental a day by mouth."
+            if low.status == "unverified":
+                extra = (*extra, f"the {low.value:g} mg/day figure")
         paragraphs = [rule.statement("oral-grading").text, rule.statement("oral-watch").text]
         if hook == "patient-view":
             summary = f"Review {name} on file: myasthenia gravis; high doses can worsen weakness"
