@@ -106,6 +106,7 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
         else:
             yield _coded(picture, fact, coded, serum, knowledge, patient_view=patient_view)
 
+
 def _high(
     fact: MedicationFact,
     serum: SerumMagnesium,
