@@ -150,6 +150,7 @@ class RequestBuffer:
             if self._chunk_at > len(self.data):
                 return False
 
+
 # Exception class -> (status, reason phrase, error code, message for the client). Only
 # gunicorn's own words about the request's shape: never a header value (a token) echoed.
 _REFUSALS: tuple[tuple[type[Exception], int, str, str, str], ...] = (
@@ -199,7 +200,6 @@ class JsonErrorThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn is 
             write_json_error(client, status, reason, body)
         except OSError:
             log.debug("could not send the error answer")
-
 
 
 class _CheckedInput:

@@ -168,6 +168,29 @@ def test_a_rule_that_says_too_much_or_states_no_action_still_fits() -> None:
     assert body["links"][0]["url"] == "https://cds.example/guidance/renal-magnesium"
 
 
+def test_a_detail_cut_to_fit_keeps_its_paragraphs() -> None:
+    """The last resort (one fact too long to drop, an action and a note) cuts whole
+    sentences but keeps the paragraphs: **Do:** still starts its own line."""
+    from cds_service.cards.builder import card_detail
+    from cds_service.rules.findings import Evidence, Finding
+
+    finding = Finding(
+        rule_id="renal-magnesium",
+        indicator="warning",
+        summary="s",
+        detail="",
+        evidence=(Evidence("Ordered: " + "a very long product name " * 8),),
+        source_ids=(),
+        key="k",
+        action="Check serum magnesium. " + "Then do one more thing. " * 8,
+        severity_note="Not critical: it rests on an old result; recheck it.",
+    )
+    detail = card_detail(finding)
+    assert len(detail) <= 500
+    assert "\n\n**Do:** Check serum magnesium." in detail
+    assert not detail.endswith("_") or detail.count("_") == 2
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from rule_builders import SERUM_MG_MASS, egfr, lab, serum_mg
+from rule_builders import SERUM_MG_MASS, context, draft, egfr, lab, picture, serum_mg
 
 from cds_service.rules.describe import (
     clinical_name,
+    frequency_text,
     lab_text,
     lab_value_text,
     mid_sentence,
+    order_text,
     unit_text,
 )
 
@@ -45,3 +47,29 @@ def test_names_mid_sentence_keep_eponyms_and_acronyms() -> None:
     rxnorm = "magnesium oxide 400 MG Oral Tablet"
     assert clinical_name(rxnorm) == "magnesium oxide 400 mg oral tablet"
     assert clinical_name("Myasthenia gravis (disorder)") == "Myasthenia gravis"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Mag-Ox 400", "Lambert-Eaton syndrome", "CIPRO 250 mg TABS", "Rolaids Ultra Strength tablet"],
+)
+def test_proper_names_keep_their_capital_mid_sentence(name: str) -> None:
+    assert mid_sentence(name) == name
+
+
+def test_a_brand_name_the_knowledge_holds_keeps_its_capital() -> None:
+    for name, written in [
+        ("Rolaids chewable tablet", "Rolaids chewable tablet"),
+        ("Magnesium oxide 400 mg tablet", "magnesium oxide 400 mg tablet"),
+    ]:
+        fact = picture(context(drafts=[draft(text=name)])).drafts[0]
+        assert order_text(fact).startswith(written)
+
+
+@pytest.mark.parametrize(
+    ("per_day", "words"),
+    [(1, "once a day"), (2, "twice a day"), (3, "3 times a day"), (4, "4 times a day"),
+     (6, "every 4 hours"), (24, "every hour"), (5, "5 times a day")],
+)
+def test_frequent_doses_read_as_an_interval(per_day: float, words: str) -> None:
+    assert frequency_text(per_day) == words

@@ -117,6 +117,32 @@ def test_the_full_reasoning_cut_from_the_card_is_on_the_page(client: FlaskClient
     assert "Magnesium may counteract anticholinesterase drugs" in unverified
 
 
+@pytest.mark.parametrize(
+    ("rule_id", "threshold"),
+    [
+        ("obstetric-magnesium-monitoring", "obstetric-respiratory-rate-min"),
+        ("obstetric-magnesium-monitoring", "serum-magnesium-anticonvulsant-range"),
+        ("high-serum-magnesium", "serum-magnesium-respiratory-paralysis"),
+        ("myasthenia-magnesium", "myasthenia-oral-low-dose"),
+        ("magnesium-dose-limit", "supervised-laxative-course-max-days"),
+    ],
+)
+def test_a_page_shows_the_figures_its_cards_rest_on(
+    client: FlaskClient, rule_id: str, threshold: str
+) -> None:
+    """The figures of the grading merged this round are on the rule's page (the obstetric
+    page had no figures at all)."""
+    html, _ = _page(client, f"/guidance/{rule_id}")
+    figures = html.split('id="figures"')[1].split("</section>")[0]
+    assert _escaped(KNOWLEDGE.threshold(threshold).display) in figures
+
+
+def test_the_blocker_page_says_how_magnesium_acts_on_blockers(client: FlaskClient) -> None:
+    html, _ = _page(client, "/guidance/magnesium-neuromuscular-blocker")
+    drugs = html.split('id="drugs"')[1].split("</section>")[0]
+    assert "Neuromuscular" in drugs
+
+
 def test_a_hashimoto_page_speaks_of_hashimoto_not_of_myasthenia(client: FlaskClient) -> None:
     html, _ = _page(client, "/guidance/autoimmune-guidance?topic=hashimoto&topic=citrate")
     conditions = html.split('id="conditions"')[1].split("</section>")[0]

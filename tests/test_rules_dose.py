@@ -14,6 +14,7 @@ from rule_builders import (
     MG_SULFATE_INJ,
     context,
     draft,
+    egfr,
     medication,
     picture,
     run,
@@ -89,6 +90,8 @@ def test_children_have_lower_limits_and_infants_none() -> None:
     # Under 1 year the source sets no limit: the card says so (info) instead of nothing.
     [infant] = run(dose.evaluate, context(drafts=[order], birth_date=date(2026, 6, 1)))
     assert infant.indicator == "info" and "no supplement upper limit" in infant.summary
+    assert infant.evidence[0].text == "Infant under 1 year old"
+    assert infant.action.startswith("Dose it by weight")
 
 
 def test_unknown_age_uses_the_adult_limit_and_says_so() -> None:
@@ -144,6 +147,12 @@ def test_a_short_supervised_laxative_course_is_advice_not_a_warning() -> None:
     [course] = run(dose.evaluate, context(drafts=[one_day]))
     assert course.indicator == "info" and course.unverified
     assert "supervised laxative course" in course.detail
+    # Healthy kidneys: nothing said about kidneys; reduced function: high magnesium to watch.
+    assert "kidney" not in f"{course.summary} {course.watch}"
+    weak = context(drafts=[one_day], labs=[egfr(25)])
+    [course] = run(dose.evaluate, weak)
+    assert course.summary.startswith("Watch for diarrhoea and high magnesium")
+    assert "kidney function is reduced" in course.watch
     # Magnesium oxide is no laxative salt here (no A06AD code): the limit stands.
     tablets = draft(MG_OXIDE_400, dose=(2, "{tbl}"), per_day=3)
     short = dataclasses.replace(

@@ -30,7 +30,6 @@ from cds_service.context.model import Coding, DataIssue
 from cds_service.fhir_models import model_problems
 from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import EvidenceSource
-from cds_service.rules.derived import lower_first
 from cds_service.rules.describe import clinical_name, mid_sentence, sentence
 from cds_service.rules.findings import Finding, Proposal
 
@@ -191,7 +190,7 @@ def build_card(
             # DSTU2 has no ServiceRequest/ProcedureRequest; its DiagnosticOrder differs enough
             # that a guessed shape could be applied wrongly. Say it in words instead.
             if proposal.code is not None:
-                label = lower_first(proposal.label)
+                label = mid_sentence(proposal.label)
                 notes.append(f"By hand (no one-click order in DSTU2): {label}.")
             continue
         action = _action(proposal, patient_id, draft_resources, fhir_version)
@@ -334,14 +333,26 @@ def _first_sentence(text: str) -> str:
 
 
 def _cut_sentences(text: str, limit: int) -> str:
-    """Whole sentences up to ``limit`` characters (a last resort: rules keep their text short)."""
-    kept = ""
-    for piece in re.split(r"(?<=[.!?])\s+", text):
-        candidate = f"{kept} {piece}".strip() if kept else piece
-        if len(candidate) > limit:
-            break
-        kept = candidate
-    return kept or text[: limit - 1].rsplit(" ", 1)[0] + "."
+    """Whole paragraphs, then whole sentences of the one that overflows, up to ``limit``
+    characters (a last resort: rules keep their text short). Paragraphs stay paragraphs (the
+    **Do:** label starts its own line); the italic clause is kept whole or not at all."""
+    kept: list[str] = []
+    for paragraph in text.split("\n\n"):
+        room = limit - len("\n\n".join(kept)) - (2 if kept else 0)
+        if len(paragraph) <= room:
+            kept.append(paragraph)
+            continue
+        if not paragraph.startswith("_"):
+            part = ""
+            for piece in re.split(r"(?<=[.!?])\s+", paragraph):
+                candidate = f"{part} {piece}" if part else piece
+                if len(candidate) > room:
+                    break
+                part = candidate
+            if part:
+                kept.append(part)
+        break
+    return "\n\n".join(kept) or text[: limit - 1].rsplit(" ", 1)[0] + "."
 
 
 def _action(

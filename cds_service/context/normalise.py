@@ -295,6 +295,8 @@ def _single_administration(timing: Any) -> bool:
     repeat = timing.get("repeat") if isinstance(timing, dict) else None
     count = repeat.get("count") if isinstance(repeat, dict) else None
     return count == 1 and not isinstance(count, bool)
+
+
 def _course_days(timing: Any) -> float | None:
     """Days the course lasts: boundsDuration in a period unit, else count / frequency."""
     repeat = timing.get("repeat") if isinstance(timing, dict) else None

@@ -235,6 +235,7 @@ class Knowledge:
                     brand.magnesium[0], combination=brand.multi_ingredient
                 )
         self._mg_phrases = phrases
+        self._brand_phrases = frozenset(brand.phrase for brand in terminology.brands)
         self._mg_matcher = _PhraseMatcher(phrases)
         self._excipients = _PhraseMatcher(excipient_phrases)
         self._combination_markers = _PhraseMatcher(combination_markers)
@@ -465,6 +466,12 @@ class Knowledge:
         if found is None:
             return None, None
         return float(found.group(1)), "mL" if found.group(2) == "mg/ml" else "unit"
+
+    def starts_with_brand(self, text: str) -> bool:
+        """Whether a medication's name begins with a known brand name ("Rolaids chewable
+        tablet"): a proper name, so its capital stays mid-sentence."""
+        words = text.lower().split()
+        return any(" ".join(words[:n]) in self._brand_phrases for n in range(1, 4))
 
     def magnesium_salt(self, salt_id: str) -> MagnesiumSalt:
         return _get(self._salts, salt_id, "magnesium salt")

@@ -32,27 +32,33 @@ _RULE_CONDITIONS = {
     "myasthenia-magnesium": ("myasthenia-gravis",),
     "myasthenia-aggravating-drug": ("myasthenia-gravis",),
 }
+_SERUM_LEVELS = (
+    "serum-magnesium-reference-range",
+    "serum-magnesium-reflexes-diminish",
+    "serum-magnesium-respiratory-paralysis",
+)
 _RULE_THRESHOLDS = {
+    "myasthenia-magnesium": ("myasthenia-oral-low-dose",),
     "renal-magnesium": (
         "egfr-renal-impairment",
         "iv-mgso4-severe-renal-max",
         "iv-mgso4-urine-output-min",
         "serum-magnesium-recent-days",
     ),
-    "high-serum-magnesium": (
-        "serum-magnesium-reference-range",
+    "high-serum-magnesium": (*_SERUM_LEVELS, "serum-magnesium-anticonvulsant-range"),
+    "obstetric-magnesium-monitoring": (
+        "serum-magnesium-anticonvulsant-range",
         "serum-magnesium-reflexes-diminish",
+        "serum-magnesium-respiratory-paralysis",
+        "obstetric-respiratory-rate-min",
     ),
-    "patient-view-contraindication": (
-        "egfr-renal-impairment",
-        "serum-magnesium-reference-range",
-        "serum-magnesium-reflexes-diminish",
-    ),
+    "patient-view-contraindication": ("egfr-renal-impairment", *_SERUM_LEVELS),
     "patient-view-low-magnesium": ("serum-magnesium-reference-range",),
-    "magnesium-dose-limit": ("supplemental-magnesium-ul",),
+    "magnesium-dose-limit": ("supplemental-magnesium-ul", "supervised-laxative-course-max-days"),
 }
 _RULE_DRUG_EFFECTS = {
     "myasthenia-aggravating-drug": ("aggravates-myasthenia", "potentiated-by-iv-magnesium"),
+    "magnesium-neuromuscular-blocker": ("potentiated-by-iv-magnesium",),
     "chelation-interaction": ("chelation",),
 }
 _DIET_FIRST = ("autoimmune-guidance", "diet-first")

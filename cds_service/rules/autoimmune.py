@@ -25,7 +25,6 @@ from cds_service.rules.derived import (
     SerumMagnesium,
     autoimmune_related,
     kidney_function,
-    lower_first,
     magnesium_name,
     order_evidence,
     serum_magnesium,
@@ -147,8 +146,8 @@ def _finding(
                     code=Coding(RXNORM, target.code, target.name),
                 ),
             )
-        better = lower_first(knowledge.magnesium_salt(target.salt).display)
-        mg = lower_first(name)
+        better = mid_sentence(knowledge.magnesium_salt(target.salt).display)
+        mg = mid_sentence(name)
         summary = f"Consider {better} instead of {mg}: {use.summary}"
         actions = [
             f"Switch to {clinical_name(target.name)}, or keep {mg} short-term."
@@ -161,7 +160,7 @@ def _finding(
                 f"The clinical source does not rate {name.lower()} among these forms."
             )
         summary = (
-            f"Diet first and check serum magnesium before {lower_first(name)}: its benefit in "
+            f"Diet first and check serum magnesium before {mid_sentence(name)}: its benefit in "
             f"{mid_sentence(short_display(condition))} varies"
         )
         actions = []

@@ -13,10 +13,10 @@ from cds_service.knowledge import Knowledge
 from cds_service.rules.derived import (
     ingredient_in,
     is_systemic_magnesium,
-    lower_first,
     magnesium_name,
     order_evidence,
 )
+from cds_service.rules.describe import mid_sentence
 from cds_service.rules.findings import Finding
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
@@ -53,7 +53,7 @@ def _finding(
 ) -> Finding:
     ingredient = ingredient_in(blocker, knowledge, BLOCKERS)
     drug = ingredient.name if ingredient is not None else blocker.medication.display
-    name = lower_first(magnesium_name(mg))
+    name = mid_sentence(magnesium_name(mg))
     rule = knowledge.rule(RULE_ID)
     pair = sorted((mg.ref, blocker.ref))
     return Finding(

@@ -19,13 +19,21 @@ from cds_service.rules.picture import ClinicalPicture
 DECEASED_RULE_ID = "patient-deceased"
 INCOMPLETE_RULE_ID = "incomplete-data"
 
-# What each required prefetch key holds, in a clinician's words.
+# What each required prefetch key holds, and what could not be checked without it, in a
+# clinician's words (the key's own description is for the EHR's developers, a 412's words).
 _KEY_WORDS = {
     "patient": "patient record",
     "conditions": "conditions",
     "medicationRequests": "medication orders",
     "medicationStatements": "reported medications",
     "observations": "lab results",
+}
+_NOT_CHECKED = {
+    "patient": "age-based dose limits",
+    "conditions": "myasthenia gravis, kidney disease and other conditions",
+    "medicationRequests": "interacting drugs, myasthenia treatment and magnesium already taken",
+    "medicationStatements": "magnesium and interacting drugs the patient reports taking",
+    "observations": "serum magnesium and kidney function",
 }
 
 
@@ -63,7 +71,8 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     facts = tuple(
         Evidence(
             f"{_KEY_WORDS.get(missing.key, missing.key).capitalize()} sent belong to another "
-            f"patient or cannot be read: not checked for {missing.data}"
+            f"patient or cannot be read: "
+            f"{_NOT_CHECKED.get(missing.key, 'what they hold')} not checked"
         )
         for missing in unusable
     )

@@ -474,11 +474,6 @@ def ingredient_key(ingredient: Ingredient | None) -> str | None:
     return (ingredient.code or ingredient.name) if ingredient is not None else None
 
 
-def lower_first(text: str) -> str:
-    """'Magnesium oxide' -> 'magnesium oxide', for the middle of a sentence."""
-    return text[:1].lower() + text[1:]
-
-
 def magnesium_name(fact: MedicationFact) -> str:
     """'Magnesium oxide'; the order's own name when the salt is not known."""
     match = fact.magnesium

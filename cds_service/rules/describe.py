@@ -76,10 +76,15 @@ def clinical_name(text: str) -> str:
 
 
 def mid_sentence(name: str) -> str:
-    """'Chronic kidney disease' -> 'chronic kidney disease' for the middle of a sentence; an
-    eponym ("Hashimoto's thyroiditis") or an acronym ("AKI", "IV") keeps its capital."""
-    first = name.split(" ", 1)[0]
-    if first.endswith(("'s", "’s", "s'")) or (len(first) > 1 and first[1:2].isupper()):
+    """'Chronic kidney disease' -> 'chronic kidney disease' for the middle of a sentence. A
+    proper name keeps its capital: an eponym ("Hashimoto's thyroiditis", "Lambert-Eaton
+    syndrome"), an acronym ("AKI", "IV"), a brand written as one ("Mag-Ox 400", "CIPRO",
+    "Rolaids Ultra Strength": a capitalised word follows)."""
+    words = name.split(" ", 2)
+    first = words[0]
+    if first.endswith(("'s", "’s", "s'")) or any(ch.isupper() for ch in first[1:]):
+        return name
+    if len(words) > 1 and words[1][:1].isupper() and words[1][1:].islower():
         return name
     return name[:1].lower() + name[1:]
 
@@ -109,7 +114,14 @@ def medication_text(medication: Medication) -> str:
 
 
 def frequency_text(per_day: float) -> str:
-    return _FREQUENCY.get(per_day, f"{per_day:g} times a day")
+    """'twice a day', '3 times a day'; more often than 4 times, as an interval the way it is
+    ordered ('every hour' for a maintenance infusion, not '24 times a day')."""
+    if per_day in _FREQUENCY:
+        return _FREQUENCY[per_day]
+    hours = 24 / per_day if per_day > 4 else 0.0
+    if hours and hours.is_integer():
+        return "every hour" if hours == 1 else f"every {hours:g} hours"
+    return f"{per_day:g} times a day"
 
 
 def dose_text(medication: Medication) -> str:
@@ -127,7 +139,8 @@ def dose_text(medication: Medication) -> str:
 
 def order_text(fact: MedicationFact) -> str:
     """'magnesium oxide 400 mg oral tablet, 1 tablet twice a day': a draft or one on file."""
-    text = mid_sentence(fact_name(fact))
+    name = fact_name(fact)
+    text = name if fact.brand_name else mid_sentence(name)
     dose = dose_text(fact.medication)
     if dose:
         text += f", {dose}"

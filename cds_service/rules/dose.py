@@ -23,10 +23,11 @@ from cds_service.knowledge import Knowledge, ThresholdBand
 from cds_service.rules.derived import (
     daily_elemental_mg,
     daily_elemental_mg_value,
-    lower_first,
+    kidney_function,
     magnesium_name,
     order_evidence,
 )
+from cds_service.rules.describe import mid_sentence
 from cds_service.rules.findings import Evidence, Finding, Indicator
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
@@ -51,7 +52,7 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
     if band is None or band.value is None:
         if age is not None and age < _youngest_band_age(knowledge):
             # The source sets no limit this young: say so rather than check nothing silently.
-            yield from (_no_limit(fact, age, knowledge) for fact in drafts)
+            yield from (_no_limit(fact, knowledge) for fact in drafts)
         return
     others = [f for f in (*picture.medications, *picture.drafts) if _counted(f)]
     for fact in drafts:
@@ -61,7 +62,8 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
             continue
         if daily > band.value:
             if _supervised_laxative_course(fact, knowledge):
-                yield _laxative_course(fact, daily, band, knowledge)
+                impaired = kidney_function(picture, knowledge).severity is not None
+                yield _laxative_course(fact, daily, band, impaired, knowledge)
             else:
                 yield _finding(fact, daily, (), band, age, "warning", knowledge)
             continue
@@ -127,16 +129,23 @@ def _supervised_laxative_course(fact: MedicationFact, knowledge: Knowledge) -> b
 
 
 def _laxative_course(
-    fact: MedicationFact, daily: float, band: ThresholdBand, knowledge: Knowledge
+    fact: MedicationFact,
+    daily: float,
+    band: ThresholdBand,
+    kidneys_impaired: bool,
+    knowledge: Knowledge,
 ) -> Finding:
-    name = lower_first(magnesium_name(fact))
+    """``kidneys_impaired``: high magnesium is worth watching for only then (the renal card
+    says why); a patient with healthy kidneys is not told about kidneys."""
+    name = mid_sentence(magnesium_name(fact))
     threshold = knowledge.threshold(LAXATIVE_COURSE)
     course = max(d.course_days or 0.0 for d in fact.medication.doses)
+    watch_for = "diarrhoea and high magnesium" if kidneys_impaired else "diarrhoea"
     return Finding(
         rule_id=RULE_ID,
         indicator="info",
-        summary=f"Watch for diarrhoea and, with weak kidneys, high magnesium: {name} laxative "
-        f"course above the {band.value:g} mg/day supplement limit",
+        summary=f"Watch for {watch_for}: a supervised {name} laxative course may exceed the "
+        f"{band.value:g} mg/day supplement limit",
         detail="\n\n".join(
             [
                 f"A {course:g}-day course giving {daily:.0f} mg elemental magnesium a day.",
@@ -147,8 +156,10 @@ def _laxative_course(
         source_ids=threshold.source_ids,
         key=f"{RULE_ID}:{fact.ref}",
         order=fact.medication,
-        action=f"A {course:g}-day supervised laxative course may exceed the supplement limit.",
-        watch="Diarrhoea; with reduced kidney function, high serum magnesium.",
+        action=f"Keep it to the stated {course:g}-day course; it is not a daily supplement.",
+        watch="Diarrhoea; serum magnesium, as kidney function is reduced."
+        if kidneys_impaired
+        else "Diarrhoea.",
         unverified=(f"a course of at most {threshold.value:g} days counts as short-term",)
         if threshold.status == "unverified"
         else (),
@@ -161,15 +172,16 @@ def _youngest_band_age(knowledge: Knowledge) -> float:
     return min(ages, default=0.0)
 
 
-def _no_limit(fact: MedicationFact, age: int, knowledge: Knowledge) -> Finding:
-    name = lower_first(magnesium_name(fact))
+def _no_limit(fact: MedicationFact, knowledge: Knowledge) -> Finding:
+    name = mid_sentence(magnesium_name(fact))
     return Finding(
         rule_id=RULE_ID,
         indicator="info",
         summary=f"Dose {name} by weight: no supplement upper limit is set for infants under "
         "1 year",
         detail=knowledge.rule(RULE_ID).statement("infant").text,
-        evidence=(order_evidence(fact),),
+        action="Dose it by weight with the prescriber and check serum magnesium.",
+        evidence=(Evidence("Infant under 1 year old"), order_evidence(fact)),
         source_ids=knowledge.threshold(LIMIT).source_ids,
         key=f"{RULE_ID}:{fact.ref}",
         order=fact.medication,
@@ -189,7 +201,7 @@ def _finding(
     assert band.value is not None
     name = magnesium_name(fact)
     limit = f"{band.value:g} mg/day"
-    mg = lower_first(name)
+    mg = mid_sentence(name)
     # What to do, then why.
     if others:
         summary = (

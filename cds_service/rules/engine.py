@@ -43,6 +43,7 @@ from cds_service.rules import (
     renal,
     serum_magnesium,
 )
+from cds_service.rules.describe import mid_sentence
 from cds_service.rules.findings import Finding
 from cds_service.rules.picture import ClinicalPicture, build_picture
 
@@ -113,12 +114,7 @@ def cap_stale(
         if finding.indicator == "critical" and without.get(finding.key) != "critical":
             old = _old_results(finding, picture, knowledge)
             note = f"Not critical: it rests on {old}."
-            finding = dataclasses.replace(
-                finding,
-                indicator="warning",
-                detail=f"{finding.detail}\n\n{note}",
-                severity_note=note,
-            )
+            finding = dataclasses.replace(finding, indicator="warning", severity_note=note)
         capped.append(finding)
     return sorted(capped, key=lambda f: SEVERITY[f.indicator])
 
@@ -134,19 +130,19 @@ def prioritise(findings: Iterable[Finding]) -> list[Finding]:
 
 
 def _old_results(finding: Finding, picture: ClinicalPicture, knowledge: Knowledge) -> str:
-    """'Estimated glomerular filtration rate from 1978-05-01, older than its 90-day
-    look-back; recheck it'."""
+    """'estimated glomerular filtration rate from 1978-05-01, older than its 90-day
+    look-back; recheck it' (mid-sentence: 'Not critical: it rests on ...')."""
     cited = {e.source for e in finding.evidence}
     old = [f for f in picture.stale_labs if f.lab.source in cited] or list(picture.stale_labs)
     parts = []
     for fact in old:
-        group = knowledge.lab_group(fact.kind)
+        name = mid_sentence(knowledge.lab_group(fact.kind).display)
+        days = knowledge.lab_group(fact.kind).lookback.days
         if fact.lab.effective is None:
-            parts.append(f"{group.display} with no date")
+            parts.append(f"{name} with no date")
         else:
             when = fact.lab.effective.date().isoformat()
-            days = group.lookback.days
-            parts.append(f"{group.display} from {when}, older than its {days:g}-day look-back")
+            parts.append(f"{name} from {when}, older than its {days:g}-day look-back")
     return f"{'; '.join(parts)}; recheck {'them' if len(parts) > 1 else 'it'}"
 
 

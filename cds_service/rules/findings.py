@@ -64,8 +64,11 @@ class Finding:
     about: tuple[str, ...] = ()
     # Knowledge ids (condition or drug group, salt) that pick the explanation page's sections.
     topics: tuple[str, ...] = ()
-    # One clause when the indicator differs between selection and signing.
+    # The card's one sentence on its grade, when it is not what a reader would expect: set by
+    # a rule ("Not critical: the label contraindication is for parenteral magnesium.") or by
+    # the engine (capped by old data; different at selection and signing).
     severity_note: str = ""
-    # Why a critical finding is critical, as a clause ("IV magnesium with severe kidney
-    # impairment"): said on the card when order-select shows it as a warning, and at signing.
+    # A rule's input to that sentence, not shown by itself: why a critical finding is critical
+    # ("IV magnesium with severe kidney impairment"); the engine words the sentence around it
+    # only where the hook changes the grade.
     critical_because: str = ""

@@ -29,10 +29,10 @@ from cds_service.knowledge.model import DrugEffect, DrugGroup
 from cds_service.rules.derived import (
     ingredient_in,
     ingredient_key,
-    lower_first,
     magnesium_name,
     order_evidence,
 )
+from cds_service.rules.describe import mid_sentence
 from cds_service.rules.findings import Finding, Proposal
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
@@ -174,7 +174,7 @@ def _finding(magnesium: MedicationFact, drug: _Chelator, target: MedicationFact)
         summary = f"{spacing[:1].upper()}{spacing[1:]}: magnesium binds {drug.name} in the gut"
     else:
         summary = (
-            f"Separate {drug.name} from {lower_first(mg_name)} as its label directs: "
+            f"Separate {drug.name} from {mid_sentence(mg_name)} as its label directs: "
             "magnesium lowers its absorption"
         )
     paragraphs = [f"**{drug.name}** ({drug.group.display.lower()}): {drug.effect.text}"]

@@ -22,7 +22,6 @@ from cds_service.knowledge.model import DrugEffect
 from cds_service.rules.derived import (
     daily_elemental_mg_value,
     is_systemic_magnesium,
-    lower_first,
     order_evidence,
 )
 from cds_service.rules.describe import (
@@ -172,7 +171,7 @@ def _finding(
         if fact.magnesium and fact.magnesium.salt_display
         else "magnesium"
     )
-    name = lower_first(name)  # it sits mid-sentence in every summary and label
+    name = mid_sentence(name)  # it sits mid-sentence in every summary and label
     indicator: Indicator = mg.indicator
     rule = knowledge.rule(RULE_ID)
     severity_note = ""
@@ -192,8 +191,13 @@ def _finding(
         action = _UNAVOIDABLE
     else:
         indicator = _oral_grade(fact, knowledge)
-        if mg.coded:
-            severity_note = "Not critical: the label contraindication is for parenteral magnesium."
+        severity_note = "Not critical: the label contraindication is for parenteral magnesium."
+        if indicator == "info":
+            # Advice, not a warning, rests on a local-policy figure: say which, and flag it.
+            low = knowledge.threshold(ORAL_LOW_DOSE)
+            severity_note = f"Advice only: at most {low.value:g} mg elemental a day by mouth."
+            if low.status == "unverified":
+                extra = (*extra, f"the {low.value:g} mg/day figure")
         paragraphs = [rule.statement("oral-grading").text, rule.statement("oral-watch").text]
         if hook == "patient-view":
             summary = f"Review {name} on file: myasthenia gravis; high doses can worsen weakness"
@@ -248,13 +252,11 @@ def _neuromuscular_junction(picture: ClinicalPicture, knowledge: Knowledge) -> I
     rule = knowledge.rule(NMJ_RULE_ID)
     evidence = tuple(condition_evidence(f.condition) for f in disorders)
     shown = sorted({g for f in disorders for g in f.groups if g in NMJ_CONDITIONS})
-    disorder = knowledge.condition_group(shown[0]).display
-    if not disorder.startswith("Lambert"):  # a proper name keeps its capital
-        disorder = lower_first(disorder)
+    disorder = mid_sentence(knowledge.condition_group(shown[0]).display)
     for fact in picture.actionable_drafts:
         if not (is_systemic_magnesium(fact) and fact.route == "parenteral"):
             continue
-        name = lower_first(fact.magnesium.salt_display if fact.magnesium else "magnesium")
+        name = mid_sentence(fact.magnesium.salt_display if fact.magnesium else "magnesium")
         proposals: tuple[Proposal, ...] = ()
         if fact.medication.source.resource_id:
             proposals = (

@@ -52,6 +52,8 @@ class MedicationFact:
     # Index among the drafts (or the medications on file): only tells id-less resources apart
     # in finding keys, so it is no part of the fact's identity.
     position: int = field(default=0, compare=False)
+    # Its name begins with a brand name: written as sent, capital included, mid-sentence.
+    brand_name: bool = field(default=False, compare=False)
 
     @property
     def is_magnesium(self) -> bool:
@@ -283,7 +285,8 @@ def _medication_fact(
         # level (medications.json): not magnesium therapy, so no magnesium rule reads it. A
         # magnesium product's own code (a vial added to the bag) still counts as magnesium.
         magnesium = None
-    return MedicationFact(medication, groups, matched_by, magnesium, route, position)
+    brand = knowledge.starts_with_brand(medication.display)
+    return MedicationFact(medication, groups, matched_by, magnesium, route, position, brand)
 
 
 def build_picture(context: PatientContext, knowledge: Knowledge, today: date) -> ClinicalPicture:

@@ -29,13 +29,13 @@ from cds_service.rules.derived import (
     is_recent,
     is_systemic_magnesium,
     kidney_function,
-    lower_first,
     magnesium_name,
     order_evidence,
     recency_window_days,
     serum_magnesium,
     serum_magnesium_ordered,
 )
+from cds_service.rules.describe import mid_sentence
 from cds_service.rules.findings import Finding, Indicator, Proposal
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
@@ -109,7 +109,7 @@ def _order(
     parenteral = fact.route == "parenteral"
     high = serum is not None and serum.is_high
     indicator: Indicator
-    mg = lower_first(name)
+    mg = mid_sentence(name)
     actions: list[str] = []
     if kidney.severity == "severe":
         indicator = "critical" if parenteral or high else "warning"
@@ -157,7 +157,7 @@ def _order(
         if other is not fact and is_systemic_magnesium(other)
     ]
     if others:
-        names = ", ".join(dict.fromkeys(lower_first(magnesium_name(o)) for o in others))
+        names = ", ".join(dict.fromkeys(mid_sentence(magnesium_name(o)) for o in others))
         paragraphs.insert(0, f"Also taking or ordered: {names}; count it in the total.")
         actions.append(f"Count the {names} too.")
     evidence = [*kidney.evidence]
@@ -204,7 +204,7 @@ def _on_file(
     knowledge: Knowledge,
 ) -> Finding:
     rule = knowledge.rule(RULE_ID)
-    name = lower_first(magnesium_name(fact))
+    name = mid_sentence(magnesium_name(fact))
     paragraphs = [rule.statement("accumulation").text, rule.statement("oral-caution").text]
     indicator: Indicator = "warning"
     summary = f"Review {name} on file: {kidney.label}; magnesium can accumulate"

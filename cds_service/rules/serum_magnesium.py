@@ -33,7 +33,6 @@ from cds_service.rules.derived import (
     autoimmune_related,
     is_systemic_magnesium,
     kidney_function,
-    lower_first,
     magnesium_name,
     order_evidence,
     serum_magnesium,
@@ -107,6 +106,7 @@ def evaluate(picture: ClinicalPicture, knowledge: Knowledge, hook: str) -> Itera
         else:
             yield _coded(picture, fact, coded, serum, knowledge, patient_view=patient_view)
 
+
 def _high(
     fact: MedicationFact,
     serum: SerumMagnesium,
@@ -117,7 +117,7 @@ def _high(
     *,
     patient_view: bool,
 ) -> Finding:
-    name = lower_first(magnesium_name(fact))
+    name = mid_sentence(magnesium_name(fact))
     when = serum.lab.effective.date().isoformat() if serum.lab.effective else "date unknown"
     verb = "Review" if patient_view else "Hold"
     where = " on file" if patient_view else ""
@@ -224,7 +224,7 @@ def _coded(
     patient_view: bool,
 ) -> Finding:
     """Hypermagnesemia on the problem list, with no high value to say it: still a warning."""
-    name = lower_first(magnesium_name(fact))
+    name = mid_sentence(magnesium_name(fact))
     if patient_view:
         summary = f"Review {name} on file: hypermagnesemia is on the problem list"
     else:

@@ -236,7 +236,6 @@ class FeedbackStore:
             duplicates=len(entries) - added,
         )
 
-
     def remember_token(
         self, token_key: str, expires_at: datetime, *, now: datetime | None = None
     ) -> bool:
