@@ -215,3 +215,18 @@ def serve_jwks_server() -> Iterator[JwksServer]:
         yield server
     finally:
         server.close()
+
+
+def auth_on_serve_env(trusted_issuers: Path, database_url: str) -> dict[str, str]:
+    """The environment of a `cds-service serve` with authentication on, trusting only the
+    issuers in ``trusted_issuers``: two workers of four threads, so a token may reach either."""
+    return {
+        "CDS_AUTH": "on",
+        "CDS_TRUSTED_ISSUERS_FILE": str(trusted_issuers),
+        "CDS_TRUST_SANDBOX": "false",
+        "CDS_EXTERNAL_BASE_URL": "",
+        "CDS_WORKERS": "2",
+        "CDS_THREADS": "4",
+        "CDS_LOG_LEVEL": "INFO",
+        "CDS_DATABASE_URL": database_url,
+    }

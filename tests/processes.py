@@ -102,3 +102,13 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def demo_env(directory: Path, port: int, fhir_port: int) -> dict[str, str]:
+    """The environment of a `cds-service demo` on free ports, its database in ``directory``."""
+    return {
+        "CDS_PORT": str(port),
+        "CDS_FIXTURE_SERVER_PORT": str(fhir_port),
+        "CDS_DATABASE_URL": f"sqlite:///{directory / 'demo.sqlite3'}",
+        "CDS_WORKERS": "1",
+    }

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import requests
-from processes import CDS, Served, free_port, run_cds, wait_until_up
+from processes import CDS, Served, demo_env, free_port, run_cds, wait_until_up
 from test_hostile_input import ciprofloxacin_with, update_offered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,12 +302,7 @@ def test_demo_runs_service_and_fixture_server_together_without_auth(
 ) -> None:
     """What the README's first command starts: the noprefetch request is answered end to end."""
     port, fhir_port = free_port(), free_port()
-    env = {
-        "CDS_PORT": str(port),
-        "CDS_FIXTURE_SERVER_PORT": str(fhir_port),
-        "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
-        "CDS_WORKERS": "1",
-    }
+    env = demo_env(tmp_path, port, fhir_port)
     monkeypatch.delenv("CDS_AUTH", raising=False)  # the demo's own default applies
     with run_cds(["demo"], env, tmp_path / "demo.log", port=port) as served:
         wait_until_up(f"http://127.0.0.1:{fhir_port}/metadata", served.process)

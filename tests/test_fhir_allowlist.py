@@ -20,7 +20,7 @@ from auth_support import JwtIssuer
 from fhir_listeners import Server, redirect
 from flask import Flask
 from hook_calls import data_issues, load_request, send_json
-from processes import free_port, run_cds, wait_until_up
+from processes import demo_env, free_port, run_cds, wait_until_up
 
 from cds_service.app import create_app
 from cds_service.context.fhir_origin import UnsafeUrl, origin_of
@@ -256,12 +256,7 @@ def test_the_demo_fetches_from_its_fixture_server_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attacker: Server
 ) -> None:
     port, fhir_port = free_port(), free_port()
-    env = {
-        "CDS_PORT": str(port),
-        "CDS_FIXTURE_SERVER_PORT": str(fhir_port),
-        "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
-        "CDS_WORKERS": "1",
-    }
+    env = demo_env(tmp_path, port, fhir_port)
     monkeypatch.delenv("CDS_AUTH", raising=False)
     monkeypatch.delenv("CDS_FHIR_SERVER_ALLOWLIST", raising=False)
     with run_cds(["demo"], env, tmp_path / "demo.log", port=port) as served:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from auth_support import JwksServer, JwtIssuer, write_trusted_issuers
+from auth_support import JwksServer, JwtIssuer, auth_on_serve_env, write_trusted_issuers
 from processes import free_port, run_cds
 from sqlalchemy import select
 
@@ -88,16 +88,7 @@ def test_stopping_postgresql_mid_load_loses_no_call_and_no_card(
     issuer = JwtIssuer(jwks_server)
     trusted = write_trusted_issuers(tmp_path / "trusted-issuers.json", issuer.issuer_entry())
     port = free_port()
-    env = {
-        "CDS_AUTH": "on",
-        "CDS_TRUSTED_ISSUERS_FILE": str(trusted),
-        "CDS_TRUST_SANDBOX": "false",
-        "CDS_EXTERNAL_BASE_URL": "",
-        "CDS_WORKERS": "2",
-        "CDS_THREADS": "4",
-        "CDS_LOG_LEVEL": "INFO",
-        "CDS_DATABASE_URL": cluster.url,
-    }
+    env = auth_on_serve_env(trusted, cluster.url)
     command = ["serve", "--host", "127.0.0.1", "--port", str(port)]
     with run_cds(command, env, tmp_path / "serve.log", port=port, workers=2) as served:
         call_url = f"{served.url}/cds-services/{SELECT}"

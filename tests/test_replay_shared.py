@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import requests
-from auth_support import JwksServer, JwtIssuer, write_trusted_issuers
+from auth_support import JwksServer, JwtIssuer, auth_on_serve_env, write_trusted_issuers
 from processes import Served, free_port, run_cds
 from sqlalchemy import select
 
@@ -265,16 +265,7 @@ def two_workers(
     issuer = JwtIssuer(jwks_server)
     trusted = write_trusted_issuers(workdir / "trusted-issuers.json", issuer.issuer_entry())
     port = free_port()
-    env = {
-        "CDS_AUTH": "on",
-        "CDS_TRUSTED_ISSUERS_FILE": str(trusted),
-        "CDS_TRUST_SANDBOX": "false",
-        "CDS_EXTERNAL_BASE_URL": "",
-        "CDS_WORKERS": "2",
-        "CDS_THREADS": "4",
-        "CDS_LOG_LEVEL": "INFO",
-        "CDS_DATABASE_URL": f"sqlite:///{workdir / 'cds.sqlite3'}",
-    }
+    env = auth_on_serve_env(trusted, f"sqlite:///{workdir / 'cds.sqlite3'}")
     command = ["serve", "--host", "127.0.0.1", "--port", str(port)]
     with run_cds(command, env, workdir / "serve.log", port=port, workers=2) as served:
         yield Service(served, issuer)
