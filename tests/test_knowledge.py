@@ -107,7 +107,7 @@ def icd(code: str, system: str = ICD10CM) -> Coding:
 
 def test_bundled_knowledge_loads_and_is_cached(kb: Knowledge) -> None:
     assert default_knowledge() is kb
-    assert re.fullmatch(r"2026\.12\.2\+[0-9a-f]{8}", kb.version)
+    assert re.fullmatch(r"2026\.12\.3\+[0-9a-f]{8}", kb.version)
     manifest = raw("manifest.json")
     generated = {"terminology/rxnorm-products.json", "terminology/snomed-descendants.json"}
     assert set(kb.file_versions) == {"manifest.json", *manifest["files"], *generated}
