@@ -127,3 +127,15 @@ def test_sign_only_ehrs_get_the_advice_select_would_have_shown() -> None:
     assert run_all(ms, "order-sign") == []
     found = engine.evaluate(ms, KB, "order-sign", TODAY, advice_shown_before=False)
     assert shape(found) == [("autoimmune-guidance", "info")]
+
+
+def test_a_sign_only_ehr_is_not_told_of_a_warning_it_never_saw() -> None:
+    ckd4 = context(conditions=[CKD4], drafts=[draft(MG_OXIDE_400, dose=(400, "mg"))],
+                   labs=[egfr(22), serum_mg(2.7)])
+    [sign] = run_all(ckd4, "order-sign")
+    assert sign.severity_note.startswith("Critical at signing (a warning while ordering)")
+    [sign_only] = [
+        f for f in engine.evaluate(ckd4, KB, "order-sign", TODAY, advice_shown_before=False)
+        if f.indicator == "critical"
+    ]
+    assert sign_only.severity_note == ""

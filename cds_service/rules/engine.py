@@ -164,9 +164,10 @@ def apply_hook_policy(
         ]
         return sorted(capped, key=lambda f: SEVERITY[f.indicator])
     if hook in SIGNING_HOOKS:
+        # Only where order-select ran is there a warning to explain: a sign-only EHR never saw it.
         return [
             _with_clause(f, "Critical at signing (a warning while ordering)")
-            if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE
+            if f.indicator == "critical" and f.rule_id not in ALWAYS_SEVERE and advice_shown_before
             else f
             for f in findings
             if f.indicator != "info" or not advice_shown_before
