@@ -213,11 +213,6 @@ class ReplayCache:
             self._expiry[key] = expires_at
             heapq.heappush(self._heap, (expires_at, key))
 
-    def forget(self, key: tuple[str, str]) -> None:
-        """Drop ``key``: its token was refused after all, so it was never used."""
-        with self._lock:
-            self._expiry.pop(key, None)  # its heap entry no longer matches and is skipped
-
     def _purge(self, now: float) -> None:
         while self._heap and self._heap[0][0] <= now:
             expires_at, key = heapq.heappop(self._heap)

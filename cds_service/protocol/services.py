@@ -28,7 +28,6 @@ def prefetch_keys_for(knowledge: Knowledge) -> tuple[PrefetchKey, ...]:
 # For the bundled knowledge (fixture generation, benchmarks, tests); the app builds its own
 # from the knowledge it loads (``HookPipeline.prefetch_keys``), which may be another file.
 PREFETCH_KEYS: tuple[PrefetchKey, ...] = prefetch_keys_for(default_knowledge())
-PREFETCH_BY_NAME = {key.name: key for key in PREFETCH_KEYS}
 
 
 @dataclass(frozen=True)
