@@ -212,6 +212,14 @@ def test_knowledge_command_lists_rules_and_versions() -> None:
     result = run_cli("knowledge")
     assert result.returncode == 0, result.stderr
     assert "myasthenia-magnesium" in result.stdout
+    # Each interaction with its figures, status and sources (issue 20's corrections among them).
+    def line(start: str) -> str:
+        return next(ln for ln in result.stdout.splitlines() if ln.startswith(f"  {start} "))
+
+    assert "2 h before / 6 h after   secondary" in line("delafloxacin")
+    assert "4 h before / 4 h after" in line("omadacycline")
+    assert "not together" in line("mycophenolate (group)")
+    assert "look-back 90 days" in line("egfr")
 
 
 def test_invalid_setting_is_a_clear_error() -> None:

@@ -675,6 +675,11 @@ class Knowledge:
             "",
             f"Chelation interactions: {len(self._interactions)} ({_counts(status_counts)})",
         ]
+        lines += [
+            f"  {i.ingredient_name or i.drug_group + ' (group)':<28} {_spacing(i):<24}"
+            f" {i.status:<10} {', '.join(i.source_ids)}"
+            for i in self._interactions.values()
+        ]
         lines += ["", f"Thresholds ({len(self._thresholds)}): " + ", ".join(self._thresholds)]
         products, brands, descendants = self._generated_counts
         lines += [
@@ -690,6 +695,17 @@ class Knowledge:
         ]
         lines += [f"  {fact}" for fact in self.unverified_facts]
         return "\n".join(lines)
+
+
+def _spacing(interaction: Interaction) -> str:
+    """'2 h before / 6 h after', '- before / 2 h after', or 'not together' without figures."""
+    before, after = interaction.hours_before, interaction.hours_after
+    if before is None and after is None:
+        return "not together"
+    upper = interaction.hours_after_max
+    after_text = "-" if after is None else f"{after:g}" + (f"-{upper:g}" if upper else "") + " h"
+    before_text = "-" if before is None else f"{before:g} h"
+    return f"{before_text} before / {after_text} after"
 
 
 def _counts(counter: Counter[str]) -> str:
