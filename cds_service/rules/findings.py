@@ -41,6 +41,16 @@ class Proposal:
     code: Coding | None = None  # the lab (LOINC) or replacement product (RxNorm)
 
 
+def remove_order(
+    order: Medication, name: str, *, recommended: bool = False
+) -> tuple[Proposal, ...]:
+    """The one-click removal of a draft order, or nothing for an order the EHR gave no id (a
+    delete action needs one)."""
+    if not order.source.resource_id:
+        return ()
+    return (Proposal("remove-order", f"Remove the {name} order", order, recommended),)
+
+
 @dataclass(frozen=True)
 class Finding:
     rule_id: str

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from cds_service.knowledge import Knowledge
 from cds_service.knowledge.model import DrugEffect, DrugGroup
 from cds_service.rules.derived import ingredient_in, order_evidence
-from cds_service.rules.findings import Evidence, Finding, Proposal, as_indicator
+from cds_service.rules.findings import Evidence, Finding, as_indicator, remove_order
 from cds_service.rules.myasthenia import (
     MG_CONDITIONS,
     POSSIBLE,
@@ -109,17 +109,10 @@ def _finding(
     action: str,
 ) -> Finding:
     medication = fact.medication
-    proposals: tuple[Proposal, ...] = ()
-    if medication.source.resource_id:
-        proposals = (
-            Proposal(
-                kind="remove-order",
-                label=f"Remove the {name} order",
-                order=medication,
-                # Recommended only for a critical card, which needs a coded diagnosis.
-                recommended=indicator == "critical" and mg_evidence.coded,
-            ),
-        )
+    # Recommended only for a critical card, which needs a coded diagnosis.
+    proposals = remove_order(
+        medication, name, recommended=indicator == "critical" and mg_evidence.coded
+    )
     order = order_evidence(fact, with_dose=False)
     return Finding(
         rule_id=rule_id,

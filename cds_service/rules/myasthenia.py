@@ -22,6 +22,7 @@ from cds_service.knowledge.model import DrugEffect
 from cds_service.rules.derived import (
     daily_elemental_mg_value,
     is_systemic_magnesium,
+    magnesium_name,
     order_evidence,
 )
 from cds_service.rules.describe import (
@@ -31,7 +32,7 @@ from cds_service.rules.describe import (
     medication_text,
     mid_sentence,
 )
-from cds_service.rules.findings import Evidence, Finding, Indicator, Proposal
+from cds_service.rules.findings import Evidence, Finding, Indicator, Proposal, remove_order
 from cds_service.rules.picture import ClinicalPicture, MedicationFact
 
 RULE_ID = "myasthenia-magnesium"
@@ -209,15 +210,10 @@ def _finding(
             summary = f"Use {name} with caution: myasthenia gravis; high doses can worsen weakness"
             action = "Use it only if needed, at the lowest dose; ask neurology if in doubt."
     proposals: tuple[Proposal, ...] = ()
-    if medication.is_draft and medication.source.resource_id and indicator != "info":
-        proposals = (
-            Proposal(
-                kind="remove-order",
-                label=f"Remove the {name} order",
-                order=medication,
-                # Only a coded diagnosis and a critical risk make removal the recommended choice.
-                recommended=mg.coded and indicator == "critical",
-            ),
+    if medication.is_draft and indicator != "info":
+        # Only a coded diagnosis and a critical risk make removal the recommended choice.
+        proposals = remove_order(
+            medication, name, recommended=mg.coded and indicator == "critical"
         )
     return Finding(
         rule_id=rule_id,
@@ -256,12 +252,8 @@ def _neuromuscular_junction(picture: ClinicalPicture, knowledge: Knowledge) -> I
     for fact in picture.actionable_drafts:
         if not (is_systemic_magnesium(fact) and fact.route == "parenteral"):
             continue
-        name = mid_sentence(fact.magnesium.salt_display if fact.magnesium else "magnesium")
-        proposals: tuple[Proposal, ...] = ()
-        if fact.medication.source.resource_id:
-            proposals = (
-                Proposal("remove-order", f"Remove the {name} order", order=fact.medication),
-            )
+        name = mid_sentence(magnesium_name(fact))
+        proposals = remove_order(fact.medication, name)
         yield Finding(
             rule_id=NMJ_RULE_ID,
             indicator="warning",
